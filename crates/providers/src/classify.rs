@@ -1,0 +1,197 @@
+//! The one place that decides what a failed upstream call was.
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::HeaderMap;
+
+use crate::ProviderError;
+
+/// Longest error body we keep in a message; upstream error pages can be large HTML.
+const MAX_MESSAGE_CHARS: usize = 500;
+
+/// Classifies a non-2xx HTTP answer from an OpenAI-compatible upstream.
+///
+/// A 429 is a rate limit unless the body says the quota is exhausted (OpenAI's
+/// `insufficient_quota`): the first goes away by waiting, the second does not, so retries and
+/// breakers must tell them apart.
+pub fn classify_http_failure(
+    status: u16,
+    headers: &HeaderMap,
+    body: &[u8],
+    now: SystemTime,
+) -> ProviderError {
+    let (message, code) = error_message_and_code(body);
+    let retry_after = parse_retry_after(headers, now);
+    match status {
+        429 if code.as_deref().is_some_and(is_quota_code) => {
+            ProviderError::QuotaExhausted { message }
+        }
+        429 => ProviderError::RateLimited {
+            retry_after,
+            message,
+        },
+        401 | 403 => ProviderError::Unauthorized { status, message },
+        408 => ProviderError::Timeout {
+            after: Duration::ZERO,
+        },
+        500..=599 => ProviderError::ServerError {
+            status,
+            message,
+            retry_after,
+        },
+        _ => ProviderError::BadRequest { status, message },
+    }
+}
+
+fn is_quota_code(code: &str) -> bool {
+    matches!(
+        code,
+        "insufficient_quota" | "billing_hard_limit_reached" | "quota_exceeded"
+    )
+}
+
+/// The upstream's own words, from OpenAI's `{"error": {"message", "code", "type"}}` shape when
+/// it is there, else the start of the body.
+fn error_message_and_code(body: &[u8]) -> (String, Option<String>) {
+    let text = String::from_utf8_lossy(body);
+    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) {
+        let error = value.get("error").unwrap_or(&value);
+        let message = error
+            .get("message")
+            .and_then(|m| m.as_str())
+            .map(str::to_owned);
+        let code = ["code", "type"]
+            .iter()
+            .filter_map(|field| error.get(*field).and_then(|c| c.as_str()))
+            .find(|c| is_quota_code(c))
+            .or_else(|| error.get("code").and_then(|c| c.as_str()))
+            .map(str::to_owned);
+        if let Some(message) = message {
+            return (truncate(&message), code);
+        }
+        return (truncate(&text), code);
+    }
+    (truncate(&text), None)
+}
+
+pub(crate) fn truncate(text: &str) -> String {
+    let trimmed = text.trim();
+    match trimmed.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((cut, _)) => format!("{}...", &trimmed[..cut]),
+        None if trimmed.is_empty() => "(empty body)".to_owned(),
+        None => trimmed.to_owned(),
+    }
+}
+
+/// How long the upstream asked us to wait: `retry-after-ms` (OpenAI's, precise) first, then
+/// `retry-after` as seconds or as an HTTP date.
+pub fn parse_retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    if let Some(ms) =
+        header_str(headers, "retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok())
+    {
+        return duration_from_secs(ms / 1000.0);
+    }
+    let value = header_str(headers, "retry-after")?.trim();
+    if let Ok(secs) = value.parse::<f64>() {
+        return duration_from_secs(secs);
+    }
+    let at = jiff::fmt::rfc2822::parse(value).ok()?.timestamp();
+    let now = jiff::Timestamp::try_from(now).ok()?;
+    let wait = now.until(at).ok()?.total(jiff::Unit::Millisecond).ok()?;
+    duration_from_secs(wait.max(0.0) / 1000.0)
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn duration_from_secs(secs: f64) -> Option<Duration> {
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorClass;
+    use reqwest::header::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn rate_limit_and_quota_are_different_429s() {
+        let now = SystemTime::now();
+        let limited = classify_http_failure(
+            429,
+            &headers(&[("retry-after", "2")]),
+            br#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#,
+            now,
+        );
+        assert_eq!(limited.class(), ErrorClass::RateLimited);
+        assert_eq!(limited.retry_after(), Some(Duration::from_secs(2)));
+        assert!(limited.is_retryable());
+
+        let quota = classify_http_failure(
+            429,
+            &HeaderMap::new(),
+            br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#,
+            now,
+        );
+        assert_eq!(quota.class(), ErrorClass::QuotaExhausted);
+        assert!(!quota.is_retryable());
+        assert!(!quota.class().is_upstream_fault());
+    }
+
+    #[test]
+    fn statuses_map_to_classes() {
+        let now = SystemTime::now();
+        let class = |status| {
+            classify_http_failure(status, &HeaderMap::new(), b"<html>oops</html>", now).class()
+        };
+        assert_eq!(class(500), ErrorClass::ServerError);
+        assert_eq!(class(503), ErrorClass::ServerError);
+        assert_eq!(class(400), ErrorClass::BadRequest);
+        assert_eq!(class(401), ErrorClass::Unauthorized);
+        assert_eq!(class(408), ErrorClass::Timeout);
+        assert!(!ErrorClass::BadRequest.is_upstream_fault());
+        assert!(ErrorClass::ServerError.is_upstream_fault());
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            parse_retry_after(&headers(&[("retry-after-ms", "1500")]), now),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse_retry_after(&headers(&[("retry-after", "0.5")]), now),
+            Some(Duration::from_millis(500))
+        );
+        // 1_700_000_000 is Tue, 14 Nov 2023 22:13:20 GMT.
+        assert_eq!(
+            parse_retry_after(
+                &headers(&[("retry-after", "Tue, 14 Nov 2023 22:13:30 GMT")]),
+                now
+            ),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            parse_retry_after(&headers(&[("retry-after", "soon")]), now),
+            None
+        );
+        assert_eq!(parse_retry_after(&HeaderMap::new(), now), None);
+    }
+
+    #[test]
+    fn long_bodies_are_cut() {
+        let body = "x".repeat(10_000);
+        let err = classify_http_failure(500, &HeaderMap::new(), body.as_bytes(), SystemTime::now());
+        assert!(err.to_string().len() < 700);
+    }
+}

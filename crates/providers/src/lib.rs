@@ -1,0 +1,23 @@
+//! Model providers behind one request/response shape.
+//!
+//! Every provider is a [`tower::Service`] from [`ChatRequest`] to [`ChatResponse`], so the
+//! engine can wrap it in layers (limits, breakers, retries) without knowing which one it is.
+//! Every failure, from any provider, is a [`ProviderError`] whose [`ErrorClass`] is decided by
+//! one classifier ([`classify_http_failure`]); retries, breakers and metrics all read that class.
+
+mod classify;
+mod error;
+mod openai;
+mod recorded;
+mod types;
+
+pub use classify::{classify_http_failure, parse_retry_after};
+pub use error::{ErrorClass, ProviderError};
+pub use openai::{OpenAiCompatible, OpenAiSettings};
+pub use recorded::{RecordedCall, RecordedProvider, RecordedReply};
+pub use types::{ChatMessage, ChatRequest, ChatResponse, Role, Usage};
+
+/// The shape the engine holds a provider in: cloneable per call, type-erased, `Sync` so that
+/// an engine can be shared across tasks.
+pub type ProviderService =
+    tower::util::BoxCloneSyncService<ChatRequest, ChatResponse, ProviderError>;

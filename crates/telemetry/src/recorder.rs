@@ -1,0 +1,239 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{CallRecord, TelemetryError, TelemetryStore};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecorderSettings {
+    /// Records that may wait for the writer. Past this, new records are dropped and counted.
+    pub queue_capacity: usize,
+    /// Records written per transaction.
+    pub batch_size: usize,
+}
+
+impl Default for RecorderSettings {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 65_536,
+            batch_size: 512,
+        }
+    }
+}
+
+enum Command {
+    Record(Box<CallRecord>),
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    written: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// Takes call records without waiting and writes them in batches from a background task.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    queue: mpsc::Sender<Command>,
+    counters: Arc<Counters>,
+    store: TelemetryStore,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Record(record) => f.debug_tuple("Record").field(&record.trace_id).finish(),
+            Self::Flush(_) => f.write_str("Flush"),
+        }
+    }
+}
+
+impl Recorder {
+    /// Starts the writer task on the current Tokio runtime.
+    pub fn spawn(store: TelemetryStore, settings: RecorderSettings) -> Self {
+        let (queue, commands) = mpsc::channel(settings.queue_capacity.max(1));
+        let counters = Arc::new(Counters::default());
+        tokio::spawn(write_loop(
+            store.clone(),
+            commands,
+            settings.batch_size.max(1),
+            counters.clone(),
+        ));
+        Self {
+            queue,
+            counters,
+            store,
+        }
+    }
+
+    /// Queues a record. Never waits: if the queue is full the record is dropped, counted in
+    /// [`Recorder::dropped`] and logged, because a slow database must not slow the calls.
+    pub fn record(&self, record: CallRecord) {
+        if let Err(err) = self.queue.try_send(Command::Record(Box::new(record))) {
+            let dropped = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            let reason = match err {
+                mpsc::error::TrySendError::Full(_) => "queue full",
+                mpsc::error::TrySendError::Closed(_) => "writer stopped",
+            };
+            tracing::warn!(reason, dropped_total = dropped, "telemetry record dropped");
+        }
+    }
+
+    /// Waits until every record queued before this call has been written (or counted as lost).
+    pub async fn flush(&self) -> Result<(), TelemetryError> {
+        let (done, written) = oneshot::channel();
+        self.queue
+            .send(Command::Flush(done))
+            .await
+            .map_err(|_| TelemetryError::WriterStopped)?;
+        written.await.map_err(|_| TelemetryError::WriterStopped)
+    }
+
+    pub fn written(&self) -> u64 {
+        self.counters.written.load(Ordering::Relaxed)
+    }
+
+    /// Records lost to a full queue or a failed write.
+    pub fn dropped(&self) -> u64 {
+        self.counters.dropped.load(Ordering::Relaxed)
+    }
+
+    pub fn store(&self) -> &TelemetryStore {
+        &self.store
+    }
+}
+
+async fn write_loop(
+    store: TelemetryStore,
+    mut commands: mpsc::Receiver<Command>,
+    batch_size: usize,
+    counters: Arc<Counters>,
+) {
+    let mut batch = Vec::with_capacity(batch_size);
+    let mut waiters = Vec::new();
+    while let Some(first) = commands.recv().await {
+        let mut next = Some(first);
+        while let Some(command) = next.take() {
+            match command {
+                Command::Record(record) => batch.push(*record),
+                Command::Flush(done) => waiters.push(done),
+            }
+            if batch.len() < batch_size {
+                next = commands.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            write_batch(&store, &batch, &counters).await;
+            batch.clear();
+        }
+        for done in waiters.drain(..) {
+            // The flusher may have given up waiting; nothing to tell it then.
+            let _ = done.send(());
+        }
+    }
+}
+
+async fn write_batch(store: &TelemetryStore, batch: &[CallRecord], counters: &Counters) {
+    let count = batch.len() as u64;
+    let mut result = store.insert_batch(batch).await;
+    if let Err(err) = &result
+        && err.is_retryable()
+    {
+        tracing::warn!(error = %err, records = count, "telemetry write failed; trying once more");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        result = store.insert_batch(batch).await;
+    }
+    match result {
+        Ok(()) => {
+            counters.written.fetch_add(count, Ordering::Relaxed);
+        }
+        Err(err) => {
+            let dropped = counters.dropped.fetch_add(count, Ordering::Relaxed) + count;
+            tracing::error!(error = %err, records = count, dropped_total = dropped, "telemetry records lost");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CallStatus;
+
+    pub(crate) fn record(n: i64) -> CallRecord {
+        CallRecord {
+            ts_ms: 1_700_000_000_000 + n,
+            step: "classifier".into(),
+            component: "ticket-classifier".into(),
+            workspace: "ws-1".into(),
+            trace_id: format!("t-{n}"),
+            model: "gpt-4o-mini".into(),
+            provider: "openai".into(),
+            input_tokens: 100,
+            output_tokens: 20,
+            latency_ms: 812.5,
+            cost_usd: 0.000027,
+            saved_cost_usd: 0.0,
+            source: "upstream".into(),
+            cache_hit: false,
+            confidence: 1.0,
+            status: CallStatus::Ok,
+            error_class: None,
+            error_message: None,
+            attempts: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_reach_the_file_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = TelemetryStore::connect(path.to_str().unwrap())
+            .await
+            .unwrap();
+        let recorder = Recorder::spawn(
+            store.clone(),
+            RecorderSettings {
+                queue_capacity: 10_000,
+                batch_size: 64,
+            },
+        );
+        for n in 0..1_000 {
+            recorder.record(record(n));
+        }
+        let mut failed = record(1_000);
+        failed.status = CallStatus::Error;
+        failed.error_class = Some("rate_limited".into());
+        failed.error_message = Some("slow down".into());
+        recorder.record(failed.clone());
+        recorder.flush().await.unwrap();
+        assert_eq!(recorder.written(), 1_001);
+        assert_eq!(recorder.dropped(), 0);
+        let rows = store.records().await.unwrap();
+        assert_eq!(rows.len(), 1_001);
+        assert_eq!(rows[0], record(0));
+        assert_eq!(rows[1_000], failed);
+        // Reopening the file finds the rows and re-running migrations is harmless.
+        let reopened = TelemetryStore::connect(path.to_str().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(reopened.count().await.unwrap(), 1_001);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts() {
+        let store = TelemetryStore::connect("sqlite::memory:").await.unwrap();
+        let (queue, _commands_never_read) = mpsc::channel(3);
+        let recorder = Recorder {
+            queue,
+            counters: Arc::default(),
+            store,
+        };
+        for n in 0..10 {
+            recorder.record(record(n));
+        }
+        assert_eq!(recorder.dropped(), 7);
+    }
+}
