@@ -1,1 +1,32 @@
+//! The aipipe engine: one door for every AI call of an application.
+//!
+//! ```text
+//! engine.execute(step_type, input, context, options) -> PipelineResult
+//! ```
+//!
+//! A call is rendered into a prompt from its step's template, looked up in the cache, sent to
+//! the provider under a deadline, validated against the step's output contract (with one
+//! repair attempt), stored in the cache, and recorded in telemetry: in that order, in one place,
+//! [`Engine::execute`]. The concerns themselves live in their own crates; this one composes them.
 
+mod clock;
+mod config;
+mod contract;
+mod engine;
+mod error;
+mod prompt;
+mod request;
+mod result;
+mod step;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{CacheSettings, Config, EngineSettings, ProviderSettings, SetupError, StepSpec, TelemetrySettings};
+pub use engine::{Engine, EngineBuilder};
+pub use error::PipelineError;
+pub use request::{CachePolicy, CallContext, CallOptions, TraceId};
+pub use result::{PipelineResult, Source};
+pub use step::{InvalidStepName, StepType};
+
+/// Re-exported so that callers can build providers and recorders without naming the crates.
+pub use providers;
+pub use telemetry;

@@ -14,40 +14,21 @@ const MAX_MESSAGE_CHARS: usize = 500;
 /// A 429 is a rate limit unless the body says the quota is exhausted (OpenAI's
 /// `insufficient_quota`): the first goes away by waiting, the second does not, so retries and
 /// breakers must tell them apart.
-pub fn classify_http_failure(
-    status: u16,
-    headers: &HeaderMap,
-    body: &[u8],
-    now: SystemTime,
-) -> ProviderError {
+pub fn classify_http_failure(status: u16, headers: &HeaderMap, body: &[u8], now: SystemTime) -> ProviderError {
     let (message, code) = error_message_and_code(body);
     let retry_after = parse_retry_after(headers, now);
     match status {
-        429 if code.as_deref().is_some_and(is_quota_code) => {
-            ProviderError::QuotaExhausted { message }
-        }
-        429 => ProviderError::RateLimited {
-            retry_after,
-            message,
-        },
+        429 if code.as_deref().is_some_and(is_quota_code) => ProviderError::QuotaExhausted { message },
+        429 => ProviderError::RateLimited { retry_after, message },
         401 | 403 => ProviderError::Unauthorized { status, message },
-        408 => ProviderError::Timeout {
-            after: Duration::ZERO,
-        },
-        500..=599 => ProviderError::ServerError {
-            status,
-            message,
-            retry_after,
-        },
+        408 => ProviderError::Timeout { after: Duration::ZERO },
+        500..=599 => ProviderError::ServerError { status, message, retry_after },
         _ => ProviderError::BadRequest { status, message },
     }
 }
 
 fn is_quota_code(code: &str) -> bool {
-    matches!(
-        code,
-        "insufficient_quota" | "billing_hard_limit_reached" | "quota_exceeded"
-    )
+    matches!(code, "insufficient_quota" | "billing_hard_limit_reached" | "quota_exceeded")
 }
 
 /// The upstream's own words, from OpenAI's `{"error": {"message", "code", "type"}}` shape when
@@ -56,10 +37,7 @@ fn error_message_and_code(body: &[u8]) -> (String, Option<String>) {
     let text = String::from_utf8_lossy(body);
     if let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) {
         let error = value.get("error").unwrap_or(&value);
-        let message = error
-            .get("message")
-            .and_then(|m| m.as_str())
-            .map(str::to_owned);
+        let message = error.get("message").and_then(|m| m.as_str()).map(str::to_owned);
         let code = ["code", "type"]
             .iter()
             .filter_map(|field| error.get(*field).and_then(|c| c.as_str()))
@@ -86,9 +64,7 @@ pub(crate) fn truncate(text: &str) -> String {
 /// How long the upstream asked us to wait: `retry-after-ms` (OpenAI's, precise) first, then
 /// `retry-after` as seconds or as an HTTP date.
 pub fn parse_retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    if let Some(ms) =
-        header_str(headers, "retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok())
-    {
+    if let Some(ms) = header_str(headers, "retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
         return duration_from_secs(ms / 1000.0);
     }
     let value = header_str(headers, "retry-after")?.trim();
@@ -150,9 +126,7 @@ mod tests {
     #[test]
     fn statuses_map_to_classes() {
         let now = SystemTime::now();
-        let class = |status| {
-            classify_http_failure(status, &HeaderMap::new(), b"<html>oops</html>", now).class()
-        };
+        let class = |status| classify_http_failure(status, &HeaderMap::new(), b"<html>oops</html>", now).class();
         assert_eq!(class(500), ErrorClass::ServerError);
         assert_eq!(class(503), ErrorClass::ServerError);
         assert_eq!(class(400), ErrorClass::BadRequest);
@@ -165,26 +139,14 @@ mod tests {
     #[test]
     fn retry_after_forms() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        assert_eq!(
-            parse_retry_after(&headers(&[("retry-after-ms", "1500")]), now),
-            Some(Duration::from_millis(1500))
-        );
-        assert_eq!(
-            parse_retry_after(&headers(&[("retry-after", "0.5")]), now),
-            Some(Duration::from_millis(500))
-        );
+        assert_eq!(parse_retry_after(&headers(&[("retry-after-ms", "1500")]), now), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_retry_after(&headers(&[("retry-after", "0.5")]), now), Some(Duration::from_millis(500)));
         // 1_700_000_000 is Tue, 14 Nov 2023 22:13:20 GMT.
         assert_eq!(
-            parse_retry_after(
-                &headers(&[("retry-after", "Tue, 14 Nov 2023 22:13:30 GMT")]),
-                now
-            ),
+            parse_retry_after(&headers(&[("retry-after", "Tue, 14 Nov 2023 22:13:30 GMT")]), now),
             Some(Duration::from_secs(10))
         );
-        assert_eq!(
-            parse_retry_after(&headers(&[("retry-after", "soon")]), now),
-            None
-        );
+        assert_eq!(parse_retry_after(&headers(&[("retry-after", "soon")]), now), None);
         assert_eq!(parse_retry_after(&HeaderMap::new(), now), None);
     }
 

@@ -21,23 +21,13 @@ pub enum ErrorClass {
 impl ErrorClass {
     /// Whether the same request may succeed if sent again.
     pub fn is_retryable(self) -> bool {
-        matches!(
-            self,
-            Self::RateLimited
-                | Self::ServerError
-                | Self::Timeout
-                | Self::Connection
-                | Self::MalformedReply
-        )
+        matches!(self, Self::RateLimited | Self::ServerError | Self::Timeout | Self::Connection | Self::MalformedReply)
     }
 
     /// Whether this failure says something about the upstream's health (what a circuit breaker
     /// counts). A bad request or a quota problem is the caller's, not the upstream's.
     pub fn is_upstream_fault(self) -> bool {
-        matches!(
-            self,
-            Self::RateLimited | Self::ServerError | Self::Timeout | Self::Connection
-        )
+        matches!(self, Self::RateLimited | Self::ServerError | Self::Timeout | Self::Connection)
     }
 
     /// A low-cardinality label for metrics and telemetry rows.
@@ -80,18 +70,11 @@ impl fmt::Display for ErrorClass {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ProviderError {
     #[error("rate limited by the upstream{}: {message}", retry_hint(*retry_after))]
-    RateLimited {
-        retry_after: Option<Duration>,
-        message: String,
-    },
+    RateLimited { retry_after: Option<Duration>, message: String },
     #[error("quota exhausted at the upstream: {message} (check the account's billing or plan)")]
     QuotaExhausted { message: String },
     #[error("upstream server error {status}: {message}")]
-    ServerError {
-        status: u16,
-        message: String,
-        retry_after: Option<Duration>,
-    },
+    ServerError { status: u16, message: String, retry_after: Option<Duration> },
     #[error("upstream did not answer within {after:?}")]
     Timeout { after: Duration },
     #[error("could not reach the upstream: {message}")]
@@ -109,9 +92,7 @@ pub enum ProviderError {
 }
 
 fn retry_hint(retry_after: Option<Duration>) -> String {
-    retry_after
-        .map(|d| format!(" (retry after {:.1} s)", d.as_secs_f64()))
-        .unwrap_or_default()
+    retry_after.map(|d| format!(" (retry after {:.1} s)", d.as_secs_f64())).unwrap_or_default()
 }
 
 impl ProviderError {
@@ -122,9 +103,7 @@ impl ProviderError {
             Self::ServerError { .. } => ErrorClass::ServerError,
             Self::Timeout { .. } => ErrorClass::Timeout,
             Self::Connection { .. } => ErrorClass::Connection,
-            Self::BadRequest { .. } | Self::InvalidRequest { .. } | Self::NotRecorded { .. } => {
-                ErrorClass::BadRequest
-            }
+            Self::BadRequest { .. } | Self::InvalidRequest { .. } | Self::NotRecorded { .. } => ErrorClass::BadRequest,
             Self::Unauthorized { .. } => ErrorClass::Unauthorized,
             Self::MalformedReply { .. } => ErrorClass::MalformedReply,
         }
@@ -137,9 +116,7 @@ impl ProviderError {
     /// How long the upstream asked us to wait before sending again, if it said.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::RateLimited { retry_after, .. } | Self::ServerError { retry_after, .. } => {
-                *retry_after
-            }
+            Self::RateLimited { retry_after, .. } | Self::ServerError { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -152,9 +129,9 @@ impl ProviderError {
     pub fn status(&self) -> Option<u16> {
         match self {
             Self::RateLimited { .. } | Self::QuotaExhausted { .. } => Some(429),
-            Self::ServerError { status, .. }
-            | Self::BadRequest { status, .. }
-            | Self::Unauthorized { status, .. } => Some(*status),
+            Self::ServerError { status, .. } | Self::BadRequest { status, .. } | Self::Unauthorized { status, .. } => {
+                Some(*status)
+            }
             _ => None,
         }
     }

@@ -19,5 +19,4 @@ pub use types::{ChatMessage, ChatRequest, ChatResponse, Role, Usage};
 
 /// The shape the engine holds a provider in: cloneable per call, type-erased, `Sync` so that
 /// an engine can be shared across tasks.
-pub type ProviderService =
-    tower::util::BoxCloneSyncService<ChatRequest, ChatResponse, ProviderError>;
+pub type ProviderService = tower::util::BoxCloneSyncService<ChatRequest, ChatResponse, ProviderError>;

@@ -10,9 +10,8 @@ use async_openai::error::OpenAIError;
 use async_openai::middleware::{HttpRequestFactory, ReqwestService};
 use async_openai::traits::RequestOptionsBuilder;
 use async_openai::types::chat::{
-    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
-    ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
-    CreateChatCompletionRequest, CreateChatCompletionResponse, ResponseFormat,
+    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
+    ChatCompletionRequestUserMessage, CreateChatCompletionRequest, CreateChatCompletionResponse, ResponseFormat,
 };
 
 use tower::Service;
@@ -40,14 +39,7 @@ impl fmt::Debug for OpenAiSettings {
         f.debug_struct("OpenAiSettings")
             .field("name", &self.name)
             .field("base_url", &self.base_url)
-            .field(
-                "api_key",
-                &if self.api_key.is_empty() {
-                    "(unset)"
-                } else {
-                    "(set)"
-                },
-            )
+            .field("api_key", &if self.api_key.is_empty() { "(unset)" } else { "(set)" })
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .finish()
@@ -68,9 +60,7 @@ struct Inner {
 
 impl fmt::Debug for OpenAiCompatible {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OpenAiCompatible")
-            .field("name", &self.inner.name)
-            .finish_non_exhaustive()
+        f.debug_struct("OpenAiCompatible").field("name", &self.inner.name).finish_non_exhaustive()
     }
 }
 
@@ -80,27 +70,15 @@ impl OpenAiCompatible {
             .timeout(settings.request_timeout)
             .connect_timeout(settings.connect_timeout)
             .build()
-            .map_err(|err| ProviderError::InvalidRequest {
-                message: format!("cannot build the HTTP client: {err}"),
-            })?;
-        let config = OpenAIConfig::new()
-            .with_api_base(settings.base_url.trim_end_matches('/'))
-            .with_api_key(settings.api_key);
+            .map_err(|err| ProviderError::InvalidRequest { message: format!("cannot build the HTTP client: {err}") })?;
+        let config =
+            OpenAIConfig::new().with_api_base(settings.base_url.trim_end_matches('/')).with_api_key(settings.api_key);
         // Our own transport replaces async-openai's default executor, which retries 429 and 5xx
         // by itself: retries must have one owner (the engine), and the classifier needs the
         // status, headers and body of a failure, which the default path drops (Retry-After).
-        let transport = SurfaceFailures {
-            inner: ReqwestService::new(http.clone()),
-            timeout: settings.request_timeout,
-        };
+        let transport = SurfaceFailures { inner: ReqwestService::new(http.clone()), timeout: settings.request_timeout };
         let client = async_openai::Client::build(http, config).with_http_service(transport);
-        Ok(Self {
-            inner: Arc::new(Inner {
-                client,
-                name: settings.name,
-                request_timeout: settings.request_timeout,
-            }),
-        })
+        Ok(Self { inner: Arc::new(Inner { client, name: settings.name, request_timeout: settings.request_timeout }) })
     }
 
     pub fn name(&self) -> &str {
@@ -118,10 +96,7 @@ impl OpenAiCompatible {
             Ok(with_header) => with_header,
             Err(_) => inner.client.chat(),
         };
-        let reply = chat
-            .create(body)
-            .await
-            .map_err(|err| from_openai_error(err, inner.request_timeout))?;
+        let reply = chat.create(body).await.map_err(|err| from_openai_error(err, inner.request_timeout))?;
         from_openai_reply(reply, &inner.name, started.elapsed())
     }
 }
@@ -145,17 +120,13 @@ fn to_openai_request(request: ChatRequest) -> Result<CreateChatCompletionRequest
         .messages
         .into_iter()
         .map(|ChatMessage { role, content }| match role {
-            Role::System => ChatCompletionRequestMessage::from(
-                ChatCompletionRequestSystemMessage::from(content),
-            ),
+            Role::System => ChatCompletionRequestMessage::from(ChatCompletionRequestSystemMessage::from(content)),
             Role::User => ChatCompletionRequestUserMessage::from(content).into(),
             Role::Assistant => ChatCompletionRequestAssistantMessage::from(content).into(),
         })
         .collect::<Vec<_>>();
     if messages.is_empty() {
-        return Err(ProviderError::InvalidRequest {
-            message: "a chat request needs at least one message".into(),
-        });
+        return Err(ProviderError::InvalidRequest { message: "a chat request needs at least one message".into() });
     }
     Ok(CreateChatCompletionRequest {
         model: request.model,
@@ -173,19 +144,14 @@ fn from_openai_reply(
     latency: Duration,
 ) -> Result<ChatResponse, ProviderError> {
     let usage = match reply.usage {
-        Some(usage) => Usage {
-            input_tokens: usage.prompt_tokens,
-            output_tokens: usage.completion_tokens,
-        },
+        Some(usage) => Usage { input_tokens: usage.prompt_tokens, output_tokens: usage.completion_tokens },
         None => {
             tracing::warn!(provider, model = %reply.model, "reply carries no usage; tokens and cost count as zero");
             Usage::default()
         }
     };
     let Some(choice) = reply.choices.into_iter().next() else {
-        return Err(ProviderError::MalformedReply {
-            message: "the reply has no choices".into(),
-        });
+        return Err(ProviderError::MalformedReply { message: "the reply has no choices".into() });
     };
     let content = match (choice.message.content, choice.message.refusal) {
         (Some(content), _) => content,
@@ -195,18 +161,10 @@ fn from_openai_reply(
             });
         }
         (None, None) => {
-            return Err(ProviderError::MalformedReply {
-                message: "the reply has no content".into(),
-            });
+            return Err(ProviderError::MalformedReply { message: "the reply has no content".into() });
         }
     };
-    Ok(ChatResponse {
-        content,
-        model: reply.model,
-        provider: provider.to_owned(),
-        usage,
-        latency,
-    })
+    Ok(ChatResponse { content, model: reply.model, provider: provider.to_owned(), usage, latency })
 }
 
 fn from_openai_error(err: OpenAIError, timeout: Duration) -> ProviderError {
@@ -215,9 +173,7 @@ fn from_openai_error(err: OpenAIError, timeout: Duration) -> ProviderError {
             Ok(classified) => *classified,
             Err(other) => match other.downcast::<OpenAIError>() {
                 Ok(inner) => from_openai_error(*inner, timeout),
-                Err(other) => ProviderError::Connection {
-                    message: other.to_string(),
-                },
+                Err(other) => ProviderError::Connection { message: other.to_string() },
             },
         },
         OpenAIError::Reqwest(err) => from_transport_error(&err, timeout),
@@ -230,15 +186,11 @@ fn from_openai_error(err: OpenAIError, timeout: Duration) -> ProviderError {
                 SystemTime::now(),
             )
         }
-        OpenAIError::JSONDeserialize(err, content) => ProviderError::MalformedReply {
-            message: format!("{err}; the body was: {}", truncate(&content)),
-        },
-        OpenAIError::StreamError(err) => ProviderError::MalformedReply {
-            message: err.to_string(),
-        },
-        other => ProviderError::InvalidRequest {
-            message: other.to_string(),
-        },
+        OpenAIError::JSONDeserialize(err, content) => {
+            ProviderError::MalformedReply { message: format!("{err}; the body was: {}", truncate(&content)) }
+        }
+        OpenAIError::StreamError(err) => ProviderError::MalformedReply { message: err.to_string() },
+        other => ProviderError::InvalidRequest { message: other.to_string() },
     }
 }
 
@@ -246,13 +198,9 @@ fn from_transport_error(err: &reqwest::Error, timeout: Duration) -> ProviderErro
     if err.is_timeout() {
         ProviderError::Timeout { after: timeout }
     } else if err.is_decode() || err.is_body() {
-        ProviderError::MalformedReply {
-            message: err.to_string(),
-        }
+        ProviderError::MalformedReply { message: err.to_string() }
     } else {
-        ProviderError::Connection {
-            message: error_chain(err),
-        }
+        ProviderError::Connection { message: error_chain(err) }
     }
 }
 
@@ -290,24 +238,14 @@ impl Service<HttpRequestFactory> for SurfaceFailures {
         let sent = self.inner.call(request);
         let timeout = self.timeout;
         Box::pin(async move {
-            let response = sent
-                .await
-                .map_err(|err| boxed(from_openai_error(err, timeout)))?;
+            let response = sent.await.map_err(|err| boxed(from_openai_error(err, timeout)))?;
             let status = response.status();
             if status.is_success() {
                 return Ok(response);
             }
             let headers = response.headers().clone();
-            let body = response
-                .bytes()
-                .await
-                .map_err(|err| boxed(from_transport_error(&err, timeout)))?;
-            Err(boxed(classify_http_failure(
-                status.as_u16(),
-                &headers,
-                &body,
-                SystemTime::now(),
-            )))
+            let body = response.bytes().await.map_err(|err| boxed(from_transport_error(&err, timeout)))?;
+            Err(boxed(classify_http_failure(status.as_u16(), &headers, &body, SystemTime::now())))
         })
     }
 }

@@ -39,14 +39,8 @@ impl RecordedProvider {
     /// Later calls with a trace id already seen replace earlier ones; callers that care
     /// (the replay command) reject duplicate ids before they get here.
     pub fn new(calls: impl IntoIterator<Item = RecordedCall>) -> Self {
-        let calls = calls
-            .into_iter()
-            .map(|call| (call.trace_id.clone(), call))
-            .collect();
-        Self {
-            calls: Arc::new(calls),
-            served: Arc::default(),
-        }
+        let calls = calls.into_iter().map(|call| (call.trace_id.clone(), call)).collect();
+        Self { calls: Arc::new(calls), served: Arc::default() }
     }
 
     /// How many requests reached this provider: the "AI calls made" of a replay.
@@ -59,9 +53,7 @@ impl RecordedProvider {
         let call = self
             .calls
             .get(&request.trace_id)
-            .ok_or_else(|| ProviderError::NotRecorded {
-                trace_id: request.trace_id.clone(),
-            })?;
+            .ok_or_else(|| ProviderError::NotRecorded { trace_id: request.trace_id.clone() })?;
         let reply = call.outcome.clone()?;
         Ok(ChatResponse {
             content: reply.content,

@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use providers::{
-    ChatMessage, ChatRequest, ErrorClass, OpenAiCompatible, OpenAiSettings, ProviderError,
-};
+use providers::{ChatMessage, ChatRequest, ErrorClass, OpenAiCompatible, OpenAiSettings, ProviderError};
 use scripted_upstream::{Reply, ScriptedUpstream};
 use tower::ServiceExt;
 
@@ -24,10 +22,7 @@ fn provider(upstream: &ScriptedUpstream, timeout: Duration) -> OpenAiCompatible 
 fn request() -> ChatRequest {
     ChatRequest {
         model: "gpt-4o-mini".into(),
-        messages: vec![
-            ChatMessage::system("Answer in JSON."),
-            ChatMessage::user("Classify: hello"),
-        ],
+        messages: vec![ChatMessage::system("Answer in JSON."), ChatMessage::user("Classify: hello")],
         temperature: Some(0.0),
         max_output_tokens: Some(50),
         json_mode: true,
@@ -38,20 +33,10 @@ fn request() -> ChatRequest {
 #[tokio::test]
 async fn completion_round_trip() {
     let upstream = ScriptedUpstream::start().await.unwrap();
-    upstream.push(Reply::completion_with_usage(
-        r#"{"label":"greeting"}"#,
-        12,
-        5,
-    ));
-    let reply = provider(&upstream, Duration::from_secs(5))
-        .oneshot(request())
-        .await
-        .unwrap();
+    upstream.push(Reply::completion_with_usage(r#"{"label":"greeting"}"#, 12, 5));
+    let reply = provider(&upstream, Duration::from_secs(5)).oneshot(request()).await.unwrap();
     assert_eq!(reply.content, r#"{"label":"greeting"}"#);
-    assert_eq!(
-        (reply.usage.input_tokens, reply.usage.output_tokens),
-        (12, 5)
-    );
+    assert_eq!((reply.usage.input_tokens, reply.usage.output_tokens), (12, 5));
     assert_eq!(reply.provider, "scripted");
     let sent = &upstream.received()[0];
     assert_eq!(sent["model"], "gpt-4o-mini");
@@ -62,10 +47,7 @@ async fn completion_round_trip() {
 async fn failure(reply: Reply, timeout: Duration) -> (ProviderError, u64) {
     let upstream = ScriptedUpstream::start().await.unwrap();
     upstream.push(reply);
-    let err = provider(&upstream, timeout)
-        .oneshot(request())
-        .await
-        .unwrap_err();
+    let err = provider(&upstream, timeout).oneshot(request()).await.unwrap_err();
     (err, upstream.requests())
 }
 
@@ -96,11 +78,8 @@ async fn every_failure_is_classified_and_never_retried_by_the_client() {
     let (err, _) = failure(Reply::Stall, Duration::from_millis(300)).await;
     assert_eq!(err.class(), ErrorClass::Timeout);
 
-    let (err, _) = failure(
-        Reply::slow(Duration::from_millis(600), Reply::completion("{}")),
-        Duration::from_millis(200),
-    )
-    .await;
+    let (err, _) =
+        failure(Reply::slow(Duration::from_millis(600), Reply::completion("{}")), Duration::from_millis(200)).await;
     assert_eq!(err.class(), ErrorClass::Timeout);
 }
 

@@ -23,10 +23,7 @@ pub struct DeadlineExceeded {
 
 impl Deadline {
     pub fn after(budget: Duration) -> Self {
-        Self {
-            at: Instant::now() + budget,
-            budget,
-        }
+        Self { at: Instant::now() + budget, budget }
     }
 
     /// The whole budget this deadline was made with.
@@ -44,11 +41,7 @@ impl Deadline {
 
     /// Runs `work` until it ends or the deadline passes, whichever comes first.
     pub async fn run<F: Future>(&self, work: F) -> Result<F::Output, DeadlineExceeded> {
-        tokio::time::timeout_at(self.at, work)
-            .await
-            .map_err(|_| DeadlineExceeded {
-                budget: self.budget,
-            })
+        tokio::time::timeout_at(self.at, work).await.map_err(|_| DeadlineExceeded { budget: self.budget })
     }
 }
 
@@ -61,15 +54,8 @@ mod tests {
         let deadline = Deadline::after(Duration::from_secs(2));
         let quick = deadline.run(async { 7 }).await;
         assert_eq!(quick, Ok(7));
-        let slow = deadline
-            .run(tokio::time::sleep(Duration::from_secs(5)))
-            .await;
-        assert_eq!(
-            slow,
-            Err(DeadlineExceeded {
-                budget: Duration::from_secs(2)
-            })
-        );
+        let slow = deadline.run(tokio::time::sleep(Duration::from_secs(5))).await;
+        assert_eq!(slow, Err(DeadlineExceeded { budget: Duration::from_secs(2) }));
         assert!(deadline.is_past());
     }
 

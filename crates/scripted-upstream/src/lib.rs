@@ -22,16 +22,9 @@ use serde_json::{Value, json};
 #[derive(Debug, Clone)]
 pub enum Reply {
     /// A chat completion with this content. Usage `None` derives it from the text lengths.
-    Completion {
-        content: String,
-        usage: Option<(u32, u32)>,
-    },
+    Completion { content: String, usage: Option<(u32, u32)> },
     /// Any status with a body and extra headers (429 with Retry-After, 500, 503, 400...).
-    Status {
-        status: u16,
-        body: String,
-        headers: Vec<(String, String)>,
-    },
+    Status { status: u16, body: String, headers: Vec<(String, String)> },
     /// A 200 whose body is not a chat completion.
     Malformed(String),
     /// Never answers: the client must give up by itself.
@@ -42,31 +35,17 @@ pub enum Reply {
 
 impl Reply {
     pub fn completion(content: impl Into<String>) -> Self {
-        Self::Completion {
-            content: content.into(),
-            usage: None,
-        }
+        Self::Completion { content: content.into(), usage: None }
     }
 
-    pub fn completion_with_usage(
-        content: impl Into<String>,
-        input_tokens: u32,
-        output_tokens: u32,
-    ) -> Self {
-        Self::Completion {
-            content: content.into(),
-            usage: Some((input_tokens, output_tokens)),
-        }
+    pub fn completion_with_usage(content: impl Into<String>, input_tokens: u32, output_tokens: u32) -> Self {
+        Self::Completion { content: content.into(), usage: Some((input_tokens, output_tokens)) }
     }
 
     pub fn rate_limited(retry_after_secs: u64) -> Self {
         Self::Status {
             status: 429,
-            body: openai_error(
-                "Rate limit reached for requests",
-                "requests",
-                "rate_limit_exceeded",
-            ),
+            body: openai_error("Rate limit reached for requests", "requests", "rate_limit_exceeded"),
             headers: vec![("retry-after".into(), retry_after_secs.to_string())],
         }
     }
@@ -74,11 +53,7 @@ impl Reply {
     pub fn quota_exhausted() -> Self {
         Self::Status {
             status: 429,
-            body: openai_error(
-                "You exceeded your current quota",
-                "insufficient_quota",
-                "insufficient_quota",
-            ),
+            body: openai_error("You exceeded your current quota", "insufficient_quota", "insufficient_quota"),
             headers: Vec::new(),
         }
     }
@@ -109,8 +84,7 @@ impl Reply {
 }
 
 fn openai_error(message: &str, kind: &str, code: &str) -> String {
-    json!({ "error": { "message": message, "type": kind, "param": null, "code": code } })
-        .to_string()
+    json!({ "error": { "message": message, "type": kind, "param": null, "code": code } }).to_string()
 }
 
 type Responder = Arc<dyn Fn(&Value) -> Reply + Send + Sync>;
@@ -136,9 +110,7 @@ pub struct ScriptedUpstream {
 
 impl std::fmt::Debug for ScriptedUpstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ScriptedUpstream")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
+        f.debug_struct("ScriptedUpstream").field("addr", &self.addr).finish_non_exhaustive()
     }
 }
 
@@ -170,11 +142,7 @@ impl ScriptedUpstream {
                 eprintln!("scripted upstream stopped: {err}");
             }
         });
-        Ok(Self {
-            addr,
-            shared,
-            server,
-        })
+        Ok(Self { addr, shared, server })
     }
 
     /// The base URL an OpenAI client takes, ending in `/v1`.
@@ -246,24 +214,12 @@ async fn answer(mut reply: Reply, request: &Value, sequence: u64) -> Response {
             Reply::Malformed(body) => {
                 return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
             }
-            Reply::Status {
-                status,
-                body,
-                headers,
-            } => {
-                let mut response = (
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                    body,
-                )
-                    .into_response();
-                response.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
+            Reply::Status { status, body, headers } => {
+                let mut response =
+                    (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body).into_response();
+                response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 for (name, value) in headers {
-                    if let (Ok(name), Ok(value)) =
-                        (HeaderName::try_from(name), HeaderValue::try_from(value))
-                    {
+                    if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
                         response.headers_mut().insert(name, value);
                     }
                 }
@@ -273,29 +229,15 @@ async fn answer(mut reply: Reply, request: &Value, sequence: u64) -> Response {
     }
 }
 
-fn completion(
-    request: &Value,
-    content: &str,
-    usage: Option<(u32, u32)>,
-    sequence: u64,
-) -> Response {
+fn completion(request: &Value, content: &str, usage: Option<(u32, u32)>, sequence: u64) -> Response {
     let (input_tokens, output_tokens) = usage.unwrap_or_else(|| {
         let prompt_chars: usize = request["messages"]
             .as_array()
-            .map(|messages| {
-                messages
-                    .iter()
-                    .filter_map(|m| m["content"].as_str())
-                    .map(str::len)
-                    .sum()
-            })
+            .map(|messages| messages.iter().filter_map(|m| m["content"].as_str()).map(str::len).sum())
             .unwrap_or(0);
         (approx_tokens(prompt_chars), approx_tokens(content.len()))
     });
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let body = json!({
         "id": format!("chatcmpl-scripted-{sequence}"),
         "object": "chat.completion",
@@ -321,6 +263,8 @@ fn approx_tokens(chars: usize) -> u32 {
 }
 
 async fn models() -> Response {
-    axum::Json(json!({ "object": "list", "data": [{ "id": "scripted-model", "object": "model", "owned_by": "scripted" }] }))
-        .into_response()
+    axum::Json(
+        json!({ "object": "list", "data": [{ "id": "scripted-model", "object": "model", "owned_by": "scripted" }] }),
+    )
+    .into_response()
 }

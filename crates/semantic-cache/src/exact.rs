@@ -29,19 +29,13 @@ pub struct ExactCache<V: Clone + Send + Sync + 'static> {
 
 impl<V: Clone + Send + Sync + 'static> std::fmt::Debug for ExactCache<V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExactCache")
-            .field("entries", &self.entries.entry_count())
-            .field("ttl", &self.ttl)
-            .finish()
+        f.debug_struct("ExactCache").field("entries", &self.entries.entry_count()).field("ttl", &self.ttl).finish()
     }
 }
 
 impl<V: Clone + Send + Sync + 'static> ExactCache<V> {
     pub fn new(max_entries: u64, ttl: Duration) -> Self {
-        let entries = moka::sync::Cache::builder()
-            .max_capacity(max_entries)
-            .time_to_live(ttl)
-            .build();
+        let entries = moka::sync::Cache::builder().max_capacity(max_entries).time_to_live(ttl).build();
         Self { entries, ttl }
     }
 
@@ -56,8 +50,7 @@ impl<V: Clone + Send + Sync + 'static> ExactCache<V> {
     }
 
     pub fn insert(&self, key: CacheKey, value: V, stored_at: SystemTime) {
-        self.entries
-            .insert(key, Arc::new(CachedEntry { value, stored_at }));
+        self.entries.insert(key, Arc::new(CachedEntry { value, stored_at }));
     }
 
     pub fn remove(&self, key: &CacheKey) {

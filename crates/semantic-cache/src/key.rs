@@ -9,9 +9,7 @@ pub struct CacheKey([u8; 32]);
 
 impl CacheKey {
     pub fn builder() -> CacheKeyBuilder {
-        CacheKeyBuilder {
-            hasher: Sha256::new(),
-        }
+        CacheKeyBuilder { hasher: Sha256::new() }
     }
 }
 
@@ -112,25 +110,14 @@ mod tests {
         let a = json!({"text": "  Hello   world ", "labels": ["a", "b"]});
         let b = json!({"labels": ["a", "b"], "text": "Hello world"});
         assert_eq!(canonical_json(&a), canonical_json(&b));
-        let key = |v: &Value| {
-            CacheKey::builder()
-                .text("workspace", "w")
-                .json("input", v)
-                .build()
-        };
+        let key = |v: &Value| CacheKey::builder().text("workspace", "w").json("input", v).build();
         assert_eq!(key(&a), key(&b));
     }
 
     #[test]
     fn content_case_and_array_order_matter() {
-        assert_ne!(
-            canonical_json(&json!({"t": "Hello"})),
-            canonical_json(&json!({"t": "hello"}))
-        );
-        assert_ne!(
-            canonical_json(&json!(["a", "b"])),
-            canonical_json(&json!(["b", "a"]))
-        );
+        assert_ne!(canonical_json(&json!({"t": "Hello"})), canonical_json(&json!({"t": "hello"})));
+        assert_ne!(canonical_json(&json!(["a", "b"])), canonical_json(&json!(["b", "a"])));
     }
 
     #[test]

@@ -17,10 +17,7 @@ pub enum TelemetryError {
 impl TelemetryError {
     /// A write that failed on a busy or briefly unreachable database may succeed later.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Self::Write(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Database(_))
-        )
+        matches!(self, Self::Write(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Database(_)))
     }
 
     pub fn metric_label(&self) -> &'static str {

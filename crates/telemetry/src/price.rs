@@ -12,8 +12,7 @@ pub struct ModelPrice {
 
 impl ModelPrice {
     pub fn cost(&self, input_tokens: u64, output_tokens: u64) -> f64 {
-        (input_tokens as f64 * self.input_per_million_usd
-            + output_tokens as f64 * self.output_per_million_usd)
+        (input_tokens as f64 * self.input_per_million_usd + output_tokens as f64 * self.output_per_million_usd)
             / 1_000_000.0
     }
 }
@@ -25,9 +24,7 @@ pub struct PriceTable {
 
 impl PriceTable {
     pub fn new(prices: impl IntoIterator<Item = (String, ModelPrice)>) -> Self {
-        Self {
-            prices: prices.into_iter().collect(),
-        }
+        Self { prices: prices.into_iter().collect() }
     }
 
     /// The price of `model`, or of the longest listed name it extends at a `-` boundary:
@@ -38,19 +35,14 @@ impl PriceTable {
         }
         self.prices
             .iter()
-            .filter(|(name, _)| {
-                model
-                    .strip_prefix(name.as_str())
-                    .is_some_and(|rest| rest.starts_with('-'))
-            })
+            .filter(|(name, _)| model.strip_prefix(name.as_str()).is_some_and(|rest| rest.starts_with('-')))
             .max_by_key(|(name, _)| name.len())
             .map(|(_, price)| *price)
     }
 
     /// `None` for a model the table does not know.
     pub fn cost(&self, model: &str, input_tokens: u64, output_tokens: u64) -> Option<f64> {
-        self.price(model)
-            .map(|price| price.cost(input_tokens, output_tokens))
+        self.price(model).map(|price| price.cost(input_tokens, output_tokens))
     }
 }
 
@@ -60,20 +52,8 @@ mod tests {
 
     fn table() -> PriceTable {
         PriceTable::new([
-            (
-                "gpt-4o".to_owned(),
-                ModelPrice {
-                    input_per_million_usd: 2.5,
-                    output_per_million_usd: 10.0,
-                },
-            ),
-            (
-                "gpt-4o-mini".to_owned(),
-                ModelPrice {
-                    input_per_million_usd: 0.15,
-                    output_per_million_usd: 0.6,
-                },
-            ),
+            ("gpt-4o".to_owned(), ModelPrice { input_per_million_usd: 2.5, output_per_million_usd: 10.0 }),
+            ("gpt-4o-mini".to_owned(), ModelPrice { input_per_million_usd: 0.15, output_per_million_usd: 0.6 }),
         ])
     }
 
@@ -85,20 +65,8 @@ mod tests {
 
     #[test]
     fn dated_names_take_the_longest_listed_prefix() {
-        assert_eq!(
-            table()
-                .price("gpt-4o-mini-2024-07-18")
-                .unwrap()
-                .input_per_million_usd,
-            0.15
-        );
-        assert_eq!(
-            table()
-                .price("gpt-4o-2024-08-06")
-                .unwrap()
-                .input_per_million_usd,
-            2.5
-        );
+        assert_eq!(table().price("gpt-4o-mini-2024-07-18").unwrap().input_per_million_usd, 0.15);
+        assert_eq!(table().price("gpt-4o-2024-08-06").unwrap().input_per_million_usd, 2.5);
         assert!(table().price("gpt-4omni").is_none());
         assert!(table().price("claude-3").is_none());
     }

@@ -16,10 +16,7 @@ pub struct RecorderSettings {
 
 impl Default for RecorderSettings {
     fn default() -> Self {
-        Self {
-            queue_capacity: 65_536,
-            batch_size: 512,
-        }
+        Self { queue_capacity: 65_536, batch_size: 512 }
     }
 }
 
@@ -56,17 +53,8 @@ impl Recorder {
     pub fn spawn(store: TelemetryStore, settings: RecorderSettings) -> Self {
         let (queue, commands) = mpsc::channel(settings.queue_capacity.max(1));
         let counters = Arc::new(Counters::default());
-        tokio::spawn(write_loop(
-            store.clone(),
-            commands,
-            settings.batch_size.max(1),
-            counters.clone(),
-        ));
-        Self {
-            queue,
-            counters,
-            store,
-        }
+        tokio::spawn(write_loop(store.clone(), commands, settings.batch_size.max(1), counters.clone()));
+        Self { queue, counters, store }
     }
 
     /// Queues a record. Never waits: if the queue is full the record is dropped, counted in
@@ -85,10 +73,7 @@ impl Recorder {
     /// Waits until every record queued before this call has been written (or counted as lost).
     pub async fn flush(&self) -> Result<(), TelemetryError> {
         let (done, written) = oneshot::channel();
-        self.queue
-            .send(Command::Flush(done))
-            .await
-            .map_err(|_| TelemetryError::WriterStopped)?;
+        self.queue.send(Command::Flush(done)).await.map_err(|_| TelemetryError::WriterStopped)?;
         written.await.map_err(|_| TelemetryError::WriterStopped)
     }
 
@@ -190,16 +175,8 @@ mod tests {
     async fn records_reach_the_file_in_batches() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let store = TelemetryStore::connect(path.to_str().unwrap())
-            .await
-            .unwrap();
-        let recorder = Recorder::spawn(
-            store.clone(),
-            RecorderSettings {
-                queue_capacity: 10_000,
-                batch_size: 64,
-            },
-        );
+        let store = TelemetryStore::connect(path.to_str().unwrap()).await.unwrap();
+        let recorder = Recorder::spawn(store.clone(), RecorderSettings { queue_capacity: 10_000, batch_size: 64 });
         for n in 0..1_000 {
             recorder.record(record(n));
         }
@@ -216,9 +193,7 @@ mod tests {
         assert_eq!(rows[0], record(0));
         assert_eq!(rows[1_000], failed);
         // Reopening the file finds the rows and re-running migrations is harmless.
-        let reopened = TelemetryStore::connect(path.to_str().unwrap())
-            .await
-            .unwrap();
+        let reopened = TelemetryStore::connect(path.to_str().unwrap()).await.unwrap();
         assert_eq!(reopened.count().await.unwrap(), 1_001);
     }
 
@@ -226,11 +201,7 @@ mod tests {
     async fn a_full_queue_drops_and_counts() {
         let store = TelemetryStore::connect("sqlite::memory:").await.unwrap();
         let (queue, _commands_never_read) = mpsc::channel(3);
-        let recorder = Recorder {
-            queue,
-            counters: Arc::default(),
-            store,
-        };
+        let recorder = Recorder { queue, counters: Arc::default(), store };
         for n in 0..10 {
             recorder.record(record(n));
         }

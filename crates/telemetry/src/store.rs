@@ -29,10 +29,7 @@ impl TelemetryStore {
     pub async fn connect(url: &str) -> Result<Self, TelemetryError> {
         install_default_drivers();
         let url = sqlite_url(url);
-        let connect_error = |source| TelemetryError::Connect {
-            url: url.clone(),
-            source,
-        };
+        let connect_error = |source| TelemetryError::Connect { url: url.clone(), source };
         let options = AnyConnectOptions::from_str(&url).map_err(connect_error)?;
         let pool = AnyPoolOptions::new()
             // SQLite serialises writers anyway; a few connections let reports read while the
@@ -44,10 +41,7 @@ impl TelemetryStore {
             .map_err(connect_error)?;
         // WAL lets report queries read while the batch writer writes; NORMAL sync is safe
         // with WAL and keeps each batch commit cheap. A no-op for an in-memory database.
-        sqlx::query("PRAGMA journal_mode = WAL")
-            .execute(&pool)
-            .await
-            .map_err(connect_error)?;
+        sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await.map_err(connect_error)?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         Ok(Self { pool })
     }
@@ -85,14 +79,8 @@ impl TelemetryStore {
 
     /// Every record, oldest first.
     pub async fn records(&self) -> Result<Vec<CallRecord>, TelemetryError> {
-        let rows = sqlx::query(SELECT_CALLS)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(TelemetryError::Query)?;
-        rows.iter()
-            .map(record_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(TelemetryError::Query)
+        let rows = sqlx::query(SELECT_CALLS).fetch_all(&self.pool).await.map_err(TelemetryError::Query)?;
+        rows.iter().map(record_from_row).collect::<Result<_, _>>().map_err(TelemetryError::Query)
     }
 
     pub async fn count(&self) -> Result<i64, TelemetryError> {
@@ -140,11 +128,7 @@ fn sqlite_url(url: &str) -> String {
     if !is_sqlite && url.contains("://") {
         return url.to_owned();
     }
-    let url = if is_sqlite {
-        url.to_owned()
-    } else {
-        format!("sqlite://{url}")
-    };
+    let url = if is_sqlite { url.to_owned() } else { format!("sqlite://{url}") };
     if url.contains(":memory:") || url.contains("mode=") {
         url
     } else if url.contains('?') {

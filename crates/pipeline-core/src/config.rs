@@ -1,0 +1,394 @@
+//! Configuration: embedded defaults, then a TOML file, then `AIPIPE_*` environment variables;
+//! validated once into types that the engine uses without further checks.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use telemetry::{ModelPrice, PriceTable};
+
+use crate::StepType;
+use crate::contract::OutputContract;
+use crate::prompt::Prompts;
+
+const DEFAULTS: &str = include_str!("../defaults.toml");
+
+/// Loading the config or building the engine from it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("config: {0} (fix or remove that key)")]
+    Load(Box<figment::Error>),
+    #[error("config file `{}` does not exist: pass an existing file, or none to run on the embedded defaults", path.display())]
+    MissingFile { path: PathBuf },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
+    #[error("provider setup: {0}")]
+    Provider(#[from] providers::ProviderError),
+}
+
+impl SetupError {
+    pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid { key: key.into(), message: message.into() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    engine: RawEngine,
+    provider: RawProvider,
+    cache: RawCache,
+    telemetry: RawTelemetry,
+    #[serde(default)]
+    prices: BTreeMap<String, ModelPrice>,
+    #[serde(default)]
+    steps: BTreeMap<String, RawStep>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEngine {
+    default_model: String,
+    default_deadline_ms: u64,
+    max_prompt_chars: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    name: String,
+    base_url: String,
+    api_key_env: String,
+    request_timeout_ms: u64,
+    connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    enabled: bool,
+    ttl_secs: u64,
+    max_entries: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    database_url: String,
+    queue_capacity: usize,
+    batch_size: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStep {
+    pub(crate) system: String,
+    pub(crate) prompt: String,
+    output_schema: String,
+    model: Option<String>,
+    #[serde(default)]
+    temperature: f32,
+    #[serde(default = "default_max_output_tokens")]
+    max_output_tokens: u32,
+    max_prompt_chars: Option<usize>,
+}
+
+fn default_max_output_tokens() -> u32 {
+    512
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineSettings {
+    pub default_model: String,
+    pub default_deadline: Duration,
+    pub max_prompt_chars: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderSettings {
+    pub name: String,
+    pub base_url: String,
+    /// The environment variable the API key is read from.
+    pub api_key_env: String,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheSettings {
+    pub enabled: bool,
+    pub ttl: Duration,
+    pub max_entries: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetrySettings {
+    pub database_url: String,
+    pub queue_capacity: usize,
+    pub batch_size: usize,
+}
+
+/// One step type, validated: its templates compile and its output schema is a JSON schema.
+#[derive(Debug, Clone)]
+pub struct StepSpec {
+    pub step: StepType,
+    pub system: String,
+    pub prompt: String,
+    pub output_schema: Value,
+    pub model: String,
+    pub temperature: f32,
+    pub max_output_tokens: u32,
+    pub max_prompt_chars: usize,
+    pub(crate) contract: OutputContract,
+    /// Changes whenever anything that shapes the answer changes (templates, schema, sampling),
+    /// so that editing a prompt retires its cached answers.
+    pub(crate) fingerprint: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub engine: EngineSettings,
+    pub provider: ProviderSettings,
+    pub cache: CacheSettings,
+    pub telemetry: TelemetrySettings,
+    pub prices: PriceTable,
+    steps: BTreeMap<StepType, Arc<StepSpec>>,
+    pub(crate) prompts: Prompts,
+}
+
+impl Config {
+    /// Embedded defaults, then `file` if given, then `AIPIPE_*` environment variables
+    /// (`AIPIPE_SECTION__KEY`; `AIPIPE_CONFIG` names the file and is not a key).
+    pub fn load(file: Option<&Path>) -> Result<Self, SetupError> {
+        let mut figment = Figment::from(Toml::string(DEFAULTS));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(SetupError::MissingFile { path: path.to_owned() });
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed("AIPIPE_").split("__").ignore(&["config"]));
+        Self::from_figment(&figment)
+    }
+
+    /// The embedded defaults alone, ignoring the environment.
+    pub fn defaults() -> Result<Self, SetupError> {
+        Self::from_figment(&Figment::from(Toml::string(DEFAULTS)))
+    }
+
+    /// The embedded defaults with `toml` on top, ignoring the environment.
+    pub fn from_toml(toml: &str) -> Result<Self, SetupError> {
+        Self::from_figment(&Figment::from(Toml::string(DEFAULTS)).merge(Toml::string(toml)))
+    }
+
+    fn from_figment(figment: &Figment) -> Result<Self, SetupError> {
+        let raw: RawConfig = figment.extract().map_err(|err| SetupError::Load(Box::new(err)))?;
+        Self::validate(raw)
+    }
+
+    pub fn step(&self, step: &StepType) -> Option<&StepSpec> {
+        self.steps.get(step).map(Arc::as_ref)
+    }
+
+    pub fn steps(&self) -> impl Iterator<Item = &StepSpec> {
+        self.steps.values().map(Arc::as_ref)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Self, SetupError> {
+        let engine = EngineSettings {
+            default_model: non_empty("engine.default_model", raw.engine.default_model)?,
+            default_deadline: positive_millis("engine.default_deadline_ms", raw.engine.default_deadline_ms)?,
+            max_prompt_chars: positive("engine.max_prompt_chars", raw.engine.max_prompt_chars)?,
+        };
+        let base_url = non_empty("provider.base_url", raw.provider.base_url)?;
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            return Err(SetupError::invalid("provider.base_url", format!("`{base_url}` is not an http(s) URL")));
+        }
+        let provider = ProviderSettings {
+            name: non_empty("provider.name", raw.provider.name)?,
+            base_url,
+            api_key_env: non_empty("provider.api_key_env", raw.provider.api_key_env)?,
+            request_timeout: positive_millis("provider.request_timeout_ms", raw.provider.request_timeout_ms)?,
+            connect_timeout: positive_millis("provider.connect_timeout_ms", raw.provider.connect_timeout_ms)?,
+        };
+        let cache = CacheSettings {
+            enabled: raw.cache.enabled,
+            ttl: Duration::from_secs(positive("cache.ttl_secs", raw.cache.ttl_secs)?),
+            max_entries: positive("cache.max_entries", raw.cache.max_entries)?,
+        };
+        let telemetry = TelemetrySettings {
+            database_url: non_empty("telemetry.database_url", raw.telemetry.database_url)?,
+            queue_capacity: positive("telemetry.queue_capacity", raw.telemetry.queue_capacity)?,
+            batch_size: positive("telemetry.batch_size", raw.telemetry.batch_size)?,
+        };
+        for (model, price) in &raw.prices {
+            for (field, value) in [
+                ("input_per_million_usd", price.input_per_million_usd),
+                ("output_per_million_usd", price.output_per_million_usd),
+            ] {
+                if !(value.is_finite() && value >= 0.0) {
+                    return Err(SetupError::invalid(
+                        format!("prices.\"{model}\".{field}"),
+                        format!("{value} is not a price: use a non-negative number"),
+                    ));
+                }
+            }
+        }
+        let prompts = Prompts::compile(&raw.steps)?;
+        let mut steps = BTreeMap::new();
+        for (name, step) in raw.steps {
+            let spec = validate_step(&name, step, &engine)?;
+            steps.insert(spec.step.clone(), Arc::new(spec));
+        }
+        Ok(Self { engine, provider, cache, telemetry, prices: PriceTable::new(raw.prices), steps, prompts })
+    }
+}
+
+fn validate_step(name: &str, raw: RawStep, engine: &EngineSettings) -> Result<StepSpec, SetupError> {
+    let key = |field: &str| format!("steps.{name}.{field}");
+    let step = StepType::new(name).map_err(|err| SetupError::invalid(format!("steps.{name}"), err.to_string()))?;
+    let output_schema: Value = serde_json::from_str(&raw.output_schema)
+        .map_err(|err| SetupError::invalid(key("output_schema"), format!("not JSON: {err}")))?;
+    let contract =
+        OutputContract::compile(&output_schema).map_err(|err| SetupError::invalid(key("output_schema"), err))?;
+    if !(0.0..=2.0).contains(&raw.temperature) {
+        return Err(SetupError::invalid(key("temperature"), format!("{} is outside 0.0..=2.0", raw.temperature)));
+    }
+    let max_output_tokens = positive(&key("max_output_tokens"), raw.max_output_tokens)?;
+    let max_prompt_chars = positive(&key("max_prompt_chars"), raw.max_prompt_chars.unwrap_or(engine.max_prompt_chars))?;
+    let model = match raw.model {
+        Some(model) => non_empty(&key("model"), model)?,
+        None => engine.default_model.clone(),
+    };
+    let fingerprint = {
+        let mut hasher = Sha256::new();
+        for part in [
+            raw.system.as_bytes(),
+            raw.prompt.as_bytes(),
+            semantic_cache::canonical_json(&output_schema).as_bytes(),
+            &raw.temperature.to_le_bytes(),
+            &max_output_tokens.to_le_bytes(),
+        ] {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+        hex::encode(&hasher.finalize()[..8])
+    };
+    Ok(StepSpec {
+        step,
+        system: raw.system,
+        prompt: raw.prompt,
+        output_schema,
+        model,
+        temperature: raw.temperature,
+        max_output_tokens,
+        max_prompt_chars,
+        contract,
+        fingerprint,
+    })
+}
+
+fn non_empty(key: &str, value: String) -> Result<String, SetupError> {
+    if value.trim().is_empty() {
+        return Err(SetupError::invalid(key, "must not be empty"));
+    }
+    Ok(value)
+}
+
+fn positive<T: PartialOrd + Default + std::fmt::Display>(key: &str, value: T) -> Result<T, SetupError> {
+    if value <= T::default() {
+        return Err(SetupError::invalid(key, format!("{value} must be greater than zero")));
+    }
+    Ok(value)
+}
+
+fn positive_millis(key: &str, millis: u64) -> Result<Duration, SetupError> {
+    positive(key, millis).map(Duration::from_millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_declare_the_built_in_steps() {
+        let config = Config::defaults().unwrap();
+        for step in StepType::BUILT_IN {
+            let spec = config.step(&step).unwrap_or_else(|| panic!("{step} missing"));
+            assert_eq!(spec.model, "gpt-4o-mini");
+        }
+        assert_eq!(config.cache.ttl, Duration::from_secs(3600));
+        assert!(config.prices.price("gpt-4o-mini").is_some());
+    }
+
+    #[test]
+    fn a_file_adds_steps_and_overrides_keys() {
+        let config = Config::from_toml(
+            r#"
+            [cache]
+            ttl_secs = 60
+            [steps.translator]
+            system = "You translate."
+            prompt = "Translate to {{ input.language }}: {{ input.text }}"
+            output_schema = '{"type": "object", "required": ["translation"]}'
+            model = "gpt-4o"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.cache.ttl, Duration::from_secs(60));
+        assert_eq!(config.cache.max_entries, 10_000);
+        let translator = config.step(&StepType::new("translator").unwrap()).unwrap();
+        assert_eq!(translator.model, "gpt-4o");
+        assert_eq!(translator.max_output_tokens, 512);
+    }
+
+    fn error_of(toml: &str) -> String {
+        Config::from_toml(toml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let unknown = error_of("[cache]\nttl_second = 5");
+        assert!(unknown.contains("ttl_second") && unknown.contains("cache"), "{unknown}");
+        let wrong_type = error_of("[cache]\nttl_secs = \"an hour\"");
+        assert!(wrong_type.contains("cache.ttl_secs"), "{wrong_type}");
+        let zero = error_of("[cache]\nmax_entries = 0");
+        assert!(zero.contains("cache.max_entries"), "{zero}");
+        let schema = error_of("[steps.classifier]\noutput_schema = '{not json'");
+        assert!(schema.contains("steps.classifier.output_schema"), "{schema}");
+        let template = error_of("[steps.classifier]\nprompt = '{% if %}'");
+        assert!(template.contains("steps.classifier.prompt"), "{template}");
+        let url = error_of("[provider]\nbase_url = 'localhost:8080'");
+        assert!(url.contains("provider.base_url"), "{url}");
+        let name = error_of("[steps.Bad]\nsystem = 's'\nprompt = 'p'\noutput_schema = '{\"type\":\"object\"}'");
+        assert!(name.contains("steps.Bad"), "{name}");
+    }
+
+    #[test]
+    fn a_missing_file_says_so() {
+        let err = Config::load(Some(Path::new("/nonexistent/aipipe.toml"))).unwrap_err();
+        assert!(matches!(err, SetupError::MissingFile { .. }), "{err}");
+    }
+
+    #[test]
+    fn editing_a_prompt_changes_the_fingerprint() {
+        let base = Config::defaults().unwrap();
+        let edited =
+            Config::from_toml("[steps.classifier]\nprompt = 'Labels: {{ input.labels }} Text: {{ input.text }}'")
+                .unwrap();
+        let fingerprint = |config: &Config| config.step(&StepType::CLASSIFIER).unwrap().fingerprint.clone();
+        assert_ne!(fingerprint(&base), fingerprint(&edited));
+        assert_eq!(
+            base.step(&StepType::VALIDATOR).unwrap().fingerprint,
+            edited.step(&StepType::VALIDATOR).unwrap().fingerprint
+        );
+    }
+}

@@ -1,0 +1,99 @@
+use std::sync::Arc;
+
+use serde_json::Value;
+
+/// How many schema violations a message lists; the first few are enough to repair a reply.
+const MAX_VIOLATIONS: usize = 5;
+
+/// A step's output contract: the reply must be one JSON object valid against the schema.
+#[derive(Clone)]
+pub(crate) struct OutputContract {
+    validator: Arc<jsonschema::Validator>,
+}
+
+impl std::fmt::Debug for OutputContract {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutputContract").finish_non_exhaustive()
+    }
+}
+
+impl OutputContract {
+    pub(crate) fn compile(schema: &Value) -> Result<Self, String> {
+        // Replies are requested in JSON-object mode, so a schema for anything else could never
+        // be met.
+        if schema.get("type").and_then(Value::as_str) != Some("object") {
+            return Err("the schema must describe an object (`\"type\": \"object\"`)".into());
+        }
+        let validator = jsonschema::validator_for(schema).map_err(|err| format!("not a valid JSON schema: {err}"))?;
+        Ok(Self { validator: Arc::new(validator) })
+    }
+
+    /// The reply parsed and validated, or what is wrong with it, in words a model can act on.
+    pub(crate) fn check(&self, reply: &str) -> Result<Value, String> {
+        let value = extract_json(reply).map_err(|err| format!("the reply is not a JSON object ({err})"))?;
+        let violations: Vec<String> = self
+            .validator
+            .iter_errors(&value)
+            .take(MAX_VIOLATIONS)
+            .map(|err| {
+                let at = err.instance_path().to_string();
+                if at.is_empty() { err.to_string() } else { format!("at {at}: {err}") }
+            })
+            .collect();
+        if violations.is_empty() { Ok(value) } else { Err(violations.join("; ")) }
+    }
+}
+
+/// Models often wrap JSON in a Markdown fence or a sentence even in JSON mode; the object
+/// inside is still the answer, and it is validated like any other.
+fn extract_json(reply: &str) -> Result<Value, serde_json::Error> {
+    let trimmed = reply.trim();
+    let direct = serde_json::from_str::<Value>(trimmed);
+    if direct.is_ok() {
+        return direct;
+    }
+    match (trimmed.find('{'), trimmed.rfind('}')) {
+        (Some(start), Some(end)) if start < end => serde_json::from_str(&trimmed[start..=end]).or(direct),
+        _ => direct,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn contract() -> OutputContract {
+        OutputContract::compile(&json!({
+            "type": "object",
+            "required": ["label", "confidence"],
+            "properties": {"label": {"type": "string"}, "confidence": {"type": "number", "maximum": 1}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn valid_replies_parse() {
+        assert_eq!(contract().check(r#"{"label":"bug","confidence":0.9}"#).unwrap()["label"], "bug");
+        let fenced = "Here you go:\n```json\n{\"label\": \"bug\", \"confidence\": 1}\n```";
+        assert_eq!(contract().check(fenced).unwrap()["confidence"], 1);
+    }
+
+    #[test]
+    fn violations_are_described() {
+        let missing = contract().check(r#"{"label":"bug"}"#).unwrap_err();
+        assert!(missing.contains("confidence"), "{missing}");
+        let wrong = contract().check(r#"{"label":"bug","confidence":7}"#).unwrap_err();
+        assert!(wrong.contains("/confidence"), "{wrong}");
+        let prose = contract().check("I think it is a bug.").unwrap_err();
+        assert!(prose.contains("not a JSON object"), "{prose}");
+        let array = contract().check("[1, 2]").unwrap_err();
+        assert!(array.contains("object"), "{array}");
+    }
+
+    #[test]
+    fn only_object_schemas() {
+        assert!(OutputContract::compile(&json!({"type": "string"})).is_err());
+        assert!(OutputContract::compile(&json!({"type": "object", "properties": {"a": {"type": "nope"}}})).is_err());
+    }
+}

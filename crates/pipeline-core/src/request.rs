@@ -1,0 +1,95 @@
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Correlates one call across the engine's spans, the upstream request (`x-request-id`) and
+/// the telemetry row.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TraceId(String);
+
+impl TraceId {
+    /// A fresh random id: 32 lowercase hex digits, the shape of a W3C trace id.
+    pub fn random() -> Self {
+        Self(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for TraceId {
+    fn from(id: String) -> Self {
+        Self(id)
+    }
+}
+
+impl From<&str> for TraceId {
+    fn from(id: &str) -> Self {
+        Self(id.to_owned())
+    }
+}
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Who is calling, for isolation (workspace), attribution (component) and tracing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CallContext {
+    /// Answers are never shared between workspaces.
+    pub workspace: String,
+    /// The calling component, e.g. `lead-validator`; telemetry and reports group by it.
+    pub component: String,
+    /// A new one is made when absent.
+    pub trace_id: Option<TraceId>,
+    /// Free data the prompt templates can read as `context.metadata`.
+    pub metadata: BTreeMap<String, Value>,
+}
+
+impl CallContext {
+    pub fn new(workspace: impl Into<String>, component: impl Into<String>) -> Self {
+        Self { workspace: workspace.into(), component: component.into(), ..Self::default() }
+    }
+
+    pub fn with_trace_id(mut self, trace_id: impl Into<TraceId>) -> Self {
+        self.trace_id = Some(trace_id.into());
+        self
+    }
+
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// How a call may use the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CachePolicy {
+    /// Serve a fresh cached answer if there is one; store the new answer.
+    #[default]
+    Use,
+    /// Neither read nor write the cache.
+    Skip,
+    /// Ask the upstream even if an answer is cached, and store the new one.
+    Refresh,
+    /// Like `Use`, but only serve answers younger than this.
+    MaxAge(Duration),
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CallOptions {
+    pub cache: CachePolicy,
+    /// The whole call's time budget; the engine's default when absent.
+    pub deadline: Option<Duration>,
+    /// Overrides the step's model.
+    pub model: Option<String>,
+    /// Refuse the call if its estimated cost (prompt + the step's output budget) is higher.
+    pub max_cost_usd: Option<f64>,
+}

@@ -1,0 +1,56 @@
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::TraceId;
+
+/// What served a call. Fallbacks and the semantic cache join as they land; a fallback never
+/// poses as an upstream answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Source {
+    Upstream,
+    ExactCache,
+}
+
+impl Source {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Upstream => "upstream",
+            Self::ExactCache => "exact_cache",
+        }
+    }
+
+    pub fn is_cache(self) -> bool {
+        matches!(self, Self::ExactCache)
+    }
+}
+
+/// The answer to one call, with how it was made.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PipelineResult {
+    /// The reply, parsed and valid against the step's output contract.
+    pub output: Value,
+    pub source: Source,
+    /// 1.0 for an upstream answer or an exact cache hit; lower for approximate sources.
+    pub confidence: f64,
+    pub model: String,
+    pub provider: String,
+    /// Tokens spent by this call (zero when a cache served it), repair attempt included.
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+    pub cost_usd: f64,
+    /// What the served answer cost when it was first made, if a cache served it.
+    pub saved_cost_usd: f64,
+    #[serde(serialize_with = "as_millis")]
+    pub latency: Duration,
+    pub trace_id: TraceId,
+    /// Upstream requests made (0 for a cache hit, 2 when a repair was needed).
+    pub attempts: u32,
+}
+
+fn as_millis<S: serde::Serializer>(latency: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64(latency.as_secs_f64() * 1000.0)
+}
