@@ -1,1 +1,88 @@
+//! `aipipe`: the command line of the aipipe engine.
 
+mod log;
+mod replay;
+mod report;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use pipeline_core::Config;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "aipipe", version, about = "One engine for every AI call: cache, resilience, telemetry.")]
+struct Cli {
+    /// A TOML file over the embedded defaults; AIPIPE_SECTION__KEY variables override both.
+    #[arg(long, global = true, env = "AIPIPE_CONFIG")]
+    config: Option<PathBuf>,
+    /// How diagnostics on stderr look. RUST_LOG sets what is shown (default: warn).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Replays a call log through the engine and prints before/after figures.
+    Replay {
+        /// The call log: one JSON object per line (docs/log-format.md).
+        log: PathBuf,
+        /// The SQLite file the replay's telemetry rows go to.
+        #[arg(long, default_value = "aipipe-replay.db")]
+        db: PathBuf,
+        /// Print the figures as one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("aipipe: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(cli.config.as_deref())?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Replay { log, db, json } => {
+            let report = runtime.block_on(replay::replay(&log, &db, config))?;
+            let text = if json {
+                let mut value = serde_json::to_value(&report)?;
+                value["skipped_lines"] = report.skipped_lines.into();
+                format!("{value}\n")
+            } else {
+                report::table(&report)
+            };
+            std::io::stdout().write_all(text.as_bytes()).context("cannot write to stdout")?;
+        }
+    }
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -388,7 +388,7 @@ impl Engine {
         let (status, error_class, error_message) = match outcome {
             Ok(_) => (CallStatus::Ok, None, None),
             Err(err) => {
-                tracing::warn!(error = %err, class = err.metric_label(), "call failed");
+                tracing::info!(error = %err, class = err.metric_label(), "call failed");
                 let message: String = err.to_string().chars().take(MAX_ERROR_MESSAGE_CHARS).collect();
                 (CallStatus::Error, Some(err.metric_label().to_owned()), Some(message))
             }

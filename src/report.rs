@@ -1,0 +1,56 @@
+//! The replay's before/after table for a terminal.
+
+use std::fmt::Write;
+
+use crate::replay::{Figures, ReplayReport};
+
+pub fn table(report: &ReplayReport) -> String {
+    let mut out = String::new();
+    let (b, a) = (&report.before, &report.after);
+    let _ = writeln!(
+        out,
+        "aipipe replay of {}: {} calls replayed, {} lines skipped, {:.2} s",
+        report.log, report.replayed, report.skipped_lines, report.seconds
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(out, "{:<18} {:>14} {:>14} {:>9}", "", "before", "after", "change");
+    let rows: [(&str, fn(&Figures) -> f64, Format); 6] = [
+        ("AI calls", |f| f.calls as f64, Format::Count),
+        ("cost (USD)", |f| f.cost_usd, Format::Usd),
+        ("p50 latency (ms)", |f| f.p50_ms, Format::Millis),
+        ("p99 latency (ms)", |f| f.p99_ms, Format::Millis),
+        ("error rate", |f| f.error_rate, Format::Percent),
+        ("cache hit rate", |f| f.hit_rate, Format::Percent),
+    ];
+    for (label, field, format) in rows {
+        let (before, after) = (field(b), field(a));
+        let change = match format {
+            Format::Percent => format!("{:+.1} pt", (after - before) * 100.0),
+            _ if before == 0.0 => "-".to_owned(),
+            _ => format!("{:+.1}%", (after - before) / before * 100.0),
+        };
+        let _ = writeln!(out, "{label:<18} {:>14} {:>14} {change:>9}", format.show(before), format.show(after));
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "telemetry: {} rows written to {}", report.telemetry_rows, report.db);
+    out
+}
+
+#[derive(Clone, Copy)]
+enum Format {
+    Count,
+    Usd,
+    Millis,
+    Percent,
+}
+
+impl Format {
+    fn show(self, value: f64) -> String {
+        match self {
+            Self::Count => format!("{value:.0}"),
+            Self::Usd => format!("{value:.6}"),
+            Self::Millis => format!("{value:.0}"),
+            Self::Percent => format!("{:.1}%", value * 100.0),
+        }
+    }
+}

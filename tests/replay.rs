@@ -1,0 +1,127 @@
+//! `aipipe replay` as a user runs it: a log with broken lines, figures checked by hand.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn line(trace: &str, ts: &str, workspace: &str, text: &str, outcome: &str, latency_ms: u32) -> String {
+    format!(
+        r#"{{"ts":"{ts}","trace_id":"{trace}","component":"ticket-router","step":"classifier","workspace":"{workspace}","model":"gpt-4o-mini","input":{{"text":"{text}","labels":["billing","bug"]}},{outcome},"latency_ms":{latency_ms}}}"#
+    )
+}
+
+const OK_SMALL: &str =
+    r#""response":"{\"label\":\"billing\",\"confidence\":0.9}","usage":{"input_tokens":100,"output_tokens":10}"#;
+const OK_LARGE: &str =
+    r#""response":"{\"label\":\"bug\",\"confidence\":0.8}","usage":{"input_tokens":200,"output_tokens":20}"#;
+const RATE_LIMITED: &str =
+    r#""error":{"class":"rate_limited","status":429,"retry_after_ms":2000,"message":"slow down"}"#;
+
+fn replay(log: &[u8], dir: &Path, extra: &[&str]) -> Output {
+    let log_path = dir.join("calls.jsonl");
+    std::fs::write(&log_path, log).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_aipipe"))
+        .arg("replay")
+        .arg(&log_path)
+        .arg("--db")
+        .arg(dir.join("replay.db"))
+        .args(extra)
+        .env_remove("AIPIPE_CONFIG")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn broken_lines_are_named_and_the_rest_is_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Vec::new();
+    for text in [
+        line("t1", "2026-07-03T09:00:00Z", "ws-a", "charged twice", OK_SMALL, 1000),
+        line("t2", "2026-07-03T09:01:00Z", "ws-a", "charged twice", OK_SMALL, 1200),
+        "{\"ts\": \"2026-07-03T09:02:00Z\", \"component\": ".to_owned(),
+        line("t4", "2026-07-03T09:03:00Z", "ws-b", "charged twice", OK_SMALL, 900),
+        line("t5", "2026-07-03T09:04:00Z", "ws-a", "app crashes", RATE_LIMITED, 50),
+    ] {
+        log.extend_from_slice(text.as_bytes());
+        log.push(b'\n');
+    }
+    log.extend_from_slice(b"\xff\xfe not utf-8\n");
+    log.extend_from_slice(br#"{"ts":"2026-07-03T09:06:00Z","trace_id":"t7","component":"c","step":"classifier","workspace":"w","model":"m","input":{},"latency_ms":5}"#);
+    log.push(b'\n');
+    log.extend_from_slice(line("t8", "2026-07-03T09:07:00Z", "ws-a", "app crashes", OK_LARGE, 3000).as_bytes());
+    log.push(b'\n');
+
+    let out = replay(&log, dir.path(), &["--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("calls.jsonl:3: skipped"), "{stderr}");
+    assert!(stderr.contains("calls.jsonl:6: skipped: not valid UTF-8"), "{stderr}");
+    assert!(stderr.contains("calls.jsonl:7: skipped: has neither `response` nor `error`"), "{stderr}");
+
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["skipped_lines"], 3);
+    assert_eq!(report["replayed"], 5);
+    assert_eq!(report["telemetry_rows"], 5, "one telemetry row per replayed call");
+
+    // By hand, gpt-4o-mini at $0.15 / $0.60 per million tokens:
+    // a small answer costs (100 * 0.15 + 10 * 0.60) / 1e6 = 21e-6, a large one 42e-6.
+    let before = &report["before"];
+    assert_eq!(before["calls"], 5);
+    assert_close(&before["cost_usd"], 3.0 * 21e-6 + 42e-6);
+    assert_close(&before["error_rate"], 0.2);
+    assert_close(&before["hit_rate"], 0.0);
+    assert_close(&before["p99_ms"], 3000.0);
+
+    // After: t2 repeats t1 in the same workspace and is served from the cache; t4 is another
+    // workspace; t5 fails as logged; t8 goes upstream.
+    let after = &report["after"];
+    assert_eq!(after["calls"], 4);
+    assert_close(&after["cost_usd"], 2.0 * 21e-6 + 42e-6);
+    assert_close(&after["error_rate"], 0.2);
+    assert_close(&after["hit_rate"], 0.2);
+    let p99 = after["p99_ms"].as_f64().unwrap();
+    assert!((3000.0..3100.0).contains(&p99), "the logged 3000 ms plus engine overhead: {p99}");
+}
+
+#[test]
+fn the_table_is_the_default_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = line("t1", "2026-07-03T09:00:00Z", "ws-a", "charged twice", OK_SMALL, 1000) + "\n";
+    let out = replay(log.as_bytes(), dir.path(), &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for row in ["AI calls", "cost (USD)", "p99 latency (ms)", "error rate", "cache hit rate"] {
+        assert!(stdout.contains(row), "{row} missing from:\n{stdout}");
+    }
+}
+
+#[test]
+fn a_missing_log_or_bad_config_is_an_error_that_says_what_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_aipipe"))
+        .args(["replay", "/nonexistent/log.jsonl", "--db"])
+        .arg(dir.path().join("x.db"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open the log `/nonexistent/log.jsonl`"));
+
+    let config = dir.path().join("aipipe.toml");
+    std::fs::write(&config, "[cache]\nttl = 5\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_aipipe"))
+        .arg("--config")
+        .arg(&config)
+        .args(["replay", "whatever.jsonl"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("ttl") && stderr.contains("cache"), "{stderr}");
+}
+
+fn assert_close(value: &Value, expected: f64) {
+    let actual = value.as_f64().unwrap_or_else(|| panic!("not a number: {value}"));
+    assert!((actual - expected).abs() < 1e-9, "{actual} != {expected}");
+}
