@@ -14,7 +14,7 @@ pub fn table(report: &ReplayReport) -> String {
     );
     let _ = writeln!(out);
     let _ = writeln!(out, "{:<18} {:>14} {:>14} {:>9}", "", "before", "after", "change");
-    let rows: [(&str, fn(&Figures) -> f64, Format); 6] = [
+    let rows: [Row; 6] = [
         ("AI calls", |f| f.calls as f64, Format::Count),
         ("cost (USD)", |f| f.cost_usd, Format::Usd),
         ("p50 latency (ms)", |f| f.p50_ms, Format::Millis),
@@ -35,6 +35,9 @@ pub fn table(report: &ReplayReport) -> String {
     let _ = writeln!(out, "telemetry: {} rows written to {}", report.telemetry_rows, report.db);
     out
 }
+
+/// A table row: its label, the figure it shows and how to print it.
+type Row = (&'static str, fn(&Figures) -> f64, Format);
 
 #[derive(Clone, Copy)]
 enum Format {

@@ -22,8 +22,6 @@ const DEFAULTS: &str = include_str!("../defaults.toml");
 /// Loading the config or building the engine from it failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("config: {0} (fix or remove that key)")]
-    Load(Box<figment::Error>),
     #[error("config file `{}` does not exist: pass an existing file, or none to run on the embedded defaults", path.display())]
     MissingFile { path: PathBuf },
     #[error("config key `{key}`: {message}")]
@@ -190,7 +188,7 @@ impl Config {
     }
 
     fn from_figment(figment: &Figment) -> Result<Self, SetupError> {
-        let raw: RawConfig = figment.extract().map_err(|err| SetupError::Load(Box::new(err)))?;
+        let raw: RawConfig = figment.extract().map_err(|err| from_figment_error(&err))?;
         Self::validate(raw)
     }
 
@@ -250,6 +248,20 @@ impl Config {
         }
         Ok(Self { engine, provider, cache, telemetry, prices: PriceTable::new(raw.prices), steps, prompts })
     }
+}
+
+/// figment's own message leads with its profile name (`default.cache.ttl`), which means
+/// nothing to our users; this says which key, what is wrong, and where it was set.
+fn from_figment_error(err: &figment::Error) -> SetupError {
+    let key = if err.path.is_empty() { "(top level)".to_owned() } else { err.path.join(".") };
+    let origin = match &err.metadata {
+        Some(metadata) => match &metadata.source {
+            Some(source) => format!(" (set in {source})"),
+            None => format!(" (set by {})", metadata.name),
+        },
+        None => String::new(),
+    };
+    SetupError::invalid(key, format!("{}{origin}", err.kind))
 }
 
 fn validate_step(name: &str, raw: RawStep, engine: &EngineSettings) -> Result<StepSpec, SetupError> {
