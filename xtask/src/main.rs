@@ -1,10 +1,14 @@
 //! Project automation, run as `cargo xtask <command>`.
+// Printing reports on stdout is what these tasks are for.
+#![allow(clippy::print_stdout)]
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+
+mod eval;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "aipipe's project tasks")]
@@ -17,11 +21,30 @@ struct Cli {
 enum Task {
     /// What CI runs: formatting check, clippy with warnings as errors, the whole test suite.
     Ci,
+    /// Runs the semantic cache's served decision over labelled pairs and reports precision,
+    /// recall and false-positive rate per file, with a threshold sweep.
+    EvalCache {
+        /// JSON-lines pair files; default: the test files in ../shared/data/pairs.
+        files: Vec<PathBuf>,
+        /// Use the dev files (for tuning) instead of the test files (for reporting).
+        #[arg(long)]
+        dev: bool,
+        /// At most this many pairs per file.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print one JSON object per file.
+        #[arg(long)]
+        json: bool,
+        /// Evaluate at this threshold instead of the shipped default.
+        #[arg(long)]
+        threshold: Option<f32>,
+    },
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Task::Ci => ci(),
+        Task::EvalCache { files, dev, limit, json, threshold } => eval_cache(files, dev, limit, json, threshold),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -32,9 +55,45 @@ fn main() -> ExitCode {
     }
 }
 
+fn eval_cache(
+    files: Vec<PathBuf>,
+    dev: bool,
+    limit: Option<usize>,
+    json: bool,
+    threshold: Option<f32>,
+) -> anyhow::Result<()> {
+    let files = if files.is_empty() {
+        let folder = data_folder()?.join("pairs");
+        let split = if dev { "dev" } else { "test" };
+        ["qqp", "stsb", "mrpc"].iter().map(|set| folder.join(format!("{set}-{split}.jsonl"))).collect()
+    } else {
+        files
+    };
+    let threshold = match threshold {
+        Some(threshold) => threshold,
+        None => pipeline_core::Config::defaults()?.semantic.threshold,
+    };
+    eval::eval_cache(&eval::EvalOptions { files, json, limit, threshold })
+}
+
+/// The labelled data lives beside the repository (`../shared/data`), never inside it;
+/// `AIPIPE_DATA` points elsewhere.
+fn data_folder() -> anyhow::Result<PathBuf> {
+    let folder = match std::env::var_os("AIPIPE_DATA") {
+        Some(folder) => PathBuf::from(folder),
+        None => workspace_root()?.join("..").join("shared").join("data"),
+    };
+    if !folder.is_dir() {
+        bail!("no data folder at `{}`: set AIPIPE_DATA to the folder holding pairs/", folder.display());
+    }
+    Ok(folder)
+}
+
 fn ci() -> anyhow::Result<()> {
     let root = workspace_root()?;
     cargo(&root, &["fmt", "--all", "--", "--check"]).context("formatting differs: run `cargo fmt --all`")?;
+    // The semantic-cache tests use the real local model; installing it is a no-op when present.
+    cargo(&root, &["run", "--locked", "--quiet", "--", "setup"])?;
     cargo(&root, &["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"])?;
     if nextest_available(&root) {
         // nextest does not run doc tests. They go first so that the suite's own summary is

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
+use semantic_cache::ModelPaths;
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -30,6 +31,8 @@ pub enum SetupError {
     Telemetry(#[from] telemetry::TelemetryError),
     #[error("provider setup: {0}")]
     Provider(#[from] providers::ProviderError),
+    #[error("semantic cache: {0} (or set semantic.enabled = false)")]
+    Semantic(#[from] semantic_cache::CacheError),
 }
 
 impl SetupError {
@@ -44,6 +47,7 @@ struct RawConfig {
     engine: RawEngine,
     provider: RawProvider,
     cache: RawCache,
+    semantic: RawSemantic,
     telemetry: RawTelemetry,
     #[serde(default)]
     prices: BTreeMap<String, ModelPrice>,
@@ -79,6 +83,18 @@ struct RawCache {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawSemantic {
+    enabled: bool,
+    threshold: f32,
+    ttl_secs: u64,
+    max_entries: u64,
+    model_dir: String,
+    onnxruntime_path: String,
+    threads: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawTelemetry {
     database_url: String,
     queue_capacity: usize,
@@ -97,6 +113,8 @@ pub(crate) struct RawStep {
     #[serde(default = "default_max_output_tokens")]
     max_output_tokens: u32,
     max_prompt_chars: Option<usize>,
+    semantic_field: Option<String>,
+    semantic_threshold: Option<f32>,
 }
 
 fn default_max_output_tokens() -> u32 {
@@ -127,6 +145,18 @@ pub struct CacheSettings {
     pub max_entries: u64,
 }
 
+/// The semantic cache: where the model is, and when a similar request's answer may be served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SemanticSettings {
+    pub enabled: bool,
+    pub threshold: f32,
+    pub ttl: Duration,
+    pub max_entries: u64,
+    pub model: ModelPaths,
+    /// ONNX Runtime intra-op threads; 0 = one per core.
+    pub threads: usize,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct TelemetrySettings {
     pub database_url: String,
@@ -145,6 +175,10 @@ pub struct StepSpec {
     pub temperature: f32,
     pub max_output_tokens: u32,
     pub max_prompt_chars: usize,
+    /// The input field whose text the semantic cache compares; `None` keeps the step to exact
+    /// matches only. Every other input field must match exactly.
+    pub semantic_field: Option<String>,
+    pub semantic_threshold: f32,
     pub(crate) contract: OutputContract,
     /// Changes whenever anything that shapes the answer changes (templates, schema, sampling),
     /// so that editing a prompt retires its cached answers.
@@ -156,6 +190,7 @@ pub struct Config {
     pub engine: EngineSettings,
     pub provider: ProviderSettings,
     pub cache: CacheSettings,
+    pub semantic: SemanticSettings,
     pub telemetry: TelemetrySettings,
     pub prices: PriceTable,
     steps: BTreeMap<StepType, Arc<StepSpec>>,
@@ -222,6 +257,20 @@ impl Config {
             ttl: Duration::from_secs(positive("cache.ttl_secs", raw.cache.ttl_secs)?),
             max_entries: positive("cache.max_entries", raw.cache.max_entries)?,
         };
+        let installed = ModelPaths::installed();
+        let path_or =
+            |value: String, default: PathBuf| if value.trim().is_empty() { default } else { PathBuf::from(value) };
+        let semantic = SemanticSettings {
+            enabled: raw.semantic.enabled,
+            threshold: similarity("semantic.threshold", raw.semantic.threshold)?,
+            ttl: Duration::from_secs(positive("semantic.ttl_secs", raw.semantic.ttl_secs)?),
+            max_entries: positive("semantic.max_entries", raw.semantic.max_entries)?,
+            model: ModelPaths {
+                model_dir: path_or(raw.semantic.model_dir, installed.model_dir),
+                onnxruntime: path_or(raw.semantic.onnxruntime_path, installed.onnxruntime),
+            },
+            threads: raw.semantic.threads,
+        };
         let telemetry = TelemetrySettings {
             database_url: non_empty("telemetry.database_url", raw.telemetry.database_url)?,
             queue_capacity: positive("telemetry.queue_capacity", raw.telemetry.queue_capacity)?,
@@ -243,10 +292,10 @@ impl Config {
         let prompts = Prompts::compile(&raw.steps)?;
         let mut steps = BTreeMap::new();
         for (name, step) in raw.steps {
-            let spec = validate_step(&name, step, &engine)?;
+            let spec = validate_step(&name, step, &engine, &semantic)?;
             steps.insert(spec.step.clone(), Arc::new(spec));
         }
-        Ok(Self { engine, provider, cache, telemetry, prices: PriceTable::new(raw.prices), steps, prompts })
+        Ok(Self { engine, provider, cache, semantic, telemetry, prices: PriceTable::new(raw.prices), steps, prompts })
     }
 }
 
@@ -264,7 +313,12 @@ fn from_figment_error(err: &figment::Error) -> SetupError {
     SetupError::invalid(key, format!("{}{origin}", err.kind))
 }
 
-fn validate_step(name: &str, raw: RawStep, engine: &EngineSettings) -> Result<StepSpec, SetupError> {
+fn validate_step(
+    name: &str,
+    raw: RawStep,
+    engine: &EngineSettings,
+    semantic: &SemanticSettings,
+) -> Result<StepSpec, SetupError> {
     let key = |field: &str| format!("steps.{name}.{field}");
     let step = StepType::new(name).map_err(|err| SetupError::invalid(format!("steps.{name}"), err.to_string()))?;
     let output_schema: Value = serde_json::from_str(&raw.output_schema)
@@ -276,6 +330,14 @@ fn validate_step(name: &str, raw: RawStep, engine: &EngineSettings) -> Result<St
     }
     let max_output_tokens = positive(&key("max_output_tokens"), raw.max_output_tokens)?;
     let max_prompt_chars = positive(&key("max_prompt_chars"), raw.max_prompt_chars.unwrap_or(engine.max_prompt_chars))?;
+    let semantic_field = match raw.semantic_field {
+        Some(field) => Some(non_empty(&key("semantic_field"), field)?),
+        None => None,
+    };
+    let semantic_threshold = match raw.semantic_threshold {
+        Some(threshold) => similarity(&key("semantic_threshold"), threshold)?,
+        None => semantic.threshold,
+    };
     let model = match raw.model {
         Some(model) => non_empty(&key("model"), model)?,
         None => engine.default_model.clone(),
@@ -303,6 +365,8 @@ fn validate_step(name: &str, raw: RawStep, engine: &EngineSettings) -> Result<St
         temperature: raw.temperature,
         max_output_tokens,
         max_prompt_chars,
+        semantic_field,
+        semantic_threshold,
         contract,
         fingerprint,
     })
@@ -318,6 +382,13 @@ fn non_empty(key: &str, value: String) -> Result<String, SetupError> {
 fn positive<T: PartialOrd + Default + std::fmt::Display>(key: &str, value: T) -> Result<T, SetupError> {
     if value <= T::default() {
         return Err(SetupError::invalid(key, format!("{value} must be greater than zero")));
+    }
+    Ok(value)
+}
+
+fn similarity(key: &str, value: f32) -> Result<f32, SetupError> {
+    if !(value > 0.0 && value <= 1.0) {
+        return Err(SetupError::invalid(key, format!("{value} is not a similarity: use a number in (0, 1]")));
     }
     Ok(value)
 }

@@ -7,7 +7,7 @@ use providers::{
     Usage,
 };
 use resilience::Deadline;
-use semantic_cache::{CacheKey, ExactCache};
+use semantic_cache::{CacheKey, Embedder, ExactCache, Lookup, Query, SemanticCache};
 use serde_json::Value;
 use telemetry::{CallRecord, CallStatus, Recorder, RecorderSettings, TelemetryError, TelemetryStore};
 use tower::ServiceExt;
@@ -37,6 +37,7 @@ struct Inner {
     provider: ProviderService,
     provider_name: String,
     cache: Option<ExactCache<CachedAnswer>>,
+    semantic: Option<Arc<SemanticCache<CachedAnswer>>>,
     recorder: Recorder,
     clock: Arc<dyn Clock>,
     unpriced_models: Mutex<HashSet<String>>,
@@ -77,6 +78,13 @@ struct Served {
     saved_cost_usd: f64,
 }
 
+/// A call's request as the semantic cache sees it.
+struct SemanticRequest {
+    namespace: String,
+    query: Query,
+    threshold: f32,
+}
+
 struct Call<'a> {
     step: &'a StepType,
     input: &'a Value,
@@ -87,7 +95,7 @@ struct Call<'a> {
 
 impl Engine {
     pub fn builder(config: Config) -> EngineBuilder {
-        EngineBuilder { config, provider: None, recorder: None, clock: Arc::new(SystemClock) }
+        EngineBuilder { config, provider: None, recorder: None, embedder: None, clock: Arc::new(SystemClock) }
     }
 
     pub fn config(&self) -> &Config {
@@ -179,9 +187,13 @@ impl Engine {
             });
         }
 
-        // 2. The cache.
+        // 2. The caches: the exact one, then the semantic one.
         let key = cache_key(spec, &model, call.context, &messages);
         if let Some(hit) = self.cache_lookup(&key, call.options.cache, at) {
+            return Ok(hit);
+        }
+        let similar = self.semantic_request(spec, &model, call).await;
+        if let Some(hit) = similar.as_ref().and_then(|similar| self.semantic_lookup(similar, call.options.cache, at)) {
             return Ok(hit);
         }
 
@@ -209,7 +221,99 @@ impl Engine {
             saved_cost_usd: 0.0,
         };
         self.cache_store(key, call.options.cache, &served, spent.cost_usd, at);
+        if let Some(similar) = similar {
+            self.semantic_store(similar, call.options.cache, &served, spent.cost_usd, at);
+        }
         Ok(served)
+    }
+
+    /// The semantic side of a call: the step's free-text field, embedded, in a namespace made
+    /// of everything else that must match exactly. `None` when the step or call has no such
+    /// field, or embedding fails (logged: the call then goes on without the semantic cache).
+    async fn semantic_request(&self, spec: &StepSpec, model: &str, call: &Call<'_>) -> Option<SemanticRequest> {
+        let cache = self.inner.semantic.as_ref()?;
+        if matches!(call.options.cache, CachePolicy::Skip) {
+            return None;
+        }
+        let field = spec.semantic_field.as_deref()?;
+        let text = call.input.get(field)?.as_str()?.to_owned();
+        let mut rest = call.input.clone();
+        if let Some(fields) = rest.as_object_mut() {
+            fields.remove(field);
+        }
+        let namespace = CacheKey::builder()
+            .text("workspace", &call.context.workspace)
+            .text("step", spec.step.as_str())
+            .text("contract", &spec.fingerprint)
+            .text("model", model)
+            .json("other_fields", &rest)
+            .build()
+            .to_string();
+        let cache = cache.clone();
+        let span = tracing::info_span!("cache.embed");
+        // Embedding is a few milliseconds of CPU: off the async workers.
+        let prepared = tokio::task::spawn_blocking(move || span.in_scope(|| cache.prepare(&text))).await;
+        match prepared {
+            Ok(Ok(query)) => Some(SemanticRequest { namespace, query, threshold: spec.semantic_threshold }),
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "semantic cache skipped for this call");
+                None
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "semantic cache skipped for this call");
+                None
+            }
+        }
+    }
+
+    fn semantic_lookup(&self, similar: &SemanticRequest, policy: CachePolicy, at: SystemTime) -> Option<Served> {
+        let cache = self.inner.semantic.as_ref()?;
+        let max_age = match policy {
+            CachePolicy::Use => None,
+            CachePolicy::MaxAge(max_age) => Some(max_age),
+            CachePolicy::Skip | CachePolicy::Refresh => return None,
+        };
+        let _span = tracing::info_span!("cache.semantic").entered();
+        match cache.lookup(&similar.namespace, &similar.query, Some(similar.threshold), max_age, at) {
+            Lookup::Hit(hit) => {
+                tracing::debug!(similarity = hit.similarity, matched = %hit.matched_text, "semantic hit");
+                Some(Served {
+                    output: hit.value.output,
+                    source: Source::SemanticCache,
+                    confidence: f64::from(hit.similarity),
+                    model: hit.value.model,
+                    provider: hit.value.provider,
+                    saved_cost_usd: hit.value.cost_usd,
+                })
+            }
+            Lookup::Miss { best } => {
+                if let Some((similarity, rejection)) = best {
+                    tracing::debug!(similarity, rejected_by = rejection.label(), "semantic miss");
+                }
+                None
+            }
+        }
+    }
+
+    fn semantic_store(
+        &self,
+        similar: SemanticRequest,
+        policy: CachePolicy,
+        served: &Served,
+        cost_usd: f64,
+        at: SystemTime,
+    ) {
+        let Some(cache) = &self.inner.semantic else { return };
+        if policy == CachePolicy::Skip {
+            return;
+        }
+        let answer = CachedAnswer {
+            output: served.output.clone(),
+            model: served.model.clone(),
+            provider: served.provider.clone(),
+            cost_usd,
+        };
+        cache.insert(&similar.namespace, similar.query, answer, at);
     }
 
     fn cache_lookup(&self, key: &CacheKey, policy: CachePolicy, at: SystemTime) -> Option<Served> {
@@ -461,10 +565,17 @@ pub struct EngineBuilder {
     config: Config,
     provider: Option<(String, ProviderService)>,
     recorder: Option<Recorder>,
+    embedder: Option<Arc<Embedder>>,
     clock: Arc<dyn Clock>,
 }
 
 impl EngineBuilder {
+    /// Shares an already loaded embedding model (tests, several engines in one process).
+    pub fn embedder(mut self, embedder: Arc<Embedder>) -> Self {
+        self.embedder = Some(embedder);
+        self
+    }
+
     /// Any [`tower::Service`] from chat requests to chat responses; `name` labels it in
     /// results and telemetry.
     pub fn provider<S>(mut self, name: impl Into<String>, provider: S) -> Self
@@ -523,12 +634,27 @@ impl EngineBuilder {
             }
         };
         let cache = config.cache.enabled.then(|| ExactCache::new(config.cache.max_entries, config.cache.ttl));
+        let semantic = if config.semantic.enabled {
+            let embedder = match self.embedder {
+                Some(embedder) => embedder,
+                None => Arc::new(Embedder::load(&config.semantic.model, config.semantic.threads)?),
+            };
+            let settings = semantic_cache::SemanticSettings {
+                ttl: config.semantic.ttl,
+                max_entries: config.semantic.max_entries,
+                threshold: config.semantic.threshold,
+            };
+            Some(Arc::new(SemanticCache::new(embedder, semantic_cache::ConceptNormalizer::default(), settings)))
+        } else {
+            None
+        };
         Ok(Engine {
             inner: Arc::new(Inner {
                 config,
                 provider,
                 provider_name,
                 cache,
+                semantic,
                 recorder,
                 clock: self.clock,
                 unpriced_models: Mutex::default(),

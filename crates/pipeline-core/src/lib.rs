@@ -29,4 +29,5 @@ pub use step::{InvalidStepName, StepType};
 
 /// Re-exported so that callers can build providers and recorders without naming the crates.
 pub use providers;
+pub use semantic_cache;
 pub use telemetry;

@@ -13,6 +13,8 @@ use crate::TraceId;
 pub enum Source {
     Upstream,
     ExactCache,
+    /// The answer to an earlier request that means the same; `confidence` is the similarity.
+    SemanticCache,
 }
 
 impl Source {
@@ -20,11 +22,12 @@ impl Source {
         match self {
             Self::Upstream => "upstream",
             Self::ExactCache => "exact_cache",
+            Self::SemanticCache => "semantic_cache",
         }
     }
 
     pub fn is_cache(self) -> bool {
-        matches!(self, Self::ExactCache)
+        matches!(self, Self::ExactCache | Self::SemanticCache)
     }
 }
 
@@ -34,7 +37,7 @@ pub struct PipelineResult {
     /// The reply, parsed and valid against the step's output contract.
     pub output: Value,
     pub source: Source,
-    /// 1.0 for an upstream answer or an exact cache hit; lower for approximate sources.
+    /// 1.0 for an upstream answer or an exact cache hit; the similarity for a semantic hit.
     pub confidence: f64,
     pub model: String,
     pub provider: String,

@@ -37,7 +37,9 @@ impl Harness {
         })
         .unwrap();
         let clock = Arc::new(ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_780_000_000)));
-        let engine = Engine::builder(Config::from_toml(config).unwrap())
+        // These tests are about the exact path; the semantic cache has its own (tests/semantic.rs).
+        let config = format!("[semantic]\nenabled = false\n{config}");
+        let engine = Engine::builder(Config::from_toml(&config).unwrap())
             .provider("scripted", provider)
             .recorder(Recorder::spawn(store.clone(), RecorderSettings::default()))
             .clock(clock.clone())

@@ -1,11 +1,23 @@
 //! Answer caches.
 //!
 //! [`ExactCache`] serves a stored answer for a request whose canonical form hashes to the same
-//! [`CacheKey`]. Callers decide what goes into the key ([`CacheKey::builder`]); the cache knows
-//! nothing of steps, models or workspaces, only that different keys never share an entry.
+//! [`CacheKey`]. [`SemanticCache`] serves one for a request that means the same: the text is
+//! normalised ([`ConceptNormalizer`]), embedded by a local ONNX model ([`Embedder`]), searched
+//! in an HNSW index per namespace, and a candidate is served only if it clears a similarity
+//! threshold and the guards of [`verify`]. Neither cache knows what a step, a model or a
+//! workspace is: callers put those into keys and namespaces.
 
+mod error;
 mod exact;
 mod key;
+mod model;
+mod normalize;
+mod semantic;
+pub mod verify;
 
+pub use error::CacheError;
 pub use exact::{CachedEntry, ExactCache};
 pub use key::{CacheKey, CacheKeyBuilder, canonical_json};
+pub use model::{DEFAULT_MODEL, Embedder, MODEL_FILES, ModelPaths, ONNXRUNTIME_LIBRARY, normalise};
+pub use normalize::{ConceptNormalizer, DEFAULT_EQUIVALENCES, tokens};
+pub use semantic::{Lookup, Query, SemanticCache, SemanticHit, SemanticSettings};

@@ -198,6 +198,15 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_in_memory_store_keeps_its_rows_across_uses() {
+        let store = TelemetryStore::connect("sqlite::memory:").await.unwrap();
+        store.insert_batch(&[record(1), record(2)]).await.unwrap();
+        for _ in 0..10 {
+            assert_eq!(store.count().await.unwrap(), 2);
+        }
+    }
+
+    #[tokio::test]
     async fn a_full_queue_drops_and_counts() {
         let store = TelemetryStore::connect("sqlite::memory:").await.unwrap();
         let (queue, _commands_never_read) = mpsc::channel(3);

@@ -31,10 +31,16 @@ impl TelemetryStore {
         let url = sqlite_url(url);
         let connect_error = |source| TelemetryError::Connect { url: url.clone(), source };
         let options = AnyConnectOptions::from_str(&url).map_err(connect_error)?;
+        // An in-memory SQLite database lives and dies with its connection, and each
+        // connection has its own: such a pool must hold exactly one, forever.
+        let in_memory = url.contains(":memory:");
         let pool = AnyPoolOptions::new()
             // SQLite serialises writers anyway; a few connections let reports read while the
             // writer writes (WAL).
-            .max_connections(4)
+            .max_connections(if in_memory { 1 } else { 4 })
+            .min_connections(u32::from(in_memory))
+            .idle_timeout(if in_memory { None } else { Some(Duration::from_secs(600)) })
+            .max_lifetime(if in_memory { None } else { Some(Duration::from_secs(1800)) })
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await

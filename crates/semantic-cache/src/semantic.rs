@@ -1,0 +1,289 @@
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use hnsw_rs::prelude::{DistDot, Hnsw};
+use moka::notification::RemovalCause;
+use moka::policy::EvictionPolicy;
+
+use crate::verify::{Prepared, Rejection, guards, verify};
+use crate::{CacheError, ConceptNormalizer, Embedder};
+
+/// HNSW graph degree and build/search breadth: recall above 0.99 on 100k MiniLM vectors while
+/// a search stays well under a millisecond.
+const MAX_CONNECTIONS: usize = 16;
+const EF_CONSTRUCTION: usize = 200;
+const EF_SEARCH: usize = 64;
+const CANDIDATES: usize = 8;
+const MAX_LAYERS: usize = 16;
+/// A namespace's graph is rebuilt from its live entries once dead points outnumber them
+/// (hnsw_rs cannot delete) and there are enough to be worth it.
+const REBUILD_MIN_DEAD: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SemanticSettings {
+    pub ttl: Duration,
+    pub max_entries: u64,
+    /// Similarity at or above which a candidate that passes the guards is served.
+    pub threshold: f32,
+}
+
+/// A request text, normalised and embedded once, for a lookup and then an insert.
+#[derive(Debug, Clone)]
+pub struct Query {
+    text: String,
+    prepared: Prepared,
+    vector: Vec<f32>,
+}
+
+impl Query {
+    pub fn normalized(&self) -> &str {
+        &self.prepared.normalized
+    }
+}
+
+/// A cached answer served for a similar request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SemanticHit<V> {
+    pub value: V,
+    pub similarity: f32,
+    /// The request the answer was made for, so a person can judge the match.
+    pub matched_text: String,
+    pub stored_at: SystemTime,
+}
+
+/// What a lookup found: the served hit, or the best candidate and why it was not served.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookup<V> {
+    Hit(SemanticHit<V>),
+    Miss { best: Option<(f32, Rejection)> },
+}
+
+struct Entry<V> {
+    namespace: Arc<str>,
+    text: String,
+    prepared: Prepared,
+    vector: Vec<f32>,
+    value: V,
+    stored_at: SystemTime,
+}
+
+struct Space {
+    graph: RwLock<Hnsw<'static, f32, DistDot>>,
+    points: AtomicUsize,
+    dead: AtomicUsize,
+}
+
+impl Space {
+    fn new(capacity: usize) -> Self {
+        Self { graph: RwLock::new(new_graph(capacity)), points: AtomicUsize::new(0), dead: AtomicUsize::new(0) }
+    }
+}
+
+fn new_graph(capacity: usize) -> Hnsw<'static, f32, DistDot> {
+    Hnsw::new(MAX_CONNECTIONS, capacity.max(1024), MAX_LAYERS, EF_CONSTRUCTION, DistDot {})
+}
+
+type Spaces = Arc<RwLock<HashMap<Arc<str>, Arc<Space>>>>;
+
+/// A cache of answers found by meaning. Each namespace (for the engine: workspace, step,
+/// model and the input's other fields) has its own index, so a hit can only ever come from
+/// the same namespace.
+pub struct SemanticCache<V: Clone + Send + Sync + 'static> {
+    embedder: Arc<Embedder>,
+    normalizer: ConceptNormalizer,
+    settings: SemanticSettings,
+    entries: moka::sync::Cache<u64, Arc<Entry<V>>>,
+    spaces: Spaces,
+    next_id: AtomicU64,
+}
+
+impl<V: Clone + Send + Sync + 'static> std::fmt::Debug for SemanticCache<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SemanticCache")
+            .field("settings", &self.settings)
+            .field("entries", &self.entries.entry_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
+    pub fn new(embedder: Arc<Embedder>, normalizer: ConceptNormalizer, settings: SemanticSettings) -> Self {
+        let spaces: Spaces = Arc::default();
+        let tombstones = spaces.clone();
+        let entries = moka::sync::Cache::builder()
+            .max_capacity(settings.max_entries)
+            .eviction_policy(EvictionPolicy::lru())
+            .time_to_live(settings.ttl)
+            .eviction_listener(move |_id, entry: Arc<Entry<V>>, cause| {
+                // A replaced entry keeps no graph point of its own; everything else leaves a
+                // dead point behind in its namespace's graph.
+                if cause != RemovalCause::Replaced
+                    && let Some(space) = read(&tombstones).get(&entry.namespace)
+                {
+                    space.dead.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .build();
+        Self { embedder, normalizer, settings, entries, spaces, next_id: AtomicU64::new(0) }
+    }
+
+    pub fn settings(&self) -> &SemanticSettings {
+        &self.settings
+    }
+
+    pub fn embedder(&self) -> &Embedder {
+        &self.embedder
+    }
+
+    /// Normalises and embeds a request text.
+    pub fn prepare(&self, text: &str) -> Result<Query, CacheError> {
+        let prepared = Prepared::new(text, &self.normalizer);
+        let vector = self.embedder.embed_one(&prepared.normalized)?;
+        Ok(Query { text: text.to_owned(), prepared, vector })
+    }
+
+    /// The served decision: the most similar live entry of `namespace`, younger than the TTL
+    /// (and `max_age`) at `now`, that clears `threshold` (the configured one when `None`) and
+    /// every guard.
+    pub fn lookup(
+        &self,
+        namespace: &str,
+        query: &Query,
+        threshold: Option<f32>,
+        max_age: Option<Duration>,
+        now: SystemTime,
+    ) -> Lookup<V> {
+        let threshold = threshold.unwrap_or(self.settings.threshold);
+        let mut best = None;
+        for (entry, similarity) in self.candidates(namespace, query, max_age, now) {
+            match verify(&query.prepared, &entry.prepared, similarity, threshold) {
+                Ok(()) => return Lookup::Hit(hit(&entry, similarity)),
+                Err(rejection) => {
+                    if best.is_none() {
+                        best = Some((similarity, rejection));
+                    }
+                }
+            }
+        }
+        Lookup::Miss { best }
+    }
+
+    /// The most similar entry at or above `min_similarity` that passes the guards: a lower
+    /// bar than [`SemanticCache::lookup`], for a fallback served at lower confidence.
+    pub fn find_similar(
+        &self,
+        namespace: &str,
+        query: &Query,
+        min_similarity: f32,
+        now: SystemTime,
+    ) -> Option<SemanticHit<V>> {
+        self.candidates(namespace, query, None, now)
+            .into_iter()
+            .filter(|(_, similarity)| *similarity >= min_similarity)
+            .find(|(entry, _)| guards(&query.prepared, &entry.prepared).is_ok())
+            .map(|(entry, similarity)| hit(&entry, similarity))
+    }
+
+    pub fn insert(&self, namespace: &str, query: Query, value: V, now: SystemTime) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let space = self.space(namespace);
+        let entry = Arc::new(Entry {
+            namespace: Arc::from(namespace),
+            text: query.text,
+            prepared: query.prepared,
+            vector: query.vector,
+            value,
+            stored_at: now,
+        });
+        {
+            let graph = read(&space.graph);
+            graph.insert_slice((&entry.vector, id as usize));
+        }
+        space.points.fetch_add(1, Ordering::Relaxed);
+        self.entries.insert(id, entry);
+        self.rebuild_if_mostly_dead(namespace, &space);
+    }
+
+    /// Live entries (approximate: evictions are applied in batches).
+    pub fn len(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.entry_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn candidates(
+        &self,
+        namespace: &str,
+        query: &Query,
+        max_age: Option<Duration>,
+        now: SystemTime,
+    ) -> Vec<(Arc<Entry<V>>, f32)> {
+        let Some(space) = read(&self.spaces).get(namespace).cloned() else {
+            return Vec::new();
+        };
+        let alive = |id: &usize| self.entries.contains_key(&(*id as u64));
+        let neighbours = read(&space.graph).search_filter(&query.vector, CANDIDATES, EF_SEARCH, Some(&alive));
+        let mut found = Vec::with_capacity(neighbours.len());
+        for neighbour in neighbours {
+            let id = neighbour.d_id as u64;
+            let Some(entry) = self.entries.get(&id) else { continue };
+            let age = now.duration_since(entry.stored_at).unwrap_or_default();
+            if age >= self.settings.ttl {
+                self.entries.invalidate(&id);
+                continue;
+            }
+            if max_age.is_some_and(|max_age| age > max_age) {
+                continue;
+            }
+            // DistDot is 1 - dot product, and the vectors are unit length.
+            found.push((entry, 1.0 - neighbour.distance));
+        }
+        found.sort_by(|a, b| b.1.total_cmp(&a.1));
+        found
+    }
+
+    fn space(&self, namespace: &str) -> Arc<Space> {
+        if let Some(space) = read(&self.spaces).get(namespace) {
+            return space.clone();
+        }
+        let mut spaces = self.spaces.write().unwrap_or_else(PoisonError::into_inner);
+        spaces.entry(Arc::from(namespace)).or_insert_with(|| Arc::new(Space::new(1024))).clone()
+    }
+
+    fn rebuild_if_mostly_dead(&self, namespace: &str, space: &Space) {
+        let dead = space.dead.load(Ordering::Relaxed);
+        let points = space.points.load(Ordering::Relaxed);
+        if dead < REBUILD_MIN_DEAD || dead * 2 < points {
+            return;
+        }
+        // Held through the rebuild, so that no insert lands in the graph being replaced.
+        let mut current = space.graph.write().unwrap_or_else(PoisonError::into_inner);
+        let live: Vec<(u64, Arc<Entry<V>>)> = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| &*entry.namespace == namespace)
+            .map(|(id, entry)| (*id, entry))
+            .collect();
+        let graph = new_graph(live.len() * 2);
+        for (id, entry) in &live {
+            graph.insert_slice((&entry.vector, *id as usize));
+        }
+        *current = graph;
+        space.points.store(live.len(), Ordering::Relaxed);
+        space.dead.store(0, Ordering::Relaxed);
+        tracing::debug!(namespace, live = live.len(), dead, "rebuilt a semantic index");
+    }
+}
+
+fn hit<V: Clone>(entry: &Entry<V>, similarity: f32) -> SemanticHit<V> {
+    SemanticHit { value: entry.value.clone(), similarity, matched_text: entry.text.clone(), stored_at: entry.stored_at }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
