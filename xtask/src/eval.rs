@@ -158,14 +158,11 @@ fn score<'a>(
             prepared.entry(text.as_str()).or_insert_with(|| Prepared::new(text, normalizer));
         }
     }
-    let texts: Vec<&str> = prepared.keys().copied().collect();
-    let mut vectors: HashMap<&str, Vec<f32>> = HashMap::with_capacity(texts.len());
-    for chunk in texts.chunks(512) {
-        let normalized: Vec<&str> = chunk.iter().map(|text| prepared[text].normalized.as_str()).collect();
-        for (text, vector) in chunk.iter().zip(embedder.embed(&normalized)?) {
-            vectors.insert(text, vector);
-        }
-    }
+    let mut texts: Vec<&str> = prepared.keys().copied().collect();
+    texts.sort_unstable();
+    let normalized: Vec<&str> = texts.iter().map(|text| prepared[text].normalized.as_str()).collect();
+    let embedded = embed_cached(embedder, &normalized)?;
+    let vectors: HashMap<&str, Vec<f32>> = texts.into_iter().zip(embedded).collect();
     Ok(pairs
         .iter()
         .map(|pair| {
@@ -173,6 +170,34 @@ fn score<'a>(
             (pair, prepared[pair.a.as_str()].clone(), prepared[pair.b.as_str()].clone(), similarity)
         })
         .collect())
+}
+
+/// Embeddings of these exact texts from an earlier run, else fresh ones (then kept in
+/// `target/eval-embeddings`): evaluating and calibrating re-read the same 150,000 sentences.
+fn embed_cached(embedder: &Embedder, texts: &[&str]) -> anyhow::Result<Vec<Vec<f32>>> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for text in texts {
+        hasher.update((text.len() as u64).to_le_bytes());
+        hasher.update(text.as_bytes());
+    }
+    let folder = crate::workspace_root()?.join("target").join("eval-embeddings");
+    let path = folder.join(format!("{}.f32", hex::encode(&hasher.finalize()[..12])));
+    let dimensions = embedder.dimensions();
+    if let Ok(bytes) = std::fs::read(&path)
+        && bytes.len() == texts.len() * dimensions * 4
+    {
+        let floats: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        return Ok(floats.chunks(dimensions).map(<[f32]>::to_vec).collect());
+    }
+    let mut vectors = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(1024) {
+        vectors.extend(embedder.embed(chunk)?);
+    }
+    std::fs::create_dir_all(&folder)?;
+    let bytes: Vec<u8> = vectors.iter().flatten().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::write(&path, bytes)?;
+    Ok(vectors)
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

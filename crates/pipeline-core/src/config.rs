@@ -91,6 +91,7 @@ struct RawSemantic {
     model_dir: String,
     onnxruntime_path: String,
     threads: usize,
+    snapshot_path: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,6 +156,8 @@ pub struct SemanticSettings {
     pub model: ModelPaths,
     /// ONNX Runtime intra-op threads; 0 = one per core.
     pub threads: usize,
+    /// Where the cache is saved on shutdown and loaded on start; `None`: it lives in memory only.
+    pub snapshot: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -270,6 +273,7 @@ impl Config {
                 onnxruntime: path_or(raw.semantic.onnxruntime_path, installed.onnxruntime),
             },
             threads: raw.semantic.threads,
+            snapshot: Some(raw.semantic.snapshot_path).filter(|path| !path.trim().is_empty()).map(PathBuf::from),
         };
         let telemetry = TelemetrySettings {
             database_url: non_empty("telemetry.database_url", raw.telemetry.database_url)?,

@@ -44,7 +44,7 @@ struct Inner {
 }
 
 /// What the cache keeps of an answer: enough to serve it again and to know what it saved.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct CachedAnswer {
     output: Value,
     model: String,
@@ -158,6 +158,23 @@ impl Engine {
     /// Waits until every telemetry record of the calls made so far is written.
     pub async fn flush(&self) -> Result<(), TelemetryError> {
         self.inner.recorder.flush().await
+    }
+
+    /// Before the process ends: writes the pending telemetry and saves the semantic cache to
+    /// its snapshot, if one is configured.
+    pub async fn shutdown(&self) -> Result<(), SetupError> {
+        self.flush().await?;
+        if let (Some(cache), Some(path)) = (&self.inner.semantic, &self.inner.config.semantic.snapshot) {
+            let (cache, path) = (cache.clone(), path.clone());
+            let saved = tokio::task::spawn_blocking(move || cache.save(&path)).await.map_err(|err| {
+                semantic_cache::CacheError::Snapshot {
+                    path: self.inner.config.semantic.snapshot.clone().unwrap_or_default(),
+                    reason: err.to_string(),
+                }
+            })??;
+            tracing::info!(entries = saved, "semantic cache saved");
+        }
+        Ok(())
     }
 
     /// The stages of a call, in their fixed order.
@@ -644,7 +661,14 @@ impl EngineBuilder {
                 max_entries: config.semantic.max_entries,
                 threshold: config.semantic.threshold,
             };
-            Some(Arc::new(SemanticCache::new(embedder, semantic_cache::ConceptNormalizer::default(), settings)))
+            let cache = SemanticCache::new(embedder, semantic_cache::ConceptNormalizer::default(), settings);
+            if let Some(path) = &config.semantic.snapshot {
+                match cache.load(path, self.clock.now()) {
+                    Ok(loaded) => tracing::info!(entries = loaded, path = %path.display(), "semantic cache loaded"),
+                    Err(err) => tracing::warn!(error = %err, "semantic cache starts empty"),
+                }
+            }
+            Some(Arc::new(cache))
         } else {
             None
         };

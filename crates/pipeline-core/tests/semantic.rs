@@ -33,6 +33,10 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    async fn start_with(extra_config: &str) -> Self {
         let upstream = ScriptedUpstream::start().await.unwrap();
         upstream.respond_with(|_| Reply::completion(r#"{"label": "billing", "confidence": 0.9}"#));
         let store = TelemetryStore::connect("sqlite::memory:").await.unwrap();
@@ -45,7 +49,8 @@ impl Harness {
         })
         .unwrap();
         let clock = Arc::new(ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_780_000_000)));
-        let engine = Engine::builder(Config::from_toml("[semantic]\nttl_secs = 600").unwrap())
+        let config = format!("[semantic]\nttl_secs = 600\n{extra_config}");
+        let engine = Engine::builder(Config::from_toml(&config).unwrap())
             .provider("scripted", provider)
             .recorder(Recorder::spawn(store.clone(), RecorderSettings::default()))
             .embedder(embedder())
@@ -143,4 +148,33 @@ async fn a_missing_model_says_how_to_install_it() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("aipipe setup"), "{err}");
+}
+
+#[tokio::test]
+async fn the_cache_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = format!("snapshot_path = '{}'", dir.path().join("semantic.jsonl").display());
+    let before = Harness::start_with(&snapshot).await;
+    before.classify("ws-a", "I was charged twice").await;
+    before.engine.shutdown().await.unwrap();
+    drop(before);
+
+    let after = Harness::start_with(&snapshot).await;
+    let result = after.classify("ws-a", "I was charged two times").await;
+    assert_eq!(result.source, Source::SemanticCache);
+    assert_eq!(after.upstream.requests(), 0, "the restarted engine answered from the snapshot");
+}
+
+#[tokio::test]
+async fn a_corrupt_snapshot_means_an_empty_cache_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("semantic.jsonl");
+    std::fs::write(&path, "{\"format\": \"aipipe-semantic-cache\", \"version\": 1, \"dimensions\": 384}\n{garbage\n")
+        .unwrap();
+    let h = Harness::start_with(&format!("snapshot_path = '{}'", path.display())).await;
+    assert_eq!(h.classify("ws-a", "I was charged twice").await.source, Source::Upstream);
+    // Shutting down replaces the corrupt file with a good one.
+    h.engine.shutdown().await.unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.lines().count(), 2, "{text}");
 }

@@ -1,4 +1,6 @@
 use std::collections::HashMap;
+use std::io::{BufRead, BufWriter, Write};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
@@ -6,6 +8,8 @@ use std::time::{Duration, SystemTime};
 use hnsw_rs::prelude::{DistDot, Hnsw};
 use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::verify::{Prepared, Rejection, guards, verify};
 use crate::{CacheError, ConceptNormalizer, Embedder};
@@ -277,6 +281,117 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
         space.points.store(live.len(), Ordering::Relaxed);
         space.dead.store(0, Ordering::Relaxed);
         tracing::debug!(namespace, live = live.len(), dead, "rebuilt a semantic index");
+    }
+}
+
+const SNAPSHOT_FORMAT: &str = "aipipe-semantic-cache";
+const SNAPSHOT_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotHeader {
+    format: String,
+    version: u32,
+    dimensions: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotEntry<V> {
+    namespace: String,
+    text: String,
+    vector: Vec<f32>,
+    value: V,
+    stored_at_ms: u64,
+}
+
+impl<V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static> SemanticCache<V> {
+    /// Writes every live entry, with its vector, to `path` (through a temporary file, so a
+    /// crash mid-write leaves the previous snapshot whole). Returns how many were written.
+    pub fn save(&self, path: &Path) -> Result<usize, CacheError> {
+        let failed = |reason: String| CacheError::Snapshot { path: path.to_owned(), reason };
+        if let Some(folder) = path.parent().filter(|folder| !folder.as_os_str().is_empty()) {
+            std::fs::create_dir_all(folder).map_err(|err| failed(err.to_string()))?;
+        }
+        let partial = path.with_extension("partial");
+        let file = std::fs::File::create(&partial).map_err(|err| failed(err.to_string()))?;
+        let mut out = BufWriter::new(file);
+        let header = SnapshotHeader {
+            format: SNAPSHOT_FORMAT.into(),
+            version: SNAPSHOT_VERSION,
+            dimensions: self.embedder.dimensions(),
+        };
+        let mut write_line = |line: Result<String, serde_json::Error>| -> Result<(), CacheError> {
+            let line = line.map_err(|err| failed(err.to_string()))?;
+            writeln!(out, "{line}").map_err(|err| failed(err.to_string()))
+        };
+        write_line(serde_json::to_string(&header))?;
+        let mut written = 0;
+        for (_, entry) in &self.entries {
+            let stored_at_ms =
+                entry.stored_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+            write_line(serde_json::to_string(&SnapshotEntry {
+                namespace: entry.namespace.to_string(),
+                text: entry.text.clone(),
+                vector: entry.vector.clone(),
+                value: entry.value.clone(),
+                stored_at_ms,
+            }))?;
+            written += 1;
+        }
+        out.flush().map_err(|err| failed(err.to_string()))?;
+        drop(out);
+        std::fs::rename(&partial, path).map_err(|err| failed(err.to_string()))?;
+        Ok(written)
+    }
+
+    /// Loads the entries of a snapshot that are still fresh at `now`, without re-embedding.
+    /// A missing snapshot loads nothing; an unreadable or corrupt one loads nothing and is
+    /// reported as an error for the caller to log: the cache then starts empty.
+    pub fn load(&self, path: &Path, now: SystemTime) -> Result<usize, CacheError> {
+        let failed = |reason: String| CacheError::Snapshot { path: path.to_owned(), reason };
+        let file = match std::fs::File::open(path) {
+            Ok(file) => file,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(err) => return Err(failed(err.to_string())),
+        };
+        let mut lines = std::io::BufReader::new(file).lines();
+        let header: SnapshotHeader = match lines.next() {
+            Some(Ok(line)) => serde_json::from_str(&line).map_err(|err| failed(format!("line 1: {err}")))?,
+            Some(Err(err)) => return Err(failed(err.to_string())),
+            None => return Err(failed("empty file".into())),
+        };
+        if header.format != SNAPSHOT_FORMAT || header.version != SNAPSHOT_VERSION {
+            return Err(failed(format!("format {} v{} is not one this version reads", header.format, header.version)));
+        }
+        if header.dimensions != self.embedder.dimensions() {
+            return Err(failed(format!(
+                "vectors have {} dimensions, the model makes {}: was it written with another model?",
+                header.dimensions,
+                self.embedder.dimensions()
+            )));
+        }
+        // Read everything before inserting anything: a corrupt snapshot loads nothing.
+        let mut entries = Vec::new();
+        for (index, line) in lines.enumerate() {
+            let line = line.map_err(|err| failed(err.to_string()))?;
+            let entry: SnapshotEntry<V> =
+                serde_json::from_str(&line).map_err(|err| failed(format!("line {}: {err}", index + 2)))?;
+            if entry.vector.len() != header.dimensions {
+                return Err(failed(format!("line {}: a vector of {} dimensions", index + 2, entry.vector.len())));
+            }
+            entries.push(entry);
+        }
+        let mut loaded = 0;
+        for entry in entries {
+            let stored_at = SystemTime::UNIX_EPOCH + Duration::from_millis(entry.stored_at_ms);
+            if now.duration_since(stored_at).unwrap_or_default() >= self.settings.ttl {
+                continue;
+            }
+            let prepared = Prepared::new(&entry.text, &self.normalizer);
+            let query = Query { text: entry.text, prepared, vector: entry.vector };
+            self.insert(&entry.namespace, query, entry.value, stored_at);
+            loaded += 1;
+        }
+        Ok(loaded)
     }
 }
 
