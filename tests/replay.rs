@@ -125,3 +125,28 @@ fn assert_close(value: &Value, expected: f64) {
     let actual = value.as_f64().unwrap_or_else(|| panic!("not a number: {value}"));
     assert!((actual - expected).abs() < 1e-9, "{actual} != {expected}");
 }
+
+#[test]
+fn process_variables_are_not_config_keys_but_typos_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = line("t1", "2026-07-03T09:00:00Z", "ws-a", "charged twice", OK_SMALL, 1000) + "\n";
+    let log_path = dir.path().join("calls.jsonl");
+    std::fs::write(&log_path, log).unwrap();
+    let run = |var: &str, value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_aipipe"))
+            .arg("replay")
+            .arg(&log_path)
+            .arg("--db")
+            .arg(dir.path().join("r.db"))
+            .env(var, value)
+            .output()
+            .unwrap()
+    };
+    // AIPIPE_HOME says where the model is; it must not be read as a config key.
+    let home = pipeline_core::semantic_cache::ModelPaths::home();
+    let out = run("AIPIPE_HOME", home.to_str().unwrap());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run("AIPIPE_CACHE__TTL_SECONDS", "5");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cache.ttl_seconds"));
+}

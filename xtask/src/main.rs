@@ -8,6 +8,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod eval;
 
 #[derive(Debug, Parser)]
@@ -21,6 +22,15 @@ struct Cli {
 enum Task {
     /// What CI runs: formatting check, clippy with warnings as errors, the whole test suite.
     Ci,
+    /// Benchmarks, on this machine. `cache`: lookups of both caches at 1k, 10k and 100k
+    /// entries, embedding throughput, memory per entry.
+    Bench {
+        #[arg(value_enum)]
+        what: BenchTarget,
+        /// Print one JSON object per figure.
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs the semantic cache's served decision over labelled pairs and reports precision,
     /// recall and false-positive rate per file, with a threshold sweep.
     EvalCache {
@@ -44,6 +54,8 @@ enum Task {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Task::Ci => ci(),
+        Task::Bench { what, json } if cfg!(debug_assertions) => release_rerun(what, json),
+        Task::Bench { what: BenchTarget::Cache, json } => bench::bench_cache(json),
         Task::EvalCache { files, dev, limit, json, threshold } => eval_cache(files, dev, limit, json, threshold),
     };
     match result {
@@ -53,6 +65,23 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum BenchTarget {
+    Cache,
+}
+
+/// Figures from a debug build would measure the compiler's settings, not the code: benchmarks
+/// always run from a release build of this same command.
+fn release_rerun(what: BenchTarget, json: bool) -> anyhow::Result<()> {
+    let root = workspace_root()?;
+    let what = clap::ValueEnum::to_possible_value(&what).map(|value| value.get_name().to_owned()).unwrap_or_default();
+    let mut args = vec!["run", "--release", "--locked", "--quiet", "--package", "xtask", "--", "bench", what.as_str()];
+    if json {
+        args.push("--json");
+    }
+    cargo(&root, &args)
 }
 
 fn eval_cache(

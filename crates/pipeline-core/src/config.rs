@@ -20,6 +20,11 @@ use crate::prompt::Prompts;
 
 const DEFAULTS: &str = include_str!("../defaults.toml");
 
+/// `AIPIPE_*` variables that are not config keys: the config file (`AIPIPE_CONFIG`), the model
+/// home (`AIPIPE_HOME`) and the evaluation data (`AIPIPE_DATA`). Any other `AIPIPE_` variable
+/// is a key, and an unknown one is an error.
+const PROCESS_VARIABLES: &[&str] = &["config", "home", "data"];
+
 /// Loading the config or building the engine from it failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -202,7 +207,7 @@ pub struct Config {
 
 impl Config {
     /// Embedded defaults, then `file` if given, then `AIPIPE_*` environment variables
-    /// (`AIPIPE_SECTION__KEY`; `AIPIPE_CONFIG` names the file and is not a key).
+    /// (`AIPIPE_SECTION__KEY`; `AIPIPE_CONFIG`, `AIPIPE_HOME` and `AIPIPE_DATA` are not keys).
     pub fn load(file: Option<&Path>) -> Result<Self, SetupError> {
         let mut figment = Figment::from(Toml::string(DEFAULTS));
         if let Some(path) = file {
@@ -211,7 +216,7 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(Env::prefixed("AIPIPE_").split("__").ignore(&["config"]));
+        figment = figment.merge(Env::prefixed("AIPIPE_").split("__").ignore(PROCESS_VARIABLES));
         Self::from_figment(&figment)
     }
 

@@ -148,6 +148,12 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
         Ok(Query { text: text.to_owned(), prepared, vector })
     }
 
+    /// A text whose embedding is already known (snapshots, benchmarks): normalised, not
+    /// embedded again. The vector must come from the same model, unit length.
+    pub fn prepare_embedded(&self, text: &str, vector: Vec<f32>) -> Query {
+        Query { text: text.to_owned(), prepared: Prepared::new(text, &self.normalizer), vector }
+    }
+
     /// The served decision: the most similar live entry of `namespace`, younger than the TTL
     /// (and `max_age`) at `now`, that clears `threshold` (the configured one when `None`) and
     /// every guard.
@@ -386,8 +392,7 @@ impl<V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static> SemanticCa
             if now.duration_since(stored_at).unwrap_or_default() >= self.settings.ttl {
                 continue;
             }
-            let prepared = Prepared::new(&entry.text, &self.normalizer);
-            let query = Query { text: entry.text, prepared, vector: entry.vector };
+            let query = self.prepare_embedded(&entry.text, entry.vector);
             self.insert(&entry.namespace, query, entry.value, stored_at);
             loaded += 1;
         }

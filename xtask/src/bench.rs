@@ -1,0 +1,199 @@
+//! `cargo xtask bench cache`: latency of the caches' lookups, embedding throughput and memory
+//! per entry, on this machine.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use semantic_cache::{
+    CacheKey, ConceptNormalizer, Embedder, ExactCache, Lookup, ModelPaths, SemanticCache, SemanticSettings, normalise,
+};
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+struct Figure {
+    name: &'static str,
+    entries: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p50_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p99_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    per_second: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes: Option<f64>,
+}
+
+impl Figure {
+    fn latency(name: &'static str, entries: usize, mut samples: Vec<Duration>) -> Self {
+        samples.sort();
+        let at = |p: f64| {
+            let rank = ((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len().max(1));
+            samples.get(rank - 1).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+        };
+        Self { name, entries, p50_us: Some(at(0.50)), p99_us: Some(at(0.99)), per_second: None, bytes: None }
+    }
+}
+
+/// Short prompts of the kind components send, for the query side.
+const PROMPTS: &[&str] = &[
+    "Classify this support ticket: I was charged twice for my March invoice",
+    "Summarise the quarterly revenue report for the board",
+    "Is the lead from Acme Robotics ready for a sales call?",
+    "Prioritise: the checkout page returns 500 for EU customers",
+    "Extract the contact name and email from this message",
+    "Rewrite this product description for B2B buyers",
+    "What are the key performance indicators for a SaaS startup?",
+    "Translate the onboarding email into a friendlier tone",
+];
+
+pub fn bench_cache(json: bool) -> anyhow::Result<()> {
+    let embedder = Arc::new(Embedder::load(&ModelPaths::installed(), 0)?);
+    let dimensions = embedder.dimensions();
+    let mut figures = Vec::new();
+
+    // Embedding: one short prompt at a time, and batches.
+    let samples = (0..200)
+        .map(|i| time(|| embedder.embed_one(PROMPTS[i % PROMPTS.len()]).map(drop)))
+        .collect::<Result<_, _>>()?;
+    figures.push(Figure::latency("embed_one", 0, samples));
+    let batch: Vec<String> = (0..1024).map(|i| format!("{} (case {i})", PROMPTS[i % PROMPTS.len()])).collect();
+    let batch: Vec<&str> = batch.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    embedder.embed(&batch)?;
+    figures.push(Figure {
+        name: "embed_batch",
+        entries: 0,
+        p50_us: None,
+        p99_us: None,
+        per_second: Some(batch.len() as f64 / started.elapsed().as_secs_f64()),
+        bytes: None,
+    });
+
+    let query_vectors = embedder.embed(PROMPTS)?;
+    let now = SystemTime::now();
+    for entries in [1_000, 10_000, 100_000] {
+        // Exact cache: a hit on a full cache.
+        let exact = ExactCache::new(entries as u64, Duration::from_secs(3600));
+        let keys: Vec<CacheKey> = (0..entries).map(|i| CacheKey::builder().text("n", &i.to_string()).build()).collect();
+        for key in &keys {
+            exact.insert(*key, serde_json::json!({"label": "billing", "confidence": 0.9}), now);
+        }
+        let samples = (0..20_000)
+            .map(|i| time(|| exact.get(&keys[(i * 7919) % entries], now).map(drop).ok_or(())))
+            .collect::<Result<_, _>>();
+        figures.push(Figure::latency("exact_hit", entries, samples.map_err(|()| anyhow::anyhow!("exact miss"))?));
+
+        // Semantic cache filled with random unit vectors: harder for HNSW than real, clustered
+        // embeddings, so search figures err on the slow side.
+        let rss_before = resident_bytes();
+        let cache = SemanticCache::new(
+            embedder.clone(),
+            ConceptNormalizer::default(),
+            SemanticSettings { ttl: Duration::from_secs(3600), max_entries: entries as u64 * 2, threshold: 0.93 },
+        );
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        for i in 0..entries {
+            let vector = random_unit(&mut seed, dimensions);
+            let query = cache.prepare_embedded(&format!("cached request number {i}"), vector);
+            cache.insert("bench", query, serde_json::json!({"label": "billing"}), now);
+        }
+        // The queries' own answers go in too, so that a semantic hit has something to find.
+        for (prompt, vector) in PROMPTS.iter().zip(&query_vectors) {
+            cache.insert(
+                "bench",
+                cache.prepare_embedded(prompt, vector.clone()),
+                serde_json::json!({"label": "x"}),
+                now,
+            );
+        }
+        if let Some(rss_before) = rss_before
+            && let Some(rss_after) = resident_bytes()
+        {
+            figures.push(Figure {
+                name: "memory_per_entry",
+                entries,
+                p50_us: None,
+                p99_us: None,
+                per_second: None,
+                bytes: Some(rss_after.saturating_sub(rss_before) as f64 / entries as f64),
+            });
+        }
+        let search = |i: usize| {
+            let query = cache.prepare_embedded(PROMPTS[i % PROMPTS.len()], query_vectors[i % PROMPTS.len()].clone());
+            time(|| match cache.lookup("bench", &query, None, None, now) {
+                Lookup::Hit(_) => Ok(()),
+                Lookup::Miss { .. } => Err(()),
+            })
+        };
+        let samples = (0..2_000).map(search).collect::<Result<_, _>>();
+        figures.push(Figure::latency("index_search_hit", entries, samples.map_err(|()| anyhow::anyhow!("no hit"))?));
+        let samples: Vec<Duration> = (0..200)
+            .map(|i| {
+                time(|| {
+                    let query = cache.prepare(PROMPTS[i % PROMPTS.len()]).map_err(drop)?;
+                    match cache.lookup("bench", &query, None, None, now) {
+                        Lookup::Hit(_) => Ok(()),
+                        Lookup::Miss { .. } => Err(()),
+                    }
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|()| anyhow::anyhow!("no semantic hit"))?;
+        figures.push(Figure::latency("semantic_hit", entries, samples));
+        let samples: Vec<Duration> = (0..200)
+            .map(|i| {
+                time(|| {
+                    let query = cache.prepare(&format!("unrelated question {i} about gardening")).map_err(drop)?;
+                    match cache.lookup("bench", &query, None, None, now) {
+                        Lookup::Hit(_) => Err(()),
+                        Lookup::Miss { .. } => Ok(()),
+                    }
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|()| anyhow::anyhow!("unexpected semantic hit"))?;
+        figures.push(Figure::latency("semantic_miss", entries, samples));
+    }
+
+    for figure in &figures {
+        if json {
+            println!("{}", serde_json::to_string(figure)?);
+        } else {
+            let value = match (figure.p50_us, figure.per_second, figure.bytes) {
+                (Some(p50), _, _) => format!("p50 {p50:>9.1} us   p99 {:>9.1} us", figure.p99_us.unwrap_or(0.0)),
+                (_, Some(rate), _) => format!("{rate:.0} per second"),
+                (_, _, Some(bytes)) => format!("{bytes:.0} bytes"),
+                _ => String::new(),
+            };
+            println!("{:<18} {:>7} entries   {value}", figure.name, figure.entries);
+        }
+    }
+    Ok(())
+}
+
+fn time<E>(work: impl FnOnce() -> Result<(), E>) -> Result<Duration, E> {
+    let started = Instant::now();
+    work()?;
+    Ok(started.elapsed())
+}
+
+/// xorshift: deterministic, dependency-free noise for synthetic vectors.
+fn random_unit(seed: &mut u64, dimensions: usize) -> Vec<f32> {
+    let mut vector: Vec<f32> = (0..dimensions)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            (*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect();
+    normalise(&mut vector);
+    vector
+}
+
+/// Resident memory of this process, from /proc (Linux); `None` elsewhere.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
