@@ -21,6 +21,9 @@ struct Figure {
     per_second: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bytes: Option<f64>,
+    /// For lookups that should hit: the share that did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hit_rate: Option<f64>,
 }
 
 impl Figure {
@@ -30,7 +33,21 @@ impl Figure {
             let rank = ((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len().max(1));
             samples.get(rank - 1).map_or(0.0, |d| d.as_secs_f64() * 1e6)
         };
-        Self { name, entries, p50_us: Some(at(0.50)), p99_us: Some(at(0.99)), per_second: None, bytes: None }
+        Self {
+            name,
+            entries,
+            p50_us: Some(at(0.50)),
+            p99_us: Some(at(0.99)),
+            per_second: None,
+            bytes: None,
+            hit_rate: None,
+        }
+    }
+
+    /// Latency of lookups that should all hit, with the share that did.
+    fn lookups(name: &'static str, entries: usize, samples: Vec<(Duration, bool)>) -> Self {
+        let hits = samples.iter().filter(|(_, hit)| *hit).count() as f64 / samples.len().max(1) as f64;
+        Self { hit_rate: Some(hits), ..Self::latency(name, entries, samples.into_iter().map(|(d, _)| d).collect()) }
     }
 }
 
@@ -67,9 +84,9 @@ pub fn bench_cache(json: bool) -> anyhow::Result<()> {
         p99_us: None,
         per_second: Some(batch.len() as f64 / started.elapsed().as_secs_f64()),
         bytes: None,
+        hit_rate: None,
     });
 
-    let query_vectors = embedder.embed(PROMPTS)?;
     let now = SystemTime::now();
     for entries in [1_000, 10_000, 100_000] {
         // Exact cache: a hit on a full cache.
@@ -97,14 +114,11 @@ pub fn bench_cache(json: bool) -> anyhow::Result<()> {
             let query = cache.prepare_embedded(&format!("cached request number {i}"), vector);
             cache.insert("bench", query, serde_json::json!({"label": "billing"}), now);
         }
-        // The queries' own answers go in too, so that a semantic hit has something to find.
-        for (prompt, vector) in PROMPTS.iter().zip(&query_vectors) {
-            cache.insert(
-                "bench",
-                cache.prepare_embedded(prompt, vector.clone()),
-                serde_json::json!({"label": "x"}),
-                now,
-            );
+        // The queries' own answers go in too, through the served path, so that a semantic hit
+        // has something to find.
+        let queries = PROMPTS.iter().map(|prompt| cache.prepare(prompt)).collect::<Result<Vec<_>, _>>()?;
+        for query in &queries {
+            cache.insert("bench", query.clone(), serde_json::json!({"label": "x"}), now);
         }
         if let Some(rss_before) = rss_before
             && let Some(rss_after) = resident_bytes()
@@ -116,30 +130,25 @@ pub fn bench_cache(json: bool) -> anyhow::Result<()> {
                 p99_us: None,
                 per_second: None,
                 bytes: Some(rss_after.saturating_sub(rss_before) as f64 / entries as f64),
+                hit_rate: None,
             });
         }
-        let search = |i: usize| {
-            let query = cache.prepare_embedded(PROMPTS[i % PROMPTS.len()], query_vectors[i % PROMPTS.len()].clone());
-            time(|| match cache.lookup("bench", &query, None, None, now) {
-                Lookup::Hit(_) => Ok(()),
-                Lookup::Miss { .. } => Err(()),
-            })
+        let lookup = |query: &semantic_cache::Query| {
+            let started = Instant::now();
+            let hit = matches!(cache.lookup("bench", query, None, None, now), Lookup::Hit(_));
+            (started.elapsed(), hit)
         };
-        let samples = (0..2_000).map(search).collect::<Result<_, _>>();
-        figures.push(Figure::latency("index_search_hit", entries, samples.map_err(|()| anyhow::anyhow!("no hit"))?));
-        let samples: Vec<Duration> = (0..200)
+        let samples = (0..2_000).map(|i| lookup(&queries[i % queries.len()])).collect();
+        figures.push(Figure::lookups("index_search_hit", entries, samples));
+        let samples = (0..200)
             .map(|i| {
-                time(|| {
-                    let query = cache.prepare(PROMPTS[i % PROMPTS.len()]).map_err(drop)?;
-                    match cache.lookup("bench", &query, None, None, now) {
-                        Lookup::Hit(_) => Ok(()),
-                        Lookup::Miss { .. } => Err(()),
-                    }
-                })
+                let started = Instant::now();
+                let query = cache.prepare(PROMPTS[i % PROMPTS.len()])?;
+                let hit = matches!(cache.lookup("bench", &query, None, None, now), Lookup::Hit(_));
+                Ok((started.elapsed(), hit))
             })
-            .collect::<Result<_, _>>()
-            .map_err(|()| anyhow::anyhow!("no semantic hit"))?;
-        figures.push(Figure::latency("semantic_hit", entries, samples));
+            .collect::<Result<_, semantic_cache::CacheError>>()?;
+        figures.push(Figure::lookups("semantic_hit", entries, samples));
         let samples: Vec<Duration> = (0..200)
             .map(|i| {
                 time(|| {
@@ -160,7 +169,11 @@ pub fn bench_cache(json: bool) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(figure)?);
         } else {
             let value = match (figure.p50_us, figure.per_second, figure.bytes) {
-                (Some(p50), _, _) => format!("p50 {p50:>9.1} us   p99 {:>9.1} us", figure.p99_us.unwrap_or(0.0)),
+                (Some(p50), _, _) => format!(
+                    "p50 {p50:>9.1} us   p99 {:>9.1} us{}",
+                    figure.p99_us.unwrap_or(0.0),
+                    figure.hit_rate.map(|rate| format!("   hits {:.1}%", rate * 100.0)).unwrap_or_default()
+                ),
                 (_, Some(rate), _) => format!("{rate:.0} per second"),
                 (_, _, Some(bytes)) => format!("{bytes:.0} bytes"),
                 _ => String::new(),

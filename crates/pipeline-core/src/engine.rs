@@ -237,10 +237,7 @@ impl Engine {
             provider: spent.provider.clone().unwrap_or_else(|| self.inner.provider_name.clone()),
             saved_cost_usd: 0.0,
         };
-        self.cache_store(key, call.options.cache, &served, spent.cost_usd, at);
-        if let Some(similar) = similar {
-            self.semantic_store(similar, call.options.cache, &served, spent.cost_usd, at);
-        }
+        self.cache_store(key, similar, call.options.cache, &served, spent.cost_usd, at);
         Ok(served)
     }
 
@@ -249,7 +246,7 @@ impl Engine {
     /// field, or embedding fails (logged: the call then goes on without the semantic cache).
     async fn semantic_request(&self, spec: &StepSpec, model: &str, call: &Call<'_>) -> Option<SemanticRequest> {
         let cache = self.inner.semantic.as_ref()?;
-        if matches!(call.options.cache, CachePolicy::Skip) {
+        if !call.options.cache.writes() {
             return None;
         }
         let field = spec.semantic_field.as_deref()?;
@@ -285,11 +282,7 @@ impl Engine {
 
     fn semantic_lookup(&self, similar: &SemanticRequest, policy: CachePolicy, at: SystemTime) -> Option<Served> {
         let cache = self.inner.semantic.as_ref()?;
-        let max_age = match policy {
-            CachePolicy::Use => None,
-            CachePolicy::MaxAge(max_age) => Some(max_age),
-            CachePolicy::Skip | CachePolicy::Refresh => return None,
-        };
+        let max_age = policy.readable_age()?;
         let _span = tracing::info_span!("cache.semantic").entered();
         match cache.lookup(&similar.namespace, &similar.query, Some(similar.threshold), max_age, at) {
             Lookup::Hit(hit) => {
@@ -312,34 +305,9 @@ impl Engine {
         }
     }
 
-    fn semantic_store(
-        &self,
-        similar: SemanticRequest,
-        policy: CachePolicy,
-        served: &Served,
-        cost_usd: f64,
-        at: SystemTime,
-    ) {
-        let Some(cache) = &self.inner.semantic else { return };
-        if policy == CachePolicy::Skip {
-            return;
-        }
-        let answer = CachedAnswer {
-            output: served.output.clone(),
-            model: served.model.clone(),
-            provider: served.provider.clone(),
-            cost_usd,
-        };
-        cache.insert(&similar.namespace, similar.query, answer, at);
-    }
-
     fn cache_lookup(&self, key: &CacheKey, policy: CachePolicy, at: SystemTime) -> Option<Served> {
         let cache = self.inner.cache.as_ref()?;
-        let max_age = match policy {
-            CachePolicy::Use => None,
-            CachePolicy::MaxAge(max_age) => Some(max_age),
-            CachePolicy::Skip | CachePolicy::Refresh => return None,
-        };
+        let max_age = policy.readable_age()?;
         let _span = tracing::info_span!("cache.lookup").entered();
         let entry = cache.get(key, at)?;
         if max_age.is_some_and(|max_age| entry.age(at) > max_age) {
@@ -356,9 +324,17 @@ impl Engine {
         })
     }
 
-    fn cache_store(&self, key: CacheKey, policy: CachePolicy, served: &Served, cost_usd: f64, at: SystemTime) {
-        let Some(cache) = &self.inner.cache else { return };
-        if policy == CachePolicy::Skip {
+    /// Keeps a fresh upstream answer in both caches, as the call's policy allows.
+    fn cache_store(
+        &self,
+        key: CacheKey,
+        similar: Option<SemanticRequest>,
+        policy: CachePolicy,
+        served: &Served,
+        cost_usd: f64,
+        at: SystemTime,
+    ) {
+        if !policy.writes() {
             return;
         }
         let answer = CachedAnswer {
@@ -367,7 +343,12 @@ impl Engine {
             provider: served.provider.clone(),
             cost_usd,
         };
-        cache.insert(key, answer, at);
+        if let (Some(cache), Some(similar)) = (&self.inner.semantic, similar) {
+            cache.insert(&similar.namespace, similar.query, answer.clone(), at);
+        }
+        if let Some(cache) = &self.inner.cache {
+            cache.insert(key, answer, at);
+        }
     }
 
     /// Refuses a call whose worst case (the whole prompt plus the step's full output budget)

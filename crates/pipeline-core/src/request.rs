@@ -83,6 +83,22 @@ pub enum CachePolicy {
     MaxAge(Duration),
 }
 
+impl CachePolicy {
+    /// `None` when the policy does not read the cache; otherwise the oldest answer it accepts
+    /// (`None` inside: any answer still within the TTL).
+    pub(crate) fn readable_age(self) -> Option<Option<Duration>> {
+        match self {
+            Self::Use => Some(None),
+            Self::MaxAge(max_age) => Some(Some(max_age)),
+            Self::Skip | Self::Refresh => None,
+        }
+    }
+
+    pub(crate) fn writes(self) -> bool {
+        self != Self::Skip
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CallOptions {
     pub cache: CachePolicy,
