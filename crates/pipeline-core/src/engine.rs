@@ -165,12 +165,9 @@ impl Engine {
     pub async fn shutdown(&self) -> Result<(), SetupError> {
         self.flush().await?;
         if let (Some(cache), Some(path)) = (&self.inner.semantic, &self.inner.config.semantic.snapshot) {
-            let (cache, path) = (cache.clone(), path.clone());
-            let saved = tokio::task::spawn_blocking(move || cache.save(&path)).await.map_err(|err| {
-                semantic_cache::CacheError::Snapshot {
-                    path: self.inner.config.semantic.snapshot.clone().unwrap_or_default(),
-                    reason: err.to_string(),
-                }
+            let (cache, target) = (cache.clone(), path.clone());
+            let saved = tokio::task::spawn_blocking(move || cache.save(&target)).await.map_err(|err| {
+                semantic_cache::CacheError::Snapshot { path: path.clone(), reason: err.to_string() }
             })??;
             tracing::info!(entries = saved, "semantic cache saved");
         }
@@ -266,15 +263,14 @@ impl Engine {
         let cache = cache.clone();
         let span = tracing::info_span!("cache.embed");
         // Embedding is a few milliseconds of CPU: off the async workers.
-        let prepared = tokio::task::spawn_blocking(move || span.in_scope(|| cache.prepare(&text))).await;
+        let prepared = tokio::task::spawn_blocking(move || span.in_scope(|| cache.prepare(&text)))
+            .await
+            .map_err(|err| err.to_string())
+            .and_then(|prepared| prepared.map_err(|err| err.to_string()));
         match prepared {
-            Ok(Ok(query)) => Some(SemanticRequest { namespace, query, threshold: spec.semantic_threshold }),
-            Ok(Err(err)) => {
-                tracing::warn!(error = %err, "semantic cache skipped for this call");
-                None
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "semantic cache skipped for this call");
+            Ok(query) => Some(SemanticRequest { namespace, query, threshold: spec.semantic_threshold }),
+            Err(error) => {
+                tracing::warn!(%error, "semantic cache skipped for this call");
                 None
             }
         }

@@ -18,6 +18,6 @@ pub mod verify;
 pub use error::CacheError;
 pub use exact::{CachedEntry, ExactCache};
 pub use key::{CacheKey, CacheKeyBuilder, canonical_json};
-pub use model::{DEFAULT_MODEL, Embedder, MODEL_FILES, ModelPaths, ONNXRUNTIME_LIBRARY, normalise};
+pub use model::{DEFAULT_MODEL, Embedder, ModelPaths, ONNXRUNTIME_LIBRARY, normalise};
 pub use normalize::{ConceptNormalizer, DEFAULT_EQUIVALENCES, tokens};
 pub use semantic::{Lookup, Query, SemanticCache, SemanticHit, SemanticSettings};

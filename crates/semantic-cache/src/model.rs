@@ -14,9 +14,6 @@ use crate::CacheError;
 pub const DEFAULT_MODEL: &str = "all-MiniLM-L6-v2";
 /// The ONNX Runtime library the setup step installs; ort 2.0.0-rc.15 needs 1.24 or newer.
 pub const ONNXRUNTIME_LIBRARY: &str = "libonnxruntime.so.1.24.4";
-/// What a model folder must hold.
-pub const MODEL_FILES: [&str; 5] =
-    ["model.onnx", "tokenizer.json", "config.json", "special_tokens_map.json", "tokenizer_config.json"];
 
 const SETUP_HINT: &str = "run `aipipe setup` (`cargo run -- setup`) to install the model and ONNX Runtime, or point \
                           `semantic.model_dir` / `semantic.onnxruntime_path` at your own";
