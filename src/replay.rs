@@ -51,8 +51,15 @@ struct Outcome {
     cache_hit: bool,
 }
 
-pub async fn replay(log_path: &Path, db_path: &Path, config: Config) -> anyhow::Result<ReplayReport> {
+pub async fn replay(log_path: &Path, db_path: &Path, mut config: Config) -> anyhow::Result<ReplayReport> {
     let started = Instant::now();
+    // Rate limits, breakers, Retry-After pauses and retry backoff run on wall time, while a
+    // replay runs on the log's time in a fraction of it: left on, they would judge a day of
+    // traffic as one burst and sleep for real. Each logged call is replayed as one attempt.
+    config.resilience.limits = None;
+    config.resilience.breaker = None;
+    config.resilience.pause_on_retry_after = false;
+    config.resilience.retry.max_attempts = 1;
     let file = std::fs::File::open(log_path)
         .with_context(|| format!("cannot open the log `{}`: check the path", log_path.display()))?;
     let (calls, bad_lines) = read_log(std::io::BufReader::new(file))

@@ -51,6 +51,12 @@ impl SetupError {
 struct RawConfig {
     engine: RawEngine,
     provider: RawProvider,
+    #[serde(default)]
+    providers: BTreeMap<String, RawExtraProvider>,
+    limits: RawLimits,
+    breaker: RawBreaker,
+    retry: RawRetry,
+    fallback: RawFallback,
     cache: RawCache,
     semantic: RawSemantic,
     telemetry: RawTelemetry,
@@ -76,6 +82,63 @@ struct RawProvider {
     api_key_env: String,
     request_timeout_ms: u64,
     connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExtraProvider {
+    base_url: String,
+    api_key_env: String,
+    request_timeout_ms: u64,
+    connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    enabled: bool,
+    workspace_requests_per_minute: u32,
+    workspace_request_burst: u32,
+    workspace_tokens_per_minute: u32,
+    workspace_token_burst: u32,
+    model_requests_per_minute: u32,
+    model_request_burst: u32,
+    model_tokens_per_minute: u32,
+    model_token_burst: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    enabled: bool,
+    failures_to_open: u32,
+    open_for_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_attempts: u32,
+    initial_backoff_ms: u64,
+    max_backoff_ms: u64,
+    budget_ratio: f32,
+    budget_min_per_second: u32,
+    pause_on_retry_after: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFallback {
+    similar_min_similarity: f32,
+    similar_confidence: f64,
+    rule_confidence: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouteTarget {
+    provider: Option<String>,
+    model: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +184,9 @@ pub(crate) struct RawStep {
     max_prompt_chars: Option<usize>,
     semantic_field: Option<String>,
     semantic_threshold: Option<f32>,
+    #[serde(default)]
+    fallbacks: Vec<RawRouteTarget>,
+    fallback_answer: Option<String>,
 }
 
 fn default_max_output_tokens() -> u32 {
@@ -142,6 +208,31 @@ pub struct ProviderSettings {
     pub api_key_env: String,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+}
+
+/// How calls are kept within limits and alive when the upstream is not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResilienceSettings {
+    /// `None`: no rate limits.
+    pub limits: Option<resilience::LimitSettings>,
+    /// `None`: no circuit breakers.
+    pub breaker: Option<resilience::BreakerSettings>,
+    pub retry: resilience::RetrySettings,
+    pub pause_on_retry_after: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FallbackSettings {
+    pub similar_min_similarity: f32,
+    pub similar_confidence: f64,
+    pub rule_confidence: f64,
+}
+
+/// A model to ask, on a provider (`None`: the primary one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteTarget {
+    pub provider: Option<String>,
+    pub model: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -187,6 +278,10 @@ pub struct StepSpec {
     /// matches only. Every other input field must match exactly.
     pub semantic_field: Option<String>,
     pub semantic_threshold: f32,
+    /// Tried in order when the step's model cannot answer.
+    pub fallbacks: Vec<RouteTarget>,
+    /// The rule-based reply when no model can answer; valid against the output schema.
+    pub fallback_answer: Option<Value>,
     pub(crate) contract: OutputContract,
     /// Changes whenever anything that shapes the answer changes (templates, schema, sampling),
     /// so that editing a prompt retires its cached answers.
@@ -197,6 +292,10 @@ pub struct StepSpec {
 pub struct Config {
     pub engine: EngineSettings,
     pub provider: ProviderSettings,
+    /// Endpoints besides the primary one, by name.
+    pub providers: BTreeMap<String, ProviderSettings>,
+    pub resilience: ResilienceSettings,
+    pub fallback: FallbackSettings,
     pub cache: CacheSettings,
     pub semantic: SemanticSettings,
     pub telemetry: TelemetrySettings,
@@ -249,16 +348,30 @@ impl Config {
             default_deadline: positive_millis("engine.default_deadline_ms", raw.engine.default_deadline_ms)?,
             max_prompt_chars: positive("engine.max_prompt_chars", raw.engine.max_prompt_chars)?,
         };
-        let base_url = non_empty("provider.base_url", raw.provider.base_url)?;
-        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-            return Err(SetupError::invalid("provider.base_url", format!("`{base_url}` is not an http(s) URL")));
-        }
         let provider = ProviderSettings {
             name: non_empty("provider.name", raw.provider.name)?,
-            base_url,
+            base_url: http_url("provider.base_url", raw.provider.base_url)?,
             api_key_env: non_empty("provider.api_key_env", raw.provider.api_key_env)?,
             request_timeout: positive_millis("provider.request_timeout_ms", raw.provider.request_timeout_ms)?,
             connect_timeout: positive_millis("provider.connect_timeout_ms", raw.provider.connect_timeout_ms)?,
+        };
+        let mut providers = BTreeMap::new();
+        for (name, extra) in raw.providers {
+            let key = |field: &str| format!("providers.{name}.{field}");
+            let settings = ProviderSettings {
+                name: name.clone(),
+                base_url: http_url(&key("base_url"), extra.base_url)?,
+                api_key_env: non_empty(&key("api_key_env"), extra.api_key_env)?,
+                request_timeout: positive_millis(&key("request_timeout_ms"), extra.request_timeout_ms)?,
+                connect_timeout: positive_millis(&key("connect_timeout_ms"), extra.connect_timeout_ms)?,
+            };
+            providers.insert(name, settings);
+        }
+        let resilience = validate_resilience(&raw.limits, &raw.breaker, &raw.retry)?;
+        let fallback = FallbackSettings {
+            similar_min_similarity: similarity("fallback.similar_min_similarity", raw.fallback.similar_min_similarity)?,
+            similar_confidence: confidence("fallback.similar_confidence", raw.fallback.similar_confidence)?,
+            rule_confidence: confidence("fallback.rule_confidence", raw.fallback.rule_confidence)?,
         };
         let cache = CacheSettings {
             enabled: raw.cache.enabled,
@@ -301,10 +414,22 @@ impl Config {
         let prompts = Prompts::compile(&raw.steps)?;
         let mut steps = BTreeMap::new();
         for (name, step) in raw.steps {
-            let spec = validate_step(&name, step, &engine, &semantic)?;
+            let spec = validate_step(&name, step, &engine, &semantic, &provider.name, &providers)?;
             steps.insert(spec.step.clone(), Arc::new(spec));
         }
-        Ok(Self { engine, provider, cache, semantic, telemetry, prices: PriceTable::new(raw.prices), steps, prompts })
+        Ok(Self {
+            engine,
+            provider,
+            providers,
+            resilience,
+            fallback,
+            cache,
+            semantic,
+            telemetry,
+            prices: PriceTable::new(raw.prices),
+            steps,
+            prompts,
+        })
     }
 }
 
@@ -322,11 +447,91 @@ fn from_figment_error(err: &figment::Error) -> SetupError {
     SetupError::invalid(key, format!("{}{origin}", err.kind))
 }
 
+fn validate_resilience(
+    limits: &RawLimits,
+    breaker: &RawBreaker,
+    retry: &RawRetry,
+) -> Result<ResilienceSettings, SetupError> {
+    let quota = |name: &str, per_minute: u32, burst_name: &str, burst: u32| {
+        Ok::<_, SetupError>(resilience::Quota {
+            per_minute: non_zero(&format!("limits.{name}"), per_minute)?,
+            burst: non_zero(&format!("limits.{burst_name}"), burst)?,
+        })
+    };
+    let limits = if limits.enabled {
+        let settings = resilience::LimitSettings {
+            workspace_requests: quota(
+                "workspace_requests_per_minute",
+                limits.workspace_requests_per_minute,
+                "workspace_request_burst",
+                limits.workspace_request_burst,
+            )?,
+            workspace_tokens: quota(
+                "workspace_tokens_per_minute",
+                limits.workspace_tokens_per_minute,
+                "workspace_token_burst",
+                limits.workspace_token_burst,
+            )?,
+            model_requests: quota(
+                "model_requests_per_minute",
+                limits.model_requests_per_minute,
+                "model_request_burst",
+                limits.model_request_burst,
+            )?,
+            model_tokens: quota(
+                "model_tokens_per_minute",
+                limits.model_tokens_per_minute,
+                "model_token_burst",
+                limits.model_token_burst,
+            )?,
+        };
+        Some(settings)
+    } else {
+        None
+    };
+    let breaker = if breaker.enabled {
+        Some(resilience::BreakerSettings {
+            failures_to_open: positive("breaker.failures_to_open", breaker.failures_to_open)?,
+            open_for: positive_millis("breaker.open_for_ms", breaker.open_for_ms)?,
+        })
+    } else {
+        None
+    };
+    if !(retry.budget_ratio.is_finite() && (0.0..=1000.0).contains(&retry.budget_ratio)) {
+        return Err(SetupError::invalid(
+            "retry.budget_ratio",
+            format!(
+                "{} is not a share of traffic: use a number from 0 (no retries beyond the minimum) up",
+                retry.budget_ratio
+            ),
+        ));
+    }
+    let initial_backoff = positive_millis("retry.initial_backoff_ms", retry.initial_backoff_ms)?;
+    let max_backoff = positive_millis("retry.max_backoff_ms", retry.max_backoff_ms)?;
+    if max_backoff < initial_backoff {
+        return Err(SetupError::invalid("retry.max_backoff_ms", "must not be below retry.initial_backoff_ms"));
+    }
+    Ok(ResilienceSettings {
+        limits,
+        breaker,
+        retry: resilience::RetrySettings {
+            max_attempts: positive("retry.max_attempts", retry.max_attempts)?,
+            initial_backoff,
+            max_backoff,
+            budget_ratio: retry.budget_ratio,
+            budget_min_per_second: retry.budget_min_per_second,
+        },
+        pause_on_retry_after: retry.pause_on_retry_after,
+    })
+}
+
 fn validate_step(
     name: &str,
     raw: RawStep,
     engine: &EngineSettings,
     semantic: &SemanticSettings,
+    primary_provider: &str,
+    providers: &BTreeMap<String, ProviderSettings>,
 ) -> Result<StepSpec, SetupError> {
     let key = |field: &str| format!("steps.{name}.{field}");
     let step = StepType::new(name).map_err(|err| SetupError::invalid(format!("steps.{name}"), err.to_string()))?;
@@ -350,6 +555,29 @@ fn validate_step(
     let model = match raw.model {
         Some(model) => non_empty(&key("model"), model)?,
         None => engine.default_model.clone(),
+    };
+    let mut fallbacks = Vec::new();
+    for (index, target) in raw.fallbacks.into_iter().enumerate() {
+        let key = format!("steps.{name}.fallbacks[{index}]");
+        if let Some(provider) = &target.provider
+            && provider != primary_provider
+            && !providers.contains_key(provider)
+        {
+            return Err(SetupError::invalid(
+                format!("{key}.provider"),
+                format!("no provider `{provider}`: declare it under [providers.{provider}]"),
+            ));
+        }
+        fallbacks
+            .push(RouteTarget { provider: target.provider, model: non_empty(&format!("{key}.model"), target.model)? });
+    }
+    let fallback_answer = match raw.fallback_answer {
+        // An empty answer turns off a default one.
+        Some(answer) if answer.trim().is_empty() => None,
+        Some(answer) => Some(
+            contract.check(&answer).map_err(|violations| SetupError::invalid(key("fallback_answer"), violations))?,
+        ),
+        None => None,
     };
     let fingerprint = {
         let mut hasher = Sha256::new();
@@ -376,6 +604,8 @@ fn validate_step(
         max_prompt_chars,
         semantic_field,
         semantic_threshold,
+        fallbacks,
+        fallback_answer,
         contract,
         fingerprint,
     })
@@ -393,6 +623,25 @@ fn positive<T: PartialOrd + Default + std::fmt::Display>(key: &str, value: T) ->
         return Err(SetupError::invalid(key, format!("{value} must be greater than zero")));
     }
     Ok(value)
+}
+
+fn non_zero(key: &str, value: u32) -> Result<std::num::NonZeroU32, SetupError> {
+    std::num::NonZeroU32::new(value).ok_or_else(|| SetupError::invalid(key, "must be greater than zero"))
+}
+
+fn confidence(key: &str, value: f64) -> Result<f64, SetupError> {
+    if !(0.0..=1.0).contains(&value) {
+        return Err(SetupError::invalid(key, format!("{value} is not a confidence: use a number in [0, 1]")));
+    }
+    Ok(value)
+}
+
+fn http_url(key: &str, url: String) -> Result<String, SetupError> {
+    let url = non_empty(key, url)?;
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(SetupError::invalid(key, format!("`{url}` is not an http(s) URL")));
+    }
+    Ok(url)
 }
 
 fn similarity(key: &str, value: f32) -> Result<f32, SetupError> {

@@ -1,4 +1,4 @@
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -6,16 +6,17 @@ use providers::{
     ChatMessage, ChatRequest, ChatResponse, OpenAiCompatible, OpenAiSettings, ProviderError, ProviderService, Role,
     Usage,
 };
-use resilience::Deadline;
+use resilience::{BreakerState, BreakerStatus, Breakers, Deadline, Outcome, Pauses, RateLimits, Refusal, RetryPolicy};
 use semantic_cache::{CacheKey, Embedder, ExactCache, Lookup, Query, SemanticCache};
 use serde_json::Value;
 use telemetry::{CallRecord, CallStatus, Recorder, RecorderSettings, TelemetryError, TelemetryStore};
+use tokio::sync::watch;
 use tower::ServiceExt;
 use tracing::Instrument;
 
 use crate::{
-    CachePolicy, CallContext, CallOptions, Clock, Config, PipelineError, PipelineResult, SetupError, Source, StepSpec,
-    StepType, SystemClock, TraceId,
+    CachePolicy, CallContext, CallOptions, Clock, Config, PipelineError, PipelineResult, RouteTarget, SetupError,
+    Source, StepSpec, StepType, SystemClock, TraceId,
 };
 
 /// Longest error text kept in a telemetry row.
@@ -34,14 +35,25 @@ pub struct Engine {
 #[derive(Debug)]
 struct Inner {
     config: Config,
-    provider: ProviderService,
-    provider_name: String,
+    /// Every provider by name; `primary` answers unless a step's fallbacks name another.
+    providers: HashMap<String, ProviderService>,
+    primary: String,
     cache: Option<ExactCache<CachedAnswer>>,
     semantic: Option<Arc<SemanticCache<CachedAnswer>>>,
+    limits: Option<RateLimits>,
+    breakers: Option<Breakers>,
+    pauses: Option<Pauses>,
+    retry: RetryPolicy,
+    /// Calls on their way upstream, by cache key, for identical calls to wait on.
+    in_flight: Mutex<HashMap<CacheKey, watch::Receiver<Option<Flight>>>>,
     recorder: Recorder,
     clock: Arc<dyn Clock>,
     unpriced_models: Mutex<HashSet<String>>,
 }
+
+/// What a call in flight hands the identical calls that waited for it: its outcome and what
+/// it paid.
+type Flight = Result<(Served, f64), PipelineError>;
 
 /// What the cache keeps of an answer: enough to serve it again and to know what it saved.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -65,10 +77,14 @@ struct Spent {
     upstream_wall: Duration,
     /// Upstream time as the provider reports it (the logged latency, for a replay).
     upstream_reported: Duration,
+    /// Waiting on rate limits and Retry-After pauses.
+    rate_limit_wait: Duration,
+    /// The breaker of the last provider/model asked, after the last attempt.
+    breaker_state: Option<BreakerState>,
 }
 
 /// How a successful call was served, before latency and spending are attached.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Served {
     output: Value,
     source: Source,
@@ -76,6 +92,52 @@ struct Served {
     model: String,
     provider: String,
     saved_cost_usd: f64,
+    /// Why the step's model did not answer, when a fallback did.
+    degraded_by: Option<&'static str>,
+}
+
+impl Served {
+    fn upstream(output: Value, source: Source, model: String, provider: String) -> Self {
+        Self { output, source, confidence: 1.0, model, provider, saved_cost_usd: 0.0, degraded_by: None }
+    }
+
+    /// The same answer, for an identical call that waited for this one: it paid nothing and
+    /// saved what this one paid.
+    fn for_follower(mut self, leader_cost_usd: f64) -> Self {
+        if matches!(self.source, Source::Upstream | Source::FallbackModel) {
+            self.source = Source::Coalesced;
+            self.saved_cost_usd = leader_cost_usd;
+        }
+        self
+    }
+}
+
+/// Whether this call asks the upstream itself or waits for an identical one that does.
+enum Turn {
+    Lead(Leader),
+    Follow(watch::Receiver<Option<Flight>>),
+    Alone,
+}
+
+/// The call that asks the upstream for a key; on drop (done or cancelled) it stops being
+/// the one others wait for.
+struct Leader {
+    engine: Arc<Inner>,
+    key: CacheKey,
+    sender: watch::Sender<Option<Flight>>,
+}
+
+impl Leader {
+    fn publish(self, outcome: &Result<Served, PipelineError>, cost_usd: f64) {
+        let flight = outcome.as_ref().map(|served| (served.clone(), cost_usd)).map_err(Clone::clone);
+        self.sender.send_replace(Some(flight));
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        self.engine.in_flight.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+    }
 }
 
 /// A call's request as the semantic cache sees it.
@@ -93,9 +155,52 @@ struct Call<'a> {
     trace_id: &'a TraceId,
 }
 
+/// A call's rendered prompt and its exact-cache key.
+struct Prompt {
+    messages: Vec<ChatMessage>,
+    chars: usize,
+    key: CacheKey,
+}
+
+/// What every upstream attempt of one call shares.
+struct Ask<'a> {
+    spec: &'a StepSpec,
+    call: &'a Call<'a>,
+    deadline: &'a Deadline,
+    /// Prompt plus the step's output budget, reserved from the token limits before sending.
+    estimated_tokens: u64,
+}
+
+/// A model on a named provider: the unit of rate limits, breakers and Retry-After pauses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    provider: String,
+    model: String,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.provider, self.model)
+    }
+}
+
+/// Waits, within the deadline, for the identical call in flight. `None` if it was cancelled
+/// before it had an outcome.
+async fn follow(
+    mut receiver: watch::Receiver<Option<Flight>>,
+    deadline: &Deadline,
+) -> Option<Result<Served, PipelineError>> {
+    let _span = tracing::info_span!("coalesce.wait").entered();
+    match deadline.run(receiver.wait_for(Option::is_some)).await {
+        Err(exceeded) => Some(Err(PipelineError::DeadlineExceeded { budget: exceeded.budget, attempts: 0 })),
+        Ok(Err(_leader_gone)) => None,
+        Ok(Ok(flight)) => flight.clone().map(|outcome| outcome.map(|(served, cost)| served.for_follower(cost))),
+    }
+}
+
 impl Engine {
     pub fn builder(config: Config) -> EngineBuilder {
-        EngineBuilder { config, provider: None, recorder: None, embedder: None, clock: Arc::new(SystemClock) }
+        EngineBuilder { config, providers: Vec::new(), recorder: None, embedder: None, clock: Arc::new(SystemClock) }
     }
 
     pub fn config(&self) -> &Config {
@@ -149,10 +254,17 @@ impl Engine {
                 latency,
                 trace_id: trace_id.clone(),
                 attempts: spent.attempts,
+                rate_limit_wait: spent.rate_limit_wait,
+                degraded_by: served.degraded_by,
             })
         }
         .instrument(span)
         .await
+    }
+
+    /// The state of every circuit breaker used so far (empty when breakers are off).
+    pub fn breakers(&self) -> Vec<BreakerStatus> {
+        self.inner.breakers.as_ref().map(Breakers::statuses).unwrap_or_default()
     }
 
     /// Waits until every telemetry record of the calls made so far is written.
@@ -187,6 +299,7 @@ impl Engine {
                     .into(),
             });
         }
+        let deadline = Deadline::after(call.options.deadline.unwrap_or(config.engine.default_deadline));
         let model = call.options.model.clone().unwrap_or_else(|| spec.model.clone());
         spent.model = Some(model.clone());
 
@@ -201,41 +314,144 @@ impl Engine {
             });
         }
 
-        // 2. The caches: the exact one, then the semantic one.
+        // 2. The exact cache.
         let key = cache_key(spec, &model, call.context, &messages);
         if let Some(hit) = self.cache_lookup(&key, call.options.cache, at) {
             return Ok(hit);
         }
-        let similar = self.semantic_request(spec, &model, call).await;
+
+        // 3. An identical call already on its way upstream answers this one too.
+        let leader = match self.take_turn(key, call.options.cache) {
+            Turn::Follow(receiver) => match follow(receiver, &deadline).await {
+                Some(outcome) => return outcome,
+                // The leader was cancelled: this call goes on its own.
+                None => None,
+            },
+            Turn::Lead(leader) => Some(leader),
+            Turn::Alone => None,
+        };
+        let prompt = Prompt { messages, chars: prompt_chars, key };
+        let outcome = self.answer(spec, &model, call, prompt, &deadline, at, spent).await;
+        if let Some(leader) = leader {
+            leader.publish(&outcome, spent.cost_usd);
+        }
+        outcome
+    }
+
+    fn take_turn(&self, key: CacheKey, policy: CachePolicy) -> Turn {
+        // A call that refuses cached answers wants its own.
+        if policy.readable_age().is_none() {
+            return Turn::Alone;
+        }
+        let mut in_flight = self.inner.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(receiver) = in_flight.get(&key) {
+            return Turn::Follow(receiver.clone());
+        }
+        let (sender, receiver) = watch::channel(None);
+        in_flight.insert(key, receiver);
+        Turn::Lead(Leader { engine: self.inner.clone(), key, sender })
+    }
+
+    /// After the exact cache: the semantic cache, the cost guard, the route of models, the
+    /// output contract, and when no model can answer, the fallbacks.
+    #[allow(clippy::too_many_arguments)]
+    async fn answer(
+        &self,
+        spec: &StepSpec,
+        model: &str,
+        call: &Call<'_>,
+        prompt: Prompt,
+        deadline: &Deadline,
+        at: SystemTime,
+        spent: &mut Spent,
+    ) -> Result<Served, PipelineError> {
+        let similar = self.semantic_request(spec, model, call).await;
         if let Some(hit) = similar.as_ref().and_then(|similar| self.semantic_lookup(similar, call.options.cache, at)) {
             return Ok(hit);
         }
-
-        // 3. The cost guard.
         if let Some(max_usd) = call.options.max_cost_usd {
-            self.check_cost(spec, &model, prompt_chars, max_usd)?;
+            self.check_cost(spec, model, prompt.chars, max_usd)?;
         }
-
-        // 4. The provider, under the call's deadline, and 5. the output contract.
-        let deadline = Deadline::after(call.options.deadline.unwrap_or(config.engine.default_deadline));
-        let output = match deadline.run(self.ask_and_validate(spec, &model, messages, call.trace_id, spent)).await {
-            Ok(output) => output?,
-            Err(exceeded) => {
-                return Err(PipelineError::DeadlineExceeded { budget: exceeded.budget, attempts: spent.attempts });
+        let route = self.route(spec, model);
+        let estimated_tokens = prompt.chars.div_ceil(CHARS_PER_TOKEN) as u64 + u64::from(spec.max_output_tokens);
+        let ask = Ask { spec, call, deadline, estimated_tokens };
+        match self.ask_and_validate(&ask, &route, prompt.messages, spent).await {
+            Ok((output, answered_by)) => {
+                let target = &route[answered_by];
+                let source = if answered_by == 0 { Source::Upstream } else { Source::FallbackModel };
+                let served = Served::upstream(
+                    output,
+                    source,
+                    spent.model.clone().unwrap_or_else(|| target.model.clone()),
+                    spent.provider.clone().unwrap_or_else(|| target.provider.clone()),
+                );
+                // A fallback model's answer is not what this model would say: not cached under
+                // its key, so that the next call asks the step's own model again.
+                if source == Source::Upstream {
+                    self.cache_store(prompt.key, similar, call.options.cache, &served, spent.cost_usd, at);
+                }
+                Ok(served)
             }
-        };
+            Err(err) if err.upstream_unavailable() && call.options.allow_stand_in => {
+                match self.stand_in(spec, similar.as_ref(), &err, at) {
+                    Some(served) => {
+                        tracing::warn!(error = %err, source = served.source.label(), "the upstream could not answer; a fallback did");
+                        Ok(served)
+                    }
+                    None => Err(err),
+                }
+            }
+            Err(err) => Err(err),
+        }
+    }
 
-        // 6. Store the answer for the next identical call.
-        let served = Served {
+    /// The step's model on the primary provider, then the step's fallback models.
+    fn route(&self, spec: &StepSpec, model: &str) -> Vec<Target> {
+        let primary = &self.inner.primary;
+        std::iter::once(Target { provider: primary.clone(), model: model.to_owned() })
+            .chain(spec.fallbacks.iter().map(|RouteTarget { provider, model }| Target {
+                provider: provider.clone().unwrap_or_else(|| primary.clone()),
+                model: model.clone(),
+            }))
+            .collect()
+    }
+
+    /// A stand-in answer when no model could give one: a cached answer to a similar request,
+    /// then the step's rule-based answer. Never cached, never labelled as an upstream answer.
+    fn stand_in(
+        &self,
+        spec: &StepSpec,
+        similar: Option<&SemanticRequest>,
+        cause: &PipelineError,
+        at: SystemTime,
+    ) -> Option<Served> {
+        let settings = &self.inner.config.fallback;
+        let degraded_by = Some(cause.metric_label());
+        if let (Some(cache), Some(similar)) = (&self.inner.semantic, similar)
+            && let Some(hit) =
+                cache.find_similar(&similar.namespace, &similar.query, settings.similar_min_similarity, at)
+        {
+            tracing::info!(similarity = hit.similarity, matched = %hit.matched_text, "similar answer stands in");
+            return Some(Served {
+                output: hit.value.output,
+                source: Source::FallbackSimilar,
+                confidence: settings.similar_confidence,
+                model: hit.value.model,
+                provider: hit.value.provider,
+                saved_cost_usd: hit.value.cost_usd,
+                degraded_by,
+            });
+        }
+        let output = spec.fallback_answer.clone()?;
+        Some(Served {
             output,
-            source: Source::Upstream,
-            confidence: 1.0,
-            model: spent.model.clone().unwrap_or(model),
-            provider: spent.provider.clone().unwrap_or_else(|| self.inner.provider_name.clone()),
+            source: Source::FallbackRule,
+            confidence: settings.rule_confidence,
+            model: "rule".into(),
+            provider: "aipipe".into(),
             saved_cost_usd: 0.0,
-        };
-        self.cache_store(key, similar, call.options.cache, &served, spent.cost_usd, at);
-        Ok(served)
+            degraded_by,
+        })
     }
 
     /// The semantic side of a call: the step's free-text field, embedded, in a namespace made
@@ -290,6 +506,7 @@ impl Engine {
                     model: hit.value.model,
                     provider: hit.value.provider,
                     saved_cost_usd: hit.value.cost_usd,
+                    degraded_by: None,
                 })
             }
             Lookup::Miss { best } => {
@@ -317,6 +534,7 @@ impl Engine {
             model: answer.model.clone(),
             provider: answer.provider.clone(),
             saved_cost_usd: answer.cost_usd,
+            degraded_by: None,
         })
     }
 
@@ -371,19 +589,19 @@ impl Engine {
         Ok(())
     }
 
-    /// One upstream request, and if its reply breaks the output contract, one repair request
-    /// that shows the model its reply and what is wrong with it.
+    /// One answer from the route, and if it breaks the output contract, one repair request
+    /// to the same model that shows it its reply and what is wrong with it. Returns the output
+    /// and the index in the route of the model that gave it.
     async fn ask_and_validate(
         &self,
-        spec: &StepSpec,
-        model: &str,
+        ask: &Ask<'_>,
+        route: &[Target],
         messages: Vec<ChatMessage>,
-        trace_id: &TraceId,
         spent: &mut Spent,
-    ) -> Result<Value, PipelineError> {
-        let reply = self.ask(spec, model, messages.clone(), trace_id, spent).await?;
-        let violations = match validate(spec, &reply.content) {
-            Ok(output) => return Ok(output),
+    ) -> Result<(Value, usize), PipelineError> {
+        let (reply, answered_by) = self.ask_route(ask, route, &messages, spent).await?;
+        let violations = match validate(ask.spec, &reply.content) {
+            Ok(output) => return Ok((output, answered_by)),
             Err(violations) => violations,
         };
         tracing::warn!(%violations, "reply broke the output contract; asking once for a repair");
@@ -393,36 +611,173 @@ impl Engine {
             "That reply does not satisfy the required JSON schema: {violations}. \
              Reply again with only a JSON object that satisfies the schema."
         )));
-        let repaired = self.ask(spec, model, repair, trace_id, spent).await?;
-        validate(spec, &repaired.content).map_err(|violations| PipelineError::ContractViolation {
-            step: spec.step.clone(),
+        let repaired = self.ask_with_retries(ask, &route[answered_by], &repair, spent).await?;
+        let output = validate(ask.spec, &repaired.content).map_err(|violations| PipelineError::ContractViolation {
+            step: ask.spec.step.clone(),
             attempts: spent.attempts,
             violations,
-        })
+        })?;
+        Ok((output, answered_by))
     }
 
-    async fn ask(
+    /// The route's models in order, each with its retries, until one answers. A model that
+    /// fails because the request is wrong ends the route: another model would not fix it.
+    async fn ask_route(
         &self,
-        spec: &StepSpec,
-        model: &str,
-        messages: Vec<ChatMessage>,
-        trace_id: &TraceId,
+        ask: &Ask<'_>,
+        route: &[Target],
+        messages: &[ChatMessage],
+        spent: &mut Spent,
+    ) -> Result<(ChatResponse, usize), PipelineError> {
+        let mut failure = None;
+        for (index, target) in route.iter().enumerate() {
+            if let Some(previous) = &failure {
+                if ask.deadline.is_past() {
+                    break;
+                }
+                tracing::warn!(error = %previous, next = %target, "trying the step's next model");
+            }
+            match self.ask_with_retries(ask, target, messages, spent).await {
+                Ok(reply) => return Ok((reply, index)),
+                Err(err) if err.upstream_unavailable() => failure = Some(err),
+                Err(err) => return Err(err),
+            }
+        }
+        Err(failure
+            .unwrap_or(PipelineError::DeadlineExceeded { budget: ask.deadline.budget(), attempts: spent.attempts }))
+    }
+
+    /// One model, retried on retryable upstream failures as the retry policy allows. Guards
+    /// that refuse (rate limit, breaker, pause) are not retried: they already waited as long
+    /// as the deadline allowed, and the route or a fallback is the better use of what is left.
+    async fn ask_with_retries(
+        &self,
+        ask: &Ask<'_>,
+        target: &Target,
+        messages: &[ChatMessage],
         spent: &mut Spent,
     ) -> Result<ChatResponse, PipelineError> {
+        let mut retries = self.inner.retry.start();
+        loop {
+            let err = match self.attempt(ask, target, messages, spent).await {
+                Ok(reply) => return Ok(reply),
+                Err(err) => err,
+            };
+            let PipelineError::Upstream { source, .. } = &err else { return Err(err) };
+            if !source.is_retryable() {
+                return Err(err);
+            }
+            match retries.next_delay(source.retry_after(), ask.deadline) {
+                Ok(delay) => {
+                    tracing::info!(error = %source, delay_ms = delay.as_millis() as u64, "retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(give_up) => {
+                    tracing::debug!(?give_up, "not retrying");
+                    return Err(err);
+                }
+            }
+        }
+    }
+
+    /// One upstream request, through the guards: the Retry-After pause, the rate limits, the
+    /// circuit breaker, and a timeout that ends no later than the call's deadline. Its outcome
+    /// goes back to each guard.
+    async fn attempt(
+        &self,
+        ask: &Ask<'_>,
+        target: &Target,
+        messages: &[ChatMessage],
+        spent: &mut Spent,
+    ) -> Result<ChatResponse, PipelineError> {
+        let inner = &self.inner;
+        let key = target.to_string();
+        let refused = |source: Refusal, spent: &Spent| PipelineError::Refused {
+            step: ask.spec.step.clone(),
+            attempts: spent.attempts,
+            source,
+        };
+        let pause = match &inner.pauses {
+            Some(pauses) => {
+                let _span = tracing::info_span!("limit.pause").entered();
+                let (permit, waited) = pauses.admit(&key, ask.deadline).await.map_err(|err| refused(err, spent))?;
+                spent.rate_limit_wait += waited;
+                Some(permit)
+            }
+            None => None,
+        };
+        let reservation = match &inner.limits {
+            Some(limits) => {
+                let acquired = limits
+                    .acquire(&ask.call.context.workspace, &key, ask.estimated_tokens, ask.deadline)
+                    .instrument(tracing::info_span!("limit.acquire"))
+                    .await;
+                let (waited, reservation) = acquired.map_err(|err| refused(err, spent))?;
+                spent.rate_limit_wait += waited;
+                Some(reservation)
+            }
+            None => None,
+        };
+        let breaker = match &inner.breakers {
+            Some(breakers) => match breakers.admit(&key) {
+                Ok(permit) => Some(permit),
+                Err(err) => {
+                    spent.breaker_state = Some(breakers.state(&key));
+                    return Err(refused(err, spent));
+                }
+            },
+            None => None,
+        };
+        let provider = inner.providers.get(&target.provider).cloned().ok_or_else(|| PipelineError::Upstream {
+            step: ask.spec.step.clone(),
+            attempts: spent.attempts,
+            source: ProviderError::InvalidRequest { message: format!("no provider named `{}`", target.provider) },
+        })?;
         let request = ChatRequest {
-            model: model.to_owned(),
-            messages,
-            temperature: Some(spec.temperature),
-            max_output_tokens: Some(spec.max_output_tokens),
+            model: target.model.clone(),
+            messages: messages.to_vec(),
+            temperature: Some(ask.spec.temperature),
+            max_output_tokens: Some(ask.spec.max_output_tokens),
             json_mode: true,
-            trace_id: trace_id.to_string(),
+            trace_id: ask.call.trace_id.to_string(),
         };
         spent.attempts += 1;
-        let span = tracing::info_span!("upstream.attempt", attempt = spent.attempts, model);
+        spent.model = Some(target.model.clone());
+        spent.provider = Some(target.provider.clone());
+        let span = tracing::info_span!("upstream.attempt", attempt = spent.attempts, %key);
+        let request_timeout = inner
+            .config
+            .providers
+            .get(&target.provider)
+            .map_or(inner.config.provider.request_timeout, |settings| settings.request_timeout);
+        let cut_by_deadline = ask.deadline.remaining() < request_timeout;
+        let timeout = request_timeout.min(ask.deadline.remaining());
         let started = Instant::now();
-        let result = self.inner.provider.clone().oneshot(request).instrument(span).await;
+        let result = match tokio::time::timeout(timeout, provider.oneshot(request)).instrument(span).await {
+            Ok(result) => result,
+            Err(_) => Err(ProviderError::Timeout { after: timeout }),
+        };
         let wall = started.elapsed();
         spent.upstream_wall += wall;
+        let outcome = match &result {
+            Ok(_) => Outcome::Success,
+            Err(err) if err.class().is_upstream_fault() => Outcome::Fault { retry_after: err.retry_after() },
+            Err(_) => Outcome::NotCounted,
+        };
+        if let Some(permit) = breaker {
+            spent.breaker_state = Some(permit.record(outcome));
+        }
+        if let Some(permit) = pause {
+            permit.record(outcome);
+        }
+        if let Some(reservation) = reservation {
+            reservation.settle(match &result {
+                Ok(reply) => Some(u64::from(reply.usage.input_tokens) + u64::from(reply.usage.output_tokens)),
+                // A request cut off may still have been billed.
+                Err(ProviderError::Timeout { .. }) => None,
+                Err(_) => Some(0),
+            });
+        }
         match result {
             Ok(reply) => {
                 spent.upstream_reported += reply.latency;
@@ -433,9 +788,13 @@ impl Engine {
                 spent.provider = Some(reply.provider.clone());
                 Ok(reply)
             }
+            Err(ProviderError::Timeout { .. }) if cut_by_deadline => {
+                spent.upstream_reported += wall;
+                Err(PipelineError::DeadlineExceeded { budget: ask.deadline.budget(), attempts: spent.attempts })
+            }
             Err(source) => {
                 spent.upstream_reported += wall;
-                Err(upstream_error(spec, spent.attempts, source))
+                Err(upstream_error(ask.spec, spent.attempts, source))
             }
         }
     }
@@ -476,7 +835,7 @@ impl Engine {
             ),
             Err(_) => (
                 spent.model.clone().unwrap_or_default(),
-                spent.provider.clone().unwrap_or_else(|| self.inner.provider_name.clone()),
+                spent.provider.clone().unwrap_or_else(|| self.inner.primary.clone()),
                 "none",
                 0.0,
                 0.0,
@@ -484,7 +843,7 @@ impl Engine {
         };
         span.record("source", source);
         let (status, error_class, error_message) = match outcome {
-            Ok(_) => (CallStatus::Ok, None, None),
+            Ok(served) => (CallStatus::Ok, served.degraded_by.map(str::to_owned), None),
             Err(err) => {
                 tracing::info!(error = %err, class = err.metric_label(), "call failed");
                 let message: String = err.to_string().chars().take(MAX_ERROR_MESSAGE_CHARS).collect();
@@ -513,6 +872,8 @@ impl Engine {
             error_class,
             error_message,
             attempts: i64::from(spent.attempts),
+            rate_limit_wait_ms: spent.rate_limit_wait.as_secs_f64() * 1000.0,
+            breaker_state: spent.breaker_state.map(|state| state.label().to_owned()),
         });
     }
 }
@@ -557,7 +918,8 @@ fn normalise_prompt(text: &str) -> String {
 #[derive(Debug)]
 pub struct EngineBuilder {
     config: Config,
-    provider: Option<(String, ProviderService)>,
+    /// In the order given; the first is the primary.
+    providers: Vec<(String, ProviderService)>,
     recorder: Option<Recorder>,
     embedder: Option<Arc<Embedder>>,
     clock: Arc<dyn Clock>,
@@ -571,13 +933,14 @@ impl EngineBuilder {
     }
 
     /// Any [`tower::Service`] from chat requests to chat responses; `name` labels it in
-    /// results and telemetry.
+    /// results and telemetry, and is what steps' `fallbacks` call it. The first provider given
+    /// is the primary one; without any, the engine talks to the configured endpoints.
     pub fn provider<S>(mut self, name: impl Into<String>, provider: S) -> Self
     where
         S: tower::Service<ChatRequest, Response = ChatResponse, Error = ProviderError> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
     {
-        self.provider = Some((name.into(), ProviderService::new(provider)));
+        self.providers.push((name.into(), ProviderService::new(provider)));
         self
     }
 
@@ -593,27 +956,34 @@ impl EngineBuilder {
 
     pub async fn build(self) -> Result<Engine, SetupError> {
         let config = self.config;
-        let (provider_name, provider) = match self.provider {
-            Some(provider) => provider,
+        let mut providers: HashMap<String, ProviderService> = HashMap::new();
+        let primary = match self.providers.first() {
+            Some((name, _)) => name.clone(),
             None => {
-                let settings = &config.provider;
-                let api_key = std::env::var(&settings.api_key_env).unwrap_or_default();
-                if api_key.is_empty() {
-                    tracing::warn!(
-                        "{} is not set: the upstream will likely refuse calls; set it to the provider's API key",
-                        settings.api_key_env
-                    );
-                }
-                let provider = OpenAiCompatible::new(OpenAiSettings {
-                    name: settings.name.clone(),
-                    base_url: settings.base_url.clone(),
-                    api_key,
-                    request_timeout: settings.request_timeout,
-                    connect_timeout: settings.connect_timeout,
-                })?;
-                (settings.name.clone(), ProviderService::new(provider))
+                providers.insert(config.provider.name.clone(), openai_compatible(&config.provider)?);
+                config.provider.name.clone()
             }
         };
+        for (name, provider) in self.providers {
+            providers.entry(name).or_insert(provider);
+        }
+        for (name, settings) in &config.providers {
+            if !providers.contains_key(name) {
+                providers.insert(name.clone(), openai_compatible(settings)?);
+            }
+        }
+        for spec in config.steps() {
+            for target in &spec.fallbacks {
+                if let Some(name) = &target.provider
+                    && !providers.contains_key(name)
+                {
+                    return Err(SetupError::invalid(
+                        format!("steps.{}.fallbacks", spec.step),
+                        format!("no provider `{name}`: declare it under [providers.{name}]"),
+                    ));
+                }
+            }
+        }
         let recorder = match self.recorder {
             Some(recorder) => recorder,
             None => {
@@ -649,19 +1019,50 @@ impl EngineBuilder {
         } else {
             None
         };
+        let resilience = &config.resilience;
+        let limits = resilience.limits.map(RateLimits::new);
+        let breakers = resilience.breaker.map(Breakers::new);
+        let pauses = resilience.pause_on_retry_after.then(Pauses::new);
+        let retry = RetryPolicy::new(resilience.retry);
         Ok(Engine {
             inner: Arc::new(Inner {
                 config,
-                provider,
-                provider_name,
+                providers,
+                primary,
                 cache,
                 semantic,
+                limits,
+                breakers,
+                pauses,
+                retry,
+                in_flight: Mutex::default(),
                 recorder,
                 clock: self.clock,
                 unpriced_models: Mutex::default(),
             }),
         })
     }
+}
+
+/// An OpenAI-compatible endpoint from config; its API key from the environment variable the
+/// config names.
+fn openai_compatible(settings: &crate::ProviderSettings) -> Result<ProviderService, SetupError> {
+    let api_key = std::env::var(&settings.api_key_env).unwrap_or_default();
+    if api_key.is_empty() {
+        tracing::warn!(
+            "{} is not set: the `{}` upstream will likely refuse calls; set it to the provider's API key",
+            settings.api_key_env,
+            settings.name
+        );
+    }
+    let provider = OpenAiCompatible::new(OpenAiSettings {
+        name: settings.name.clone(),
+        base_url: settings.base_url.clone(),
+        api_key,
+        request_timeout: settings.request_timeout,
+        connect_timeout: settings.connect_timeout,
+    })?;
+    Ok(ProviderService::new(provider))
 }
 
 #[cfg(test)]

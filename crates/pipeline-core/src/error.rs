@@ -1,6 +1,7 @@
 use std::time::Duration;
 
-use providers::ProviderError;
+use providers::{ErrorClass, ProviderError};
+use resilience::Refusal;
 
 use crate::StepType;
 
@@ -27,6 +28,13 @@ pub enum PipelineError {
         #[source]
         source: ProviderError,
     },
+    #[error("call for `{step}` not sent after {attempts} attempt(s): {source}")]
+    Refused {
+        step: StepType,
+        attempts: u32,
+        #[source]
+        source: Refusal,
+    },
     #[error("the `{step}` reply broke its output contract, also after a repair attempt: {violations}")]
     ContractViolation { step: StepType, attempts: u32, violations: String },
     #[error("the call's deadline of {budget:?} passed after {attempts} attempt(s)")]
@@ -38,6 +46,7 @@ impl PipelineError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Upstream { source, .. } => source.is_retryable(),
+            Self::Refused { source, .. } => source.is_retryable(),
             Self::ContractViolation { .. } | Self::DeadlineExceeded { .. } => true,
             _ => false,
         }
@@ -52,6 +61,7 @@ impl PipelineError {
             Self::PromptTooLarge { .. } => "prompt_too_large",
             Self::CostLimitExceeded { .. } => "cost_limit",
             Self::Upstream { source, .. } => source.metric_label(),
+            Self::Refused { source, .. } => source.metric_label(),
             Self::ContractViolation { .. } => "contract_violation",
             Self::DeadlineExceeded { .. } => "deadline_exceeded",
         }
@@ -61,9 +71,31 @@ impl PipelineError {
     pub fn attempts(&self) -> u32 {
         match self {
             Self::Upstream { attempts, .. }
+            | Self::Refused { attempts, .. }
             | Self::ContractViolation { attempts, .. }
             | Self::DeadlineExceeded { attempts, .. } => *attempts,
             _ => 0,
+        }
+    }
+}
+
+impl PipelineError {
+    /// Whether the failure says the upstream cannot answer now (rate limited, breaker open,
+    /// timing out, failing) rather than that the request is wrong: only then do fallbacks
+    /// stand in for it.
+    pub fn upstream_unavailable(&self) -> bool {
+        match self {
+            Self::Refused { .. } | Self::DeadlineExceeded { .. } => true,
+            Self::Upstream { source, .. } => matches!(
+                source.class(),
+                ErrorClass::RateLimited
+                    | ErrorClass::QuotaExhausted
+                    | ErrorClass::ServerError
+                    | ErrorClass::Timeout
+                    | ErrorClass::Connection
+                    | ErrorClass::MalformedReply
+            ),
+            _ => false,
         }
     }
 }

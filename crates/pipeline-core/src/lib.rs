@@ -20,7 +20,10 @@ mod result;
 mod step;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{CacheSettings, Config, EngineSettings, ProviderSettings, SetupError, StepSpec, TelemetrySettings};
+pub use config::{
+    CacheSettings, Config, EngineSettings, FallbackSettings, ProviderSettings, ResilienceSettings, RouteTarget,
+    SetupError, StepSpec, TelemetrySettings,
+};
 pub use engine::{Engine, EngineBuilder};
 pub use error::PipelineError;
 pub use request::{CachePolicy, CallContext, CallOptions, TraceId};
@@ -29,5 +32,6 @@ pub use step::{InvalidStepName, StepType};
 
 /// Re-exported so that callers can build providers and recorders without naming the crates.
 pub use providers;
+pub use resilience;
 pub use semantic_cache;
 pub use telemetry;

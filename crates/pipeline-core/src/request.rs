@@ -99,7 +99,7 @@ impl CachePolicy {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CallOptions {
     pub cache: CachePolicy,
     /// The whole call's time budget; the engine's default when absent.
@@ -108,4 +108,14 @@ pub struct CallOptions {
     pub model: Option<String>,
     /// Refuse the call if its estimated cost (prompt + the step's output budget) is higher.
     pub max_cost_usd: Option<f64>,
+    /// Whether a stand-in (a similar cached answer, the step's rule-based answer) may answer
+    /// when no model can; `false`: the caller gets the error instead. The step's fallback
+    /// models are always allowed: theirs are real answers.
+    pub allow_stand_in: bool,
+}
+
+impl Default for CallOptions {
+    fn default() -> Self {
+        Self { cache: CachePolicy::default(), deadline: None, model: None, max_cost_usd: None, allow_stand_in: true }
+    }
 }

@@ -15,6 +15,16 @@ pub enum Source {
     ExactCache,
     /// The answer to an earlier request that means the same; `confidence` is the similarity.
     SemanticCache,
+    /// The upstream answer of an identical call that was in flight at the same time.
+    Coalesced,
+    /// An upstream answer from one of the step's fallback models, the step's own model having
+    /// failed.
+    FallbackModel,
+    /// No model could answer: a cached answer to a similar request, below the semantic
+    /// cache's bar, at the configured lower confidence.
+    FallbackSimilar,
+    /// No model could answer: the step's rule-based reply, at a low confidence.
+    FallbackRule,
 }
 
 impl Source {
@@ -23,7 +33,16 @@ impl Source {
             Self::Upstream => "upstream",
             Self::ExactCache => "exact_cache",
             Self::SemanticCache => "semantic_cache",
+            Self::Coalesced => "coalesced",
+            Self::FallbackModel => "fallback_model",
+            Self::FallbackSimilar => "fallback_similar",
+            Self::FallbackRule => "fallback_rule",
         }
+    }
+
+    /// Whether the answer stands in for the one the step's model would have given.
+    pub fn is_fallback(self) -> bool {
+        matches!(self, Self::FallbackModel | Self::FallbackSimilar | Self::FallbackRule)
     }
 
     pub fn is_cache(self) -> bool {
@@ -37,7 +56,8 @@ pub struct PipelineResult {
     /// The reply, parsed and valid against the step's output contract.
     pub output: Value,
     pub source: Source,
-    /// 1.0 for an upstream answer or an exact cache hit; the similarity for a semantic hit.
+    /// 1.0 for an upstream answer or an exact cache hit; the similarity for a semantic hit;
+    /// the configured confidence for a similar-answer or rule-based fallback.
     pub confidence: f64,
     pub model: String,
     pub provider: String,
@@ -50,8 +70,13 @@ pub struct PipelineResult {
     #[serde(serialize_with = "as_millis")]
     pub latency: Duration,
     pub trace_id: TraceId,
-    /// Upstream requests made (0 for a cache hit, 2 when a repair was needed).
+    /// Upstream requests made (0 for a cache hit; retries, fallback models and a repair count).
     pub attempts: u32,
+    /// Time spent waiting on rate limits and Retry-After pauses.
+    #[serde(serialize_with = "as_millis")]
+    pub rate_limit_wait: Duration,
+    /// Why the step's model did not answer, when a fallback did (an error's metric label).
+    pub degraded_by: Option<&'static str>,
 }
 
 fn as_millis<S: serde::Serializer>(latency: &Duration, serializer: S) -> Result<S::Ok, S::Error> {

@@ -177,9 +177,11 @@ async fn a_repaired_reply_is_served() {
 
 #[tokio::test]
 async fn upstream_failures_are_typed_and_recorded() {
-    let h = Harness::start("").await;
+    // One attempt, no pause, no stand-in answer: the failures as the classifier sees them.
+    let h = Harness::start("[retry]\nmax_attempts = 1\npause_on_retry_after = false").await;
+    let options = || CallOptions { allow_stand_in: false, ..CallOptions::default() };
     h.upstream.push(Reply::rate_limited(2));
-    let err = h.classify("ws-a", "one", CallOptions::default()).await.unwrap_err();
+    let err = h.classify("ws-a", "one", options()).await.unwrap_err();
     let PipelineError::Upstream { source, attempts, .. } = &err else { panic!("{err:?}") };
     assert_eq!(source.class(), ErrorClass::RateLimited);
     assert_eq!(source.retry_after(), Some(Duration::from_secs(2)));
@@ -187,11 +189,11 @@ async fn upstream_failures_are_typed_and_recorded() {
     assert!(err.is_retryable());
 
     h.upstream.push(Reply::server_error(503));
-    let err = h.classify("ws-a", "two", CallOptions::default()).await.unwrap_err();
+    let err = h.classify("ws-a", "two", options()).await.unwrap_err();
     assert_eq!(err.metric_label(), "server_error");
 
     h.upstream.push(Reply::malformed());
-    let err = h.classify("ws-a", "three", CallOptions::default()).await.unwrap_err();
+    let err = h.classify("ws-a", "three", options()).await.unwrap_err();
     assert_eq!(err.metric_label(), "malformed_reply");
 
     let rows = h.rows().await;
@@ -205,7 +207,8 @@ async fn upstream_failures_are_typed_and_recorded() {
 async fn a_stalled_upstream_ends_at_the_deadline() {
     let h = Harness::start("").await;
     h.upstream.push(Reply::Stall);
-    let options = CallOptions { deadline: Some(Duration::from_millis(300)), ..CallOptions::default() };
+    let options =
+        CallOptions { deadline: Some(Duration::from_millis(300)), allow_stand_in: false, ..CallOptions::default() };
     let started = std::time::Instant::now();
     let err = h.classify("ws-a", "hello?", options).await.unwrap_err();
     assert!(matches!(err, PipelineError::DeadlineExceeded { attempts: 1, .. }), "{err:?}");

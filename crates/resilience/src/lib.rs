@@ -1,68 +1,43 @@
 //! Keeping calls alive and bounded when the upstream is not.
 //!
-//! For now: [`Deadline`], the overall time budget of one call, which every later guard (rate
-//! limit waits, retries, per-attempt timeouts) spends from.
+//! Every guard here spends from one [`Deadline`] per call and none of them knows what a
+//! provider is: the engine classifies each upstream outcome once (an [`Outcome`]) and hands
+//! that verdict to the breaker, the Retry-After pause and the retry policy alike.
+//!
+//! - [`RateLimits`]: requests (governor) and tokens (a reconcilable budget) per workspace and
+//!   per provider/model, waiting for capacity up to the deadline.
+//! - [`Breakers`]: a failsafe circuit breaker per provider/model that admits one half-open probe
+//!   at a time and reports its state.
+//! - [`Pauses`]: a Retry-After from the upstream holds back every call to that provider/model.
+//! - [`RetryPolicy`]: exponential backoff with jitter (backon), never sooner than Retry-After,
+//!   within a retry budget (tower's) so that an outage does not multiply traffic.
 
-use std::future::Future;
+mod breaker;
+mod deadline;
+mod error;
+mod limit;
+mod pause;
+mod retry;
+
+pub use breaker::{BreakerPermit, BreakerSettings, BreakerState, BreakerStatus, Breakers};
+pub use deadline::{Deadline, DeadlineExceeded};
+pub use error::{Refusal, Scope};
+pub use limit::{LimitSettings, Quota, RateLimits, TokenReservation};
+pub use pause::{PausePermit, Pauses};
+pub use retry::{GiveUp, Retries, RetryPolicy, RetrySettings};
+
 use std::time::Duration;
 
-use tokio::time::Instant;
-
-/// The moment by which a call must have ended, whatever it is doing.
+/// The engine's verdict on one upstream attempt, which is all the guards need to know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Deadline {
-    at: Instant,
-    budget: Duration,
-}
-
-/// The deadline passed before the work ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeadlineExceeded {
-    pub budget: Duration,
-}
-
-impl Deadline {
-    pub fn after(budget: Duration) -> Self {
-        Self { at: Instant::now() + budget, budget }
-    }
-
-    /// The whole budget this deadline was made with.
-    pub fn budget(&self) -> Duration {
-        self.budget
-    }
-
-    pub fn remaining(&self) -> Duration {
-        self.at.saturating_duration_since(Instant::now())
-    }
-
-    pub fn is_past(&self) -> bool {
-        self.remaining().is_zero()
-    }
-
-    /// Runs `work` until it ends or the deadline passes, whichever comes first.
-    pub async fn run<F: Future>(&self, work: F) -> Result<F::Output, DeadlineExceeded> {
-        tokio::time::timeout_at(self.at, work).await.map_err(|_| DeadlineExceeded { budget: self.budget })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn work_past_the_deadline_is_cut() {
-        let deadline = Deadline::after(Duration::from_secs(2));
-        let quick = deadline.run(async { 7 }).await;
-        assert_eq!(quick, Ok(7));
-        let slow = deadline.run(tokio::time::sleep(Duration::from_secs(5))).await;
-        assert_eq!(slow, Err(DeadlineExceeded { budget: Duration::from_secs(2) }));
-        assert!(deadline.is_past());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn remaining_counts_down() {
-        let deadline = Deadline::after(Duration::from_secs(10));
-        tokio::time::advance(Duration::from_secs(4)).await;
-        assert_eq!(deadline.remaining(), Duration::from_secs(6));
-    }
+pub enum Outcome {
+    Success,
+    /// The upstream is unwell (5xx, timeout, connection, 429 rate limit): the breaker counts it.
+    /// `retry_after` is what the upstream asked for, if it did.
+    Fault {
+        retry_after: Option<Duration>,
+    },
+    /// The request's fault or the account's (400, 401, quota): says nothing of the upstream's
+    /// health, so the breaker ignores it.
+    NotCounted,
 }

@@ -55,4 +55,9 @@ pub struct CallRecord {
     pub error_message: Option<String>,
     /// Upstream requests made for this call (0 when a cache served it).
     pub attempts: i64,
+    /// Time spent waiting on rate limits and on the upstream's Retry-After pauses.
+    pub rate_limit_wait_ms: f64,
+    /// The provider/model's circuit breaker after the call's last attempt (`closed`, `open`,
+    /// `half_open`); `None` when no attempt was made.
+    pub breaker_state: Option<String>,
 }

@@ -168,6 +168,8 @@ mod tests {
             error_class: None,
             error_message: None,
             attempts: 1,
+            rate_limit_wait_ms: 0.0,
+            breaker_state: Some("closed".into()),
         }
     }
 

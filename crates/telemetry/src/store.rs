@@ -8,12 +8,12 @@ use crate::{CallRecord, CallStatus, TelemetryError};
 
 const INSERT_CALL: &str = "INSERT INTO calls (ts_ms, step, component, workspace, trace_id, model, provider, \
      input_tokens, output_tokens, latency_ms, cost_usd, saved_cost_usd, source, cache_hit, confidence, status, \
-     error_class, error_message, attempts) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)";
+     error_class, error_message, attempts, rate_limit_wait_ms, breaker_state) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)";
 
 const SELECT_CALLS: &str = "SELECT ts_ms, step, component, workspace, trace_id, model, provider, input_tokens, \
      output_tokens, latency_ms, cost_usd, saved_cost_usd, source, cache_hit, confidence, status, error_class, \
-     error_message, attempts FROM calls ORDER BY id";
+     error_message, attempts, rate_limit_wait_ms, breaker_state FROM calls ORDER BY id";
 
 /// The telemetry database, through sqlx's `Any` driver so that one code path serves SQLite
 /// (the default, a local file) and, later, PostgreSQL.
@@ -76,6 +76,8 @@ impl TelemetryStore {
                 .bind(record.error_class.as_deref())
                 .bind(record.error_message.as_deref())
                 .bind(record.attempts)
+                .bind(record.rate_limit_wait_ms)
+                .bind(record.breaker_state.as_deref())
                 .execute(&mut *tx)
                 .await
                 .map_err(TelemetryError::Write)?;
@@ -125,6 +127,8 @@ fn record_from_row(row: &sqlx::any::AnyRow) -> Result<CallRecord, sqlx::Error> {
         error_class: row.try_get("error_class")?,
         error_message: row.try_get("error_message")?,
         attempts: row.try_get("attempts")?,
+        rate_limit_wait_ms: row.try_get("rate_limit_wait_ms")?,
+        breaker_state: row.try_get("breaker_state")?,
     })
 }
 

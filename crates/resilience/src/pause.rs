@@ -1,0 +1,197 @@
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::{Deadline, Outcome, Refusal};
+
+/// Retry-After, honoured for everyone: when the upstream answers one call with "wait 2 s",
+/// every call to that provider/model waits, not only the one that was told. When the pause
+/// ends, one request goes first; the rest follow once it is back without a new pause, so a
+/// crowd of waiters does not hit the upstream in the same millisecond.
+#[derive(Debug, Default)]
+pub struct Pauses {
+    pauses: Mutex<HashMap<String, Arc<Pause>>>,
+}
+
+#[derive(Debug, Default)]
+struct Pause {
+    state: Mutex<PauseState>,
+    changed: Notify,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum PauseState {
+    #[default]
+    Clear,
+    Until(Instant),
+    /// The first request after a pause is out.
+    Probing,
+}
+
+impl Pause {
+    fn lock(&self) -> MutexGuard<'_, PauseState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Pauses {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn pause(&self, key: &str) -> Arc<Pause> {
+        let mut pauses = self.pauses.lock().unwrap_or_else(PoisonError::into_inner);
+        pauses.entry(key.to_owned()).or_default().clone()
+    }
+
+    /// Waits until requests to `key` may be sent, unless that is past the deadline. Returns
+    /// the permit and how long the call waited.
+    pub async fn admit(&self, key: &str, deadline: &Deadline) -> Result<(PausePermit, Duration), Refusal> {
+        let pause = self.pause(key);
+        let started = Instant::now();
+        loop {
+            let changed = pause.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let now = Instant::now();
+            let resume_at = {
+                let mut state = pause.lock();
+                match *state {
+                    PauseState::Clear => None,
+                    PauseState::Until(until) if until <= now => {
+                        *state = PauseState::Probing;
+                        return Ok((PausePermit { pause: pause.clone(), probe: true }, started.elapsed()));
+                    }
+                    PauseState::Until(until) => Some(until),
+                    PauseState::Probing => Some(deadline.at()),
+                }
+            };
+            let Some(resume_at) = resume_at else {
+                return Ok((PausePermit { pause: pause.clone(), probe: false }, started.elapsed()));
+            };
+            if resume_at >= deadline.at() {
+                // Waiting on a pause that outlasts the deadline helps no one: refuse now, so
+                // the caller still has time for a fallback.
+                let state = *pause.lock();
+                if let PauseState::Until(until) = state {
+                    return Err(Refusal::Paused { key: key.to_owned(), retry_after: until - now });
+                }
+                // A probe is out: wait for its verdict as long as the deadline allows.
+                tokio::select! {
+                    () = &mut changed => continue,
+                    () = tokio::time::sleep_until(deadline.at()) => {
+                        return Err(Refusal::Paused { key: key.to_owned(), retry_after: Duration::ZERO });
+                    }
+                }
+            }
+            tokio::select! {
+                () = &mut changed => {}
+                () = tokio::time::sleep_until(resume_at) => {}
+            }
+        }
+    }
+}
+
+/// Permission to send one request. Record what came of it so that a Retry-After pauses the
+/// others; dropped unrecorded, it only hands the first-after-pause turn on.
+#[derive(Debug)]
+pub struct PausePermit {
+    pause: Arc<Pause>,
+    probe: bool,
+}
+
+impl PausePermit {
+    pub fn record(self, outcome: Outcome) {
+        if let Outcome::Fault { retry_after: Some(wait) } = outcome {
+            let until = Instant::now() + wait;
+            let mut state = self.pause.lock();
+            *state = match *state {
+                PauseState::Until(current) if current > until => PauseState::Until(current),
+                _ => PauseState::Until(until),
+            };
+            tracing::info!(wait_secs = wait.as_secs_f64(), "upstream asked for a pause");
+        }
+        // Drop hands the turn on and wakes the waiters.
+    }
+}
+
+impl Drop for PausePermit {
+    fn drop(&mut self) {
+        if self.probe {
+            let mut state = self.pause.lock();
+            if *state == PauseState::Probing {
+                *state = PauseState::Clear;
+            }
+        }
+        self.pause.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAUSE_2S: Outcome = Outcome::Fault { retry_after: Some(Duration::from_secs(2)) };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_holds_back_every_call_then_lets_one_go_first() {
+        let pauses = Arc::new(Pauses::new());
+        let deadline = Deadline::after(Duration::from_secs(10));
+        let (permit, waited) = pauses.admit("p/m", &deadline).await.unwrap();
+        assert_eq!(waited, Duration::ZERO);
+        let told_at = Instant::now();
+        permit.record(PAUSE_2S);
+
+        let mut waiters = Vec::new();
+        for _ in 0..5 {
+            let pauses = pauses.clone();
+            waiters.push(tokio::spawn(async move {
+                let deadline = Deadline::after(Duration::from_secs(10));
+                let (permit, _) = pauses.admit("p/m", &deadline).await.unwrap();
+                let admitted_at = Instant::now();
+                // Each request takes 100 ms upstream.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                permit.record(Outcome::Success);
+                admitted_at
+            }));
+        }
+        let mut admitted = Vec::new();
+        for waiter in waiters {
+            admitted.push(waiter.await.unwrap());
+        }
+        admitted.sort();
+        assert!(admitted.iter().all(|at| *at >= told_at + Duration::from_secs(2)), "{admitted:?}");
+        // The first went alone; the other four once it came back.
+        assert_eq!(admitted[1] - admitted[0], Duration::from_millis(100));
+        assert!(admitted[1..].iter().all(|at| *at == admitted[1]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_past_the_deadline_is_refused_at_once() {
+        let pauses = Pauses::new();
+        let (permit, _) = pauses.admit("p/m", &Deadline::after(Duration::from_secs(1))).await.unwrap();
+        permit.record(Outcome::Fault { retry_after: Some(Duration::from_secs(30)) });
+        let started = Instant::now();
+        let refused = pauses.admit("p/m", &Deadline::after(Duration::from_secs(5))).await.unwrap_err();
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(refused.retry_after(), Duration::from_secs(30));
+        // Another model is not paused.
+        assert!(pauses.admit("p/other", &Deadline::after(Duration::from_secs(1))).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_told_to_wait_again_extends_the_pause() {
+        let pauses = Pauses::new();
+        let deadline = Deadline::after(Duration::from_secs(60));
+        let (permit, _) = pauses.admit("p/m", &deadline).await.unwrap();
+        permit.record(PAUSE_2S);
+        let (probe, waited) = pauses.admit("p/m", &deadline).await.unwrap();
+        assert_eq!(waited, Duration::from_secs(2));
+        probe.record(PAUSE_2S);
+        let (_, waited) = pauses.admit("p/m", &deadline).await.unwrap();
+        assert_eq!(waited, Duration::from_secs(2));
+    }
+}
