@@ -1,5 +1,5 @@
 //! `cargo xtask bench cache`: latency of the caches' lookups, embedding throughput and memory
-//! per entry, on this machine.
+//! per entry, on this machine. `cargo xtask bench engine`: the engine's own time per call.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -164,7 +164,11 @@ pub fn bench_cache(json: bool) -> anyhow::Result<()> {
         figures.push(Figure::latency("semantic_miss", entries, samples));
     }
 
-    for figure in &figures {
+    print_figures(&figures, json)
+}
+
+fn print_figures(figures: &[Figure], json: bool) -> anyhow::Result<()> {
+    for figure in figures {
         if json {
             println!("{}", serde_json::to_string(figure)?);
         } else {
@@ -178,10 +182,87 @@ pub fn bench_cache(json: bool) -> anyhow::Result<()> {
                 (_, _, Some(bytes)) => format!("{bytes:.0} bytes"),
                 _ => String::new(),
             };
-            println!("{:<18} {:>7} entries   {value}", figure.name, figure.entries);
+            println!("{:<22} {:>7} entries   {value}", figure.name, figure.entries);
         }
     }
     Ok(())
+}
+
+/// Calls per engine figure, after as many again to warm up.
+const ENGINE_CALLS: usize = 20_000;
+
+/// The engine's own overhead: every stage of a call (template, exact cache, coalescing, rate
+/// limits, breaker, Retry-After pause, retry bookkeeping, contract check, cache store, the
+/// telemetry record) around an in-process provider that answers at once. No embedding: the
+/// semantic cache has its own figures.
+pub fn bench_engine(json: bool) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let guards_on = "[semantic]\nenabled = false\n[limits]\nworkspace_requests_per_minute = 4000000000\n\
+                     workspace_request_burst = 1000000\nworkspace_tokens_per_minute = 4000000000\n\
+                     workspace_token_burst = 100000000\nmodel_requests_per_minute = 4000000000\n\
+                     model_request_burst = 1000000\nmodel_tokens_per_minute = 4000000000\n\
+                     model_token_burst = 100000000\n[cache]\nmax_entries = 100000";
+    let guards_off = "[semantic]\nenabled = false\n[limits]\nenabled = false\n[breaker]\nenabled = false\n\
+                      [retry]\npause_on_retry_after = false";
+    let figures = runtime.block_on(async {
+        let mut figures = Vec::new();
+        for (name, toml) in [("engine_miss", guards_on), ("engine_miss_no_guards", guards_off)] {
+            let engine = bench_engine_with(toml).await?;
+            let samples = engine_calls(&engine, name).await?;
+            figures.push(Figure::latency(name, 0, samples));
+            engine.shutdown().await?;
+        }
+        let engine = bench_engine_with(guards_on).await?;
+        engine_calls(&engine, "engine_exact_hit").await?;
+        let samples = engine_calls(&engine, "engine_exact_hit").await?;
+        figures.push(Figure::latency("engine_exact_hit", 0, samples));
+        anyhow::Ok(figures)
+    })?;
+    print_figures(&figures, json)
+}
+
+async fn bench_engine_with(toml: &str) -> anyhow::Result<pipeline_core::Engine> {
+    use pipeline_core::providers::{ChatRequest, ChatResponse, ProviderError, Usage};
+    use pipeline_core::telemetry::{Recorder, RecorderSettings, TelemetryStore};
+
+    let answer_at_once = tower::service_fn(|request: ChatRequest| async move {
+        Ok::<_, ProviderError>(ChatResponse {
+            content: r#"{"label": "billing", "confidence": 0.9}"#.to_owned(),
+            model: request.model,
+            provider: "in-process".to_owned(),
+            usage: Usage { input_tokens: 120, output_tokens: 12 },
+            latency: Duration::ZERO,
+        })
+    });
+    let store = TelemetryStore::connect("sqlite::memory:").await?;
+    let recorder = Recorder::spawn(store, RecorderSettings { queue_capacity: 4 * ENGINE_CALLS, batch_size: 512 });
+    let engine = pipeline_core::Engine::builder(pipeline_core::Config::from_toml(toml)?)
+        .provider("in-process", answer_at_once)
+        .recorder(recorder)
+        .build()
+        .await?;
+    Ok(engine)
+}
+
+/// Warm-up and measured calls; each `name` gets its own texts, so that a miss figure only
+/// ever misses and a hit figure (run twice on one engine) hits the second time.
+async fn engine_calls(engine: &pipeline_core::Engine, name: &str) -> anyhow::Result<Vec<Duration>> {
+    use pipeline_core::{CallContext, CallOptions, StepType};
+
+    let mut samples = Vec::with_capacity(ENGINE_CALLS);
+    for n in 0..2 * ENGINE_CALLS {
+        let input = serde_json::json!({
+            "text": format!("{} ({name}, case {n})", PROMPTS[n % PROMPTS.len()]),
+            "labels": ["billing", "bug", "other"],
+        });
+        let context = CallContext::new("bench", "bench");
+        let started = Instant::now();
+        engine.execute(StepType::CLASSIFIER, input, context, CallOptions::default()).await?;
+        if n >= ENGINE_CALLS {
+            samples.push(started.elapsed());
+        }
+    }
+    Ok(samples)
 }
 
 fn time<E>(work: impl FnOnce() -> Result<(), E>) -> Result<Duration, E> {

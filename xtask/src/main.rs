@@ -23,7 +23,8 @@ enum Task {
     /// What CI runs: formatting check, clippy with warnings as errors, the whole test suite.
     Ci,
     /// Benchmarks, on this machine. `cache`: lookups of both caches at 1k, 10k and 100k
-    /// entries, embedding throughput, memory per entry.
+    /// entries, embedding throughput, memory per entry. `engine`: the engine's own overhead
+    /// per call, with an in-process provider that answers at once.
     Bench {
         #[arg(value_enum)]
         what: BenchTarget,
@@ -56,6 +57,7 @@ fn main() -> ExitCode {
         Task::Ci => ci(),
         Task::Bench { what, json } if cfg!(debug_assertions) => release_rerun(what, json),
         Task::Bench { what: BenchTarget::Cache, json } => bench::bench_cache(json),
+        Task::Bench { what: BenchTarget::Engine, json } => bench::bench_engine(json),
         Task::EvalCache { files, dev, limit, json, threshold } => eval_cache(files, dev, limit, json, threshold),
     };
     match result {
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum BenchTarget {
     Cache,
+    Engine,
 }
 
 /// Figures from a debug build would measure the compiler's settings, not the code: benchmarks

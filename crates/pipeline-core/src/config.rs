@@ -714,6 +714,38 @@ mod tests {
     }
 
     #[test]
+    fn resilience_settings_are_checked_and_named() {
+        let defaults = Config::defaults().unwrap();
+        let limits = defaults.resilience.limits.unwrap();
+        assert_eq!((limits.workspace_requests.per_minute.get(), limits.workspace_requests.burst.get()), (1000, 50));
+        assert_eq!(defaults.resilience.breaker.unwrap().failures_to_open, 5);
+        let classifier = defaults.step(&StepType::CLASSIFIER).unwrap();
+        assert_eq!(classifier.fallback_answer.as_ref().unwrap()["label"], "unclassified");
+
+        let off = Config::from_toml("[limits]\nenabled = false\n[breaker]\nenabled = false").unwrap();
+        assert!(off.resilience.limits.is_none() && off.resilience.breaker.is_none());
+        let no_rule = Config::from_toml("[steps.classifier]\nfallback_answer = ''").unwrap();
+        assert!(no_rule.step(&StepType::CLASSIFIER).unwrap().fallback_answer.is_none());
+
+        let burst = error_of("[limits]\nworkspace_request_burst = 0");
+        assert!(burst.contains("limits.workspace_request_burst"), "{burst}");
+        let backoff = error_of("[retry]\ninitial_backoff_ms = 5000\nmax_backoff_ms = 100");
+        assert!(backoff.contains("retry.max_backoff_ms"), "{backoff}");
+        let confidence = error_of("[fallback]\nsimilar_confidence = 1.5");
+        assert!(confidence.contains("fallback.similar_confidence"), "{confidence}");
+        let answer = error_of("[steps.classifier]\nfallback_answer = '{\"label\": 3}'");
+        assert!(answer.contains("steps.classifier.fallback_answer"), "{answer}");
+        let provider = error_of("[steps.classifier]\nfallbacks = [{ provider = 'backup', model = 'm' }]");
+        assert!(provider.contains("steps.classifier.fallbacks[0].provider") && provider.contains("[providers.backup]"));
+        let declared = Config::from_toml(
+            "[providers.backup]\nbase_url = 'http://localhost:9/v1'\napi_key_env = 'K'\nrequest_timeout_ms = 1\n\
+             connect_timeout_ms = 1\n[steps.classifier]\nfallbacks = [{ provider = 'backup', model = 'm' }]",
+        )
+        .unwrap();
+        assert_eq!(declared.step(&StepType::CLASSIFIER).unwrap().fallbacks[0].provider.as_deref(), Some("backup"));
+    }
+
+    #[test]
     fn a_missing_file_says_so() {
         let err = Config::load(Some(Path::new("/nonexistent/aipipe.toml"))).unwrap_err();
         assert!(matches!(err, SetupError::MissingFile { .. }), "{err}");

@@ -190,8 +190,9 @@ async fn follow(
     mut receiver: watch::Receiver<Option<Flight>>,
     deadline: &Deadline,
 ) -> Option<Result<Served, PipelineError>> {
-    let _span = tracing::info_span!("coalesce.wait").entered();
-    match deadline.run(receiver.wait_for(Option::is_some)).await {
+    let waited =
+        deadline.run(receiver.wait_for(Option::is_some)).instrument(tracing::info_span!("coalesce.wait")).await;
+    match waited {
         Err(exceeded) => Some(Err(PipelineError::DeadlineExceeded { budget: exceeded.budget, attempts: 0 })),
         Ok(Err(_leader_gone)) => None,
         Ok(Ok(flight)) => flight.clone().map(|outcome| outcome.map(|(served, cost)| served.for_follower(cost))),
@@ -699,8 +700,8 @@ impl Engine {
         };
         let pause = match &inner.pauses {
             Some(pauses) => {
-                let _span = tracing::info_span!("limit.pause").entered();
-                let (permit, waited) = pauses.admit(&key, ask.deadline).await.map_err(|err| refused(err, spent))?;
+                let admitted = pauses.admit(&key, ask.deadline).instrument(tracing::info_span!("limit.pause")).await;
+                let (permit, waited) = admitted.map_err(|err| refused(err, spent))?;
                 spent.rate_limit_wait += waited;
                 Some(permit)
             }

@@ -2,75 +2,16 @@
 //! telemetry file.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+mod common;
 
-use pipeline_core::providers::{ErrorClass, OpenAiCompatible, OpenAiSettings};
-use pipeline_core::telemetry::{CallRecord, CallStatus, Recorder, RecorderSettings, TelemetryStore};
-use pipeline_core::{
-    CachePolicy, CallContext, CallOptions, Config, Engine, ManualClock, PipelineError, PipelineResult, Source, StepType,
-};
-use scripted_upstream::{Reply, ScriptedUpstream};
+use std::time::Duration;
+
+use common::{CLASSIFIED, Harness};
+use pipeline_core::providers::ErrorClass;
+use pipeline_core::telemetry::CallStatus;
+use pipeline_core::{CachePolicy, CallContext, CallOptions, PipelineError, Source, StepType};
+use scripted_upstream::Reply;
 use serde_json::{Value, json};
-
-const CLASSIFIED: &str = r#"{"label": "billing", "confidence": 0.92}"#;
-
-struct Harness {
-    upstream: ScriptedUpstream,
-    engine: Engine,
-    store: TelemetryStore,
-    clock: Arc<ManualClock>,
-    _dir: tempfile::TempDir,
-}
-
-impl Harness {
-    async fn start(config: &str) -> Self {
-        let upstream = ScriptedUpstream::start().await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = TelemetryStore::connect(dir.path().join("telemetry.db").to_str().unwrap()).await.unwrap();
-        let provider = OpenAiCompatible::new(OpenAiSettings {
-            name: "scripted".into(),
-            base_url: upstream.base_url(),
-            api_key: "sk-test".into(),
-            request_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(1),
-        })
-        .unwrap();
-        let clock = Arc::new(ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_780_000_000)));
-        // These tests are about the exact path; the semantic cache has its own (tests/semantic.rs).
-        let config = format!("[semantic]\nenabled = false\n{config}");
-        let engine = Engine::builder(Config::from_toml(&config).unwrap())
-            .provider("scripted", provider)
-            .recorder(Recorder::spawn(store.clone(), RecorderSettings::default()))
-            .clock(clock.clone())
-            .build()
-            .await
-            .unwrap();
-        Self { upstream, engine, store, clock, _dir: dir }
-    }
-
-    async fn classify(
-        &self,
-        workspace: &str,
-        text: &str,
-        options: CallOptions,
-    ) -> Result<PipelineResult, PipelineError> {
-        let context = CallContext::new(workspace, "ticket-router").with_metadata("ticket", 42);
-        self.engine
-            .execute(
-                StepType::CLASSIFIER,
-                json!({"text": text, "labels": ["billing", "bug", "other"]}),
-                context,
-                options,
-            )
-            .await
-    }
-
-    async fn rows(&self) -> Vec<CallRecord> {
-        self.engine.flush().await.unwrap();
-        self.store.records().await.unwrap()
-    }
-}
 
 fn last_user_message(request: &Value) -> String {
     let messages = request["messages"].as_array().unwrap();

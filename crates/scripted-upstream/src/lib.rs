@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -81,6 +81,16 @@ impl Reply {
     pub fn slow(delay: Duration, then: Reply) -> Self {
         Self::Delayed(delay, Box::new(then))
     }
+
+    /// The HTTP status this reply ends in (504 for a stall, as a proxy would say).
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Completion { .. } | Self::Malformed(_) => 200,
+            Self::Status { status, .. } => *status,
+            Self::Stall => 504,
+            Self::Delayed(_, then) => then.status(),
+        }
+    }
 }
 
 fn openai_error(message: &str, kind: &str, code: &str) -> String {
@@ -94,6 +104,16 @@ struct Shared {
     responder: Mutex<Responder>,
     requests: AtomicU64,
     received: Mutex<Vec<Value>>,
+    exchanges: Mutex<Vec<Exchange>>,
+}
+
+/// One request as the upstream saw it: when it arrived, when the answer left (`None` while
+/// it is still being answered, or if it never was) and its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exchange {
+    pub arrived: Instant,
+    pub answered: Option<Instant>,
+    pub status: u16,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -130,6 +150,7 @@ impl ScriptedUpstream {
             })),
             requests: AtomicU64::new(0),
             received: Mutex::new(Vec::new()),
+            exchanges: Mutex::new(Vec::new()),
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(chat_completions))
@@ -173,6 +194,11 @@ impl ScriptedUpstream {
     pub fn received(&self) -> Vec<Value> {
         lock(&self.shared.received).clone()
     }
+
+    /// Every request so far with its timing and status, in arrival order.
+    pub fn exchanges(&self) -> Vec<Exchange> {
+        lock(&self.shared.exchanges).clone()
+    }
 }
 
 impl Drop for ScriptedUpstream {
@@ -182,6 +208,7 @@ impl Drop for ScriptedUpstream {
 }
 
 async fn chat_completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let arrived = Instant::now();
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let sequence = shared.requests.fetch_add(1, Ordering::SeqCst) + 1;
     lock(&shared.received).push(request.clone());
@@ -193,7 +220,16 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Res
             responder(&request)
         }
     };
-    answer(reply, &request, sequence).await
+    let index = {
+        let mut exchanges = lock(&shared.exchanges);
+        exchanges.push(Exchange { arrived, answered: None, status: reply.status() });
+        exchanges.len() - 1
+    };
+    let response = answer(reply, &request, sequence).await;
+    if let Some(exchange) = lock(&shared.exchanges).get_mut(index) {
+        exchange.answered = Some(Instant::now());
+    }
+    response
 }
 
 async fn answer(mut reply: Reply, request: &Value, sequence: u64) -> Response {
