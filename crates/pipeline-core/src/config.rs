@@ -60,6 +60,7 @@ struct RawConfig {
     cache: RawCache,
     semantic: RawSemantic,
     telemetry: RawTelemetry,
+    alerts: RawAlerts,
     #[serde(default)]
     prices: BTreeMap<String, ModelPrice>,
     #[serde(default)]
@@ -160,6 +161,17 @@ struct RawSemantic {
     onnxruntime_path: String,
     threads: usize,
     snapshot_path: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    enabled: bool,
+    webhook_url: String,
+    z_threshold: f64,
+    min_ratio: f64,
+    warmup_minutes: u32,
+    ewma_alpha: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -299,6 +311,8 @@ pub struct Config {
     pub cache: CacheSettings,
     pub semantic: SemanticSettings,
     pub telemetry: TelemetrySettings,
+    /// `None`: no anomaly alerts.
+    pub alerts: Option<telemetry::AlertSettings>,
     pub prices: PriceTable,
     steps: BTreeMap<StepType, Arc<StepSpec>>,
     pub(crate) prompts: Prompts,
@@ -398,6 +412,37 @@ impl Config {
             queue_capacity: positive("telemetry.queue_capacity", raw.telemetry.queue_capacity)?,
             batch_size: positive("telemetry.batch_size", raw.telemetry.batch_size)?,
         };
+        let alerts = if raw.alerts.enabled {
+            let webhook_url = raw.alerts.webhook_url.trim();
+            let webhook_url = if webhook_url.is_empty() {
+                None
+            } else {
+                Some(http_url("alerts.webhook_url", webhook_url.to_owned())?)
+            };
+            let finite_positive = |key: &str, value: f64| {
+                if value.is_finite() && value > 0.0 {
+                    Ok(value)
+                } else {
+                    Err(SetupError::invalid(key, format!("{value} must be a number greater than zero")))
+                }
+            };
+            let ewma_alpha = finite_positive("alerts.ewma_alpha", raw.alerts.ewma_alpha)?;
+            if ewma_alpha > 1.0 {
+                return Err(SetupError::invalid(
+                    "alerts.ewma_alpha",
+                    format!("{ewma_alpha} is not a weight in (0, 1]"),
+                ));
+            }
+            Some(telemetry::AlertSettings {
+                z_threshold: finite_positive("alerts.z_threshold", raw.alerts.z_threshold)?,
+                min_ratio: finite_positive("alerts.min_ratio", raw.alerts.min_ratio)?,
+                warmup_minutes: raw.alerts.warmup_minutes,
+                ewma_alpha,
+                webhook_url,
+            })
+        } else {
+            None
+        };
         for (model, price) in &raw.prices {
             for (field, value) in [
                 ("input_per_million_usd", price.input_per_million_usd),
@@ -426,6 +471,7 @@ impl Config {
             cache,
             semantic,
             telemetry,
+            alerts,
             prices: PriceTable::new(raw.prices),
             steps,
             prompts,

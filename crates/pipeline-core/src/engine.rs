@@ -53,7 +53,14 @@ struct Inner {
 
 /// What a call in flight hands the identical calls that waited for it: its outcome and what
 /// it paid.
-type Flight = Result<(Served, f64), PipelineError>;
+type Flight = Result<(Served, Spend), PipelineError>;
+
+/// What a call paid upstream.
+#[derive(Debug, Clone, Copy)]
+struct Spend {
+    cost_usd: f64,
+    tokens: u64,
+}
 
 /// What the cache keeps of an answer: enough to serve it again and to know what it saved.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -62,6 +69,9 @@ struct CachedAnswer {
     model: String,
     provider: String,
     cost_usd: f64,
+    /// Input plus output tokens the answer took (0 in snapshots from before it was kept).
+    #[serde(default)]
+    tokens: u64,
 }
 
 /// Everything a call consumed, kept up to date while it runs so that a failed or cut-off call
@@ -83,6 +93,15 @@ struct Spent {
     breaker_state: Option<BreakerState>,
 }
 
+impl Spent {
+    fn spend(&self) -> Spend {
+        Spend {
+            cost_usd: self.cost_usd,
+            tokens: u64::from(self.usage.input_tokens) + u64::from(self.usage.output_tokens),
+        }
+    }
+}
+
 /// How a successful call was served, before latency and spending are attached.
 #[derive(Debug, Clone)]
 struct Served {
@@ -92,21 +111,35 @@ struct Served {
     model: String,
     provider: String,
     saved_cost_usd: f64,
+    saved_tokens: u64,
+    /// For a semantic hit or a similar-answer stand-in, how similar the matched request was.
+    similarity: Option<f32>,
     /// Why the step's model did not answer, when a fallback did.
     degraded_by: Option<&'static str>,
 }
 
 impl Served {
     fn upstream(output: Value, source: Source, model: String, provider: String) -> Self {
-        Self { output, source, confidence: 1.0, model, provider, saved_cost_usd: 0.0, degraded_by: None }
+        Self {
+            output,
+            source,
+            confidence: 1.0,
+            model,
+            provider,
+            saved_cost_usd: 0.0,
+            saved_tokens: 0,
+            similarity: None,
+            degraded_by: None,
+        }
     }
 
     /// The same answer, for an identical call that waited for this one: it paid nothing and
     /// saved what this one paid.
-    fn for_follower(mut self, leader_cost_usd: f64) -> Self {
+    fn for_follower(mut self, leader: Spend) -> Self {
         if matches!(self.source, Source::Upstream | Source::FallbackModel) {
             self.source = Source::Coalesced;
-            self.saved_cost_usd = leader_cost_usd;
+            self.saved_cost_usd = leader.cost_usd;
+            self.saved_tokens = leader.tokens;
         }
         self
     }
@@ -128,8 +161,8 @@ struct Leader {
 }
 
 impl Leader {
-    fn publish(self, outcome: &Result<Served, PipelineError>, cost_usd: f64) {
-        let flight = outcome.as_ref().map(|served| (served.clone(), cost_usd)).map_err(Clone::clone);
+    fn publish(self, outcome: &Result<Served, PipelineError>, spend: Spend) {
+        let flight = outcome.as_ref().map(|served| (served.clone(), spend)).map_err(Clone::clone);
         self.sender.send_replace(Some(flight));
     }
 }
@@ -195,7 +228,7 @@ async fn follow(
     match waited {
         Err(exceeded) => Some(Err(PipelineError::DeadlineExceeded { budget: exceeded.budget, attempts: 0 })),
         Ok(Err(_leader_gone)) => None,
-        Ok(Ok(flight)) => flight.clone().map(|outcome| outcome.map(|(served, cost)| served.for_follower(cost))),
+        Ok(Ok(flight)) => flight.clone().map(|outcome| outcome.map(|(served, spend)| served.for_follower(spend))),
     }
 }
 
@@ -261,6 +294,11 @@ impl Engine {
         }
         .instrument(span)
         .await
+    }
+
+    /// The Prometheus metrics of this engine's calls (`Metrics::router` serves `/metrics`).
+    pub fn metrics(&self) -> &telemetry::Metrics {
+        self.inner.recorder.metrics()
     }
 
     /// The state of every circuit breaker used so far (empty when breakers are off).
@@ -334,7 +372,7 @@ impl Engine {
         let prompt = Prompt { messages, chars: prompt_chars, key };
         let outcome = self.answer(spec, &model, call, prompt, &deadline, at, spent).await;
         if let Some(leader) = leader {
-            leader.publish(&outcome, spent.cost_usd);
+            leader.publish(&outcome, spent.spend());
         }
         outcome
     }
@@ -389,7 +427,7 @@ impl Engine {
                 // A fallback model's answer is not what this model would say: not cached under
                 // its key, so that the next call asks the step's own model again.
                 if source == Source::Upstream {
-                    self.cache_store(prompt.key, similar, call.options.cache, &served, spent.cost_usd, at);
+                    self.cache_store(prompt.key, similar, call.options.cache, &served, spent.spend(), at);
                 }
                 Ok(served)
             }
@@ -440,6 +478,8 @@ impl Engine {
                 model: hit.value.model,
                 provider: hit.value.provider,
                 saved_cost_usd: hit.value.cost_usd,
+                saved_tokens: hit.value.tokens,
+                similarity: Some(hit.similarity),
                 degraded_by,
             });
         }
@@ -451,6 +491,8 @@ impl Engine {
             model: "rule".into(),
             provider: "aipipe".into(),
             saved_cost_usd: 0.0,
+            saved_tokens: 0,
+            similarity: None,
             degraded_by,
         })
     }
@@ -507,6 +549,8 @@ impl Engine {
                     model: hit.value.model,
                     provider: hit.value.provider,
                     saved_cost_usd: hit.value.cost_usd,
+                    saved_tokens: hit.value.tokens,
+                    similarity: Some(hit.similarity),
                     degraded_by: None,
                 })
             }
@@ -535,6 +579,8 @@ impl Engine {
             model: answer.model.clone(),
             provider: answer.provider.clone(),
             saved_cost_usd: answer.cost_usd,
+            saved_tokens: answer.tokens,
+            similarity: None,
             degraded_by: None,
         })
     }
@@ -546,7 +592,7 @@ impl Engine {
         similar: Option<SemanticRequest>,
         policy: CachePolicy,
         served: &Served,
-        cost_usd: f64,
+        spend: Spend,
         at: SystemTime,
     ) {
         if !policy.writes() {
@@ -556,7 +602,8 @@ impl Engine {
             output: served.output.clone(),
             model: served.model.clone(),
             provider: served.provider.clone(),
-            cost_usd,
+            cost_usd: spend.cost_usd,
+            tokens: spend.tokens,
         };
         if let (Some(cache), Some(similar)) = (&self.inner.semantic, similar) {
             cache.insert(&similar.namespace, similar.query, answer.clone(), at);
@@ -826,22 +873,16 @@ impl Engine {
         outcome: &Result<Served, PipelineError>,
     ) {
         let span = tracing::Span::current();
-        let (model, provider, source, confidence, saved_cost_usd) = match outcome {
-            Ok(served) => (
-                served.model.clone(),
-                served.provider.clone(),
-                served.source.label(),
-                served.confidence,
-                served.saved_cost_usd,
-            ),
+        let (model, provider, source, confidence) = match outcome {
+            Ok(served) => (served.model.clone(), served.provider.clone(), served.source.label(), served.confidence),
             Err(_) => (
                 spent.model.clone().unwrap_or_default(),
                 spent.provider.clone().unwrap_or_else(|| self.inner.primary.clone()),
                 "none",
                 0.0,
-                0.0,
             ),
         };
+        let served = outcome.as_ref().ok();
         span.record("source", source);
         let (status, error_class, error_message) = match outcome {
             Ok(served) => (CallStatus::Ok, served.degraded_by.map(str::to_owned), None),
@@ -865,10 +906,12 @@ impl Engine {
             output_tokens: i64::from(spent.usage.output_tokens),
             latency_ms: latency.as_secs_f64() * 1000.0,
             cost_usd: spent.cost_usd,
-            saved_cost_usd,
+            saved_cost_usd: served.map_or(0.0, |served| served.saved_cost_usd),
+            saved_tokens: served.map_or(0, |served| served.saved_tokens as i64),
             source: source.to_owned(),
             cache_hit: outcome.as_ref().is_ok_and(|served| served.source.is_cache()),
             confidence,
+            similarity: served.and_then(|served| served.similarity).map(f64::from),
             status,
             error_class,
             error_message,
@@ -989,12 +1032,13 @@ impl EngineBuilder {
             Some(recorder) => recorder,
             None => {
                 let store = TelemetryStore::connect(&config.telemetry.database_url).await?;
-                Recorder::spawn(
+                Recorder::spawn_with_alerts(
                     store,
                     RecorderSettings {
                         queue_capacity: config.telemetry.queue_capacity,
                         batch_size: config.telemetry.batch_size,
                     },
+                    config.alerts.clone(),
                 )
             }
         };

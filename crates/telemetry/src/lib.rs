@@ -2,16 +2,23 @@
 //!
 //! Records go through a [`Recorder`]: a bounded queue drained by a background task that writes
 //! batches through sqlx, so the call path never waits on the database. Overflow is counted and
-//! logged, never silent. Costs come from a [`PriceTable`].
+//! logged, never silent. The same records feed the Prometheus [`Metrics`]. Costs come from a
+//! [`PriceTable`].
 
+mod anomaly;
 mod error;
+mod metrics;
 mod price;
 mod record;
 mod recorder;
+mod report;
 mod store;
 
+pub use anomaly::{Alert, AlertSettings, AnomalyDetector, Watched};
 pub use error::TelemetryError;
+pub use metrics::Metrics;
 pub use price::{ModelPrice, PriceTable};
 pub use record::{CallRecord, CallStatus};
 pub use recorder::{Recorder, RecorderSettings};
+pub use report::{Figures, Report};
 pub use store::TelemetryStore;

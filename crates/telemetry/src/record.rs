@@ -44,12 +44,17 @@ pub struct CallRecord {
     pub output_tokens: i64,
     pub latency_ms: f64,
     pub cost_usd: f64,
-    /// What the answer originally cost, when it was served from a cache instead.
+    /// What the answer originally cost, when it was served without an upstream call (a cache,
+    /// an identical call in flight, a similar-answer stand-in).
     pub saved_cost_usd: f64,
+    /// The tokens that answer originally took.
+    pub saved_tokens: i64,
     /// `upstream`, `exact_cache`, ...: what served the call.
     pub source: String,
     pub cache_hit: bool,
     pub confidence: f64,
+    /// For a semantic hit or a similar-answer stand-in: the similarity of the matched request.
+    pub similarity: Option<f64>,
     pub status: CallStatus,
     pub error_class: Option<String>,
     pub error_message: Option<String>,

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{CallRecord, TelemetryError, TelemetryStore};
+use crate::{AlertSettings, AnomalyDetector, CallRecord, Metrics, TelemetryError, TelemetryStore};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecorderSettings {
@@ -29,9 +29,19 @@ enum Command {
 struct Counters {
     written: AtomicU64,
     dropped: AtomicU64,
+    metrics: Metrics,
+    anomalies: Option<AnomalyDetector>,
 }
 
-/// Takes call records without waiting and writes them in batches from a background task.
+impl Counters {
+    fn drop_records(&self, count: u64) -> u64 {
+        self.metrics.count_dropped(count);
+        self.dropped.fetch_add(count, Ordering::Relaxed) + count
+    }
+}
+
+/// Takes call records without waiting and writes them in batches from a background task;
+/// counts each in the [`Metrics`] as it comes.
 #[derive(Debug, Clone)]
 pub struct Recorder {
     queue: mpsc::Sender<Command>,
@@ -51,8 +61,15 @@ impl std::fmt::Debug for Command {
 impl Recorder {
     /// Starts the writer task on the current Tokio runtime.
     pub fn spawn(store: TelemetryStore, settings: RecorderSettings) -> Self {
+        Self::spawn_with_alerts(store, settings, None)
+    }
+
+    /// Also watches the records for anomalies and raises alerts (see [`AnomalyDetector`]).
+    pub fn spawn_with_alerts(store: TelemetryStore, settings: RecorderSettings, alerts: Option<AlertSettings>) -> Self {
         let (queue, commands) = mpsc::channel(settings.queue_capacity.max(1));
-        let counters = Arc::new(Counters::default());
+        let metrics = Metrics::new();
+        let anomalies = alerts.map(|alerts| AnomalyDetector::new(alerts, metrics.clone()));
+        let counters = Arc::new(Counters { metrics, anomalies, ..Counters::default() });
         tokio::spawn(write_loop(store.clone(), commands, settings.batch_size.max(1), counters.clone()));
         Self { queue, counters, store }
     }
@@ -60,8 +77,12 @@ impl Recorder {
     /// Queues a record. Never waits: if the queue is full the record is dropped, counted in
     /// [`Recorder::dropped`] and logged, because a slow database must not slow the calls.
     pub fn record(&self, record: CallRecord) {
+        self.counters.metrics.observe(&record);
+        if let Some(anomalies) = &self.counters.anomalies {
+            anomalies.observe(&record);
+        }
         if let Err(err) = self.queue.try_send(Command::Record(Box::new(record))) {
-            let dropped = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            let dropped = self.counters.drop_records(1);
             let reason = match err {
                 mpsc::error::TrySendError::Full(_) => "queue full",
                 mpsc::error::TrySendError::Closed(_) => "writer stopped",
@@ -88,6 +109,11 @@ impl Recorder {
 
     pub fn store(&self) -> &TelemetryStore {
         &self.store
+    }
+
+    /// The Prometheus metrics of every call recorded here.
+    pub fn metrics(&self) -> &Metrics {
+        &self.counters.metrics
     }
 }
 
@@ -121,14 +147,23 @@ async fn write_loop(
     }
 }
 
+/// How long a batch is retried on a busy or unreachable database before it is counted as
+/// lost. Meanwhile new records wait in the queue (and past its capacity, are dropped and
+/// counted): the database being slow never slows the calls.
+const WRITE_PATIENCE: Duration = Duration::from_secs(120);
+
 async fn write_batch(store: &TelemetryStore, batch: &[CallRecord], counters: &Counters) {
     let count = batch.len() as u64;
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(100);
     let mut result = store.insert_batch(batch).await;
-    if let Err(err) = &result
+    while let Err(err) = &result
         && err.is_retryable()
+        && started.elapsed() + pause < WRITE_PATIENCE
     {
-        tracing::warn!(error = %err, records = count, "telemetry write failed; trying once more");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tracing::warn!(error = %err, records = count, "telemetry write failed; retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
         result = store.insert_batch(batch).await;
     }
     match result {
@@ -136,14 +171,14 @@ async fn write_batch(store: &TelemetryStore, batch: &[CallRecord], counters: &Co
             counters.written.fetch_add(count, Ordering::Relaxed);
         }
         Err(err) => {
-            let dropped = counters.dropped.fetch_add(count, Ordering::Relaxed) + count;
+            let dropped = counters.drop_records(count);
             tracing::error!(error = %err, records = count, dropped_total = dropped, "telemetry records lost");
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::CallStatus;
 
@@ -170,6 +205,8 @@ mod tests {
             attempts: 1,
             rate_limit_wait_ms: 0.0,
             breaker_state: Some("closed".into()),
+            saved_tokens: 0,
+            similarity: None,
         }
     }
 

@@ -8,12 +8,13 @@ use crate::{CallRecord, CallStatus, TelemetryError};
 
 const INSERT_CALL: &str = "INSERT INTO calls (ts_ms, step, component, workspace, trace_id, model, provider, \
      input_tokens, output_tokens, latency_ms, cost_usd, saved_cost_usd, source, cache_hit, confidence, status, \
-     error_class, error_message, attempts, rate_limit_wait_ms, breaker_state) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)";
+     error_class, error_message, attempts, rate_limit_wait_ms, breaker_state, saved_tokens, similarity) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, \
+     $23)";
 
 const SELECT_CALLS: &str = "SELECT ts_ms, step, component, workspace, trace_id, model, provider, input_tokens, \
      output_tokens, latency_ms, cost_usd, saved_cost_usd, source, cache_hit, confidence, status, error_class, \
-     error_message, attempts, rate_limit_wait_ms, breaker_state FROM calls ORDER BY id";
+     error_message, attempts, rate_limit_wait_ms, breaker_state, saved_tokens, similarity FROM calls ORDER BY id";
 
 /// The telemetry database, through sqlx's `Any` driver so that one code path serves SQLite
 /// (the default, a local file) and, later, PostgreSQL.
@@ -25,9 +26,13 @@ pub struct TelemetryStore {
 impl TelemetryStore {
     /// Opens (creating if needed) the database at `url` and brings its schema up to date.
     ///
-    /// `url` is `sqlite://PATH`, `sqlite::memory:`, or a plain file path, taken as SQLite.
+    /// `url` is `postgres://...` (or `postgresql://`), `sqlite://PATH`, `sqlite::memory:`, or a
+    /// plain file path, taken as SQLite.
     pub async fn connect(url: &str) -> Result<Self, TelemetryError> {
         install_default_drivers();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Self::connect_postgres(url).await;
+        }
         let url = sqlite_url(url);
         let connect_error = |source| TelemetryError::Connect { url: url.clone(), source };
         let options = AnyConnectOptions::from_str(&url).map_err(connect_error)?;
@@ -52,11 +57,30 @@ impl TelemetryStore {
         Ok(Self { pool })
     }
 
+    async fn connect_postgres(url: &str) -> Result<Self, TelemetryError> {
+        // The URL may hold a password: errors name the host part only.
+        let shown = url.rsplit_once('@').map_or_else(|| url.to_owned(), |(_, host)| format!("postgres://…@{host}"));
+        let connect_error = |source| TelemetryError::Connect { url: shown.clone(), source };
+        let options = AnyConnectOptions::from_str(url).map_err(connect_error)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(connect_error)?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     /// Writes the records in one transaction: all of them or, on error, none.
     pub async fn insert_batch(&self, records: &[CallRecord]) -> Result<(), TelemetryError> {
         let mut tx = self.pool.begin().await.map_err(TelemetryError::Write)?;
         for record in records {
-            sqlx::query(INSERT_CALL)
+            let query = sqlx::query(INSERT_CALL)
                 .bind(record.ts_ms)
                 .bind(record.step.as_str())
                 .bind(record.component.as_str())
@@ -78,9 +102,15 @@ impl TelemetryStore {
                 .bind(record.attempts)
                 .bind(record.rate_limit_wait_ms)
                 .bind(record.breaker_state.as_deref())
-                .execute(&mut *tx)
-                .await
-                .map_err(TelemetryError::Write)?;
+                .bind(record.saved_tokens);
+            // sqlx 0.9's Any driver sends a NULL f64 typed as float4 (its Real and Double null
+            // kinds are swapped), which PostgreSQL rejects for a DOUBLE PRECISION column; a NULL
+            // f32 goes out as float8. A present value is bound as the f64 it is.
+            let query = match record.similarity {
+                Some(similarity) => query.bind(similarity),
+                None => query.bind(None::<f32>),
+            };
+            query.execute(&mut *tx).await.map_err(TelemetryError::Write)?;
         }
         tx.commit().await.map_err(TelemetryError::Write)
     }
@@ -129,6 +159,8 @@ fn record_from_row(row: &sqlx::any::AnyRow) -> Result<CallRecord, sqlx::Error> {
         attempts: row.try_get("attempts")?,
         rate_limit_wait_ms: row.try_get("rate_limit_wait_ms")?,
         breaker_state: row.try_get("breaker_state")?,
+        saved_tokens: row.try_get("saved_tokens")?,
+        similarity: row.try_get("similarity")?,
     })
 }
 

@@ -1,0 +1,198 @@
+use std::sync::Arc;
+
+use prometheus::{
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::{CallRecord, CallStatus};
+
+/// Errors that stop a call before it reaches the caches: such a call was no cache lookup.
+const REFUSED_BEFORE_CACHE: &[&str] = &["unknown_step", "invalid_context", "invalid_input", "prompt_too_large"];
+
+/// Seconds; calls range from a microsecond cache hit to a 30 s deadline.
+const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Prometheus metrics of the calls, fed from the same [`CallRecord`]s as the database, in
+/// one registry per engine (no process-global state).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    requests: IntCounterVec,
+    tokens: IntCounterVec,
+    cost: CounterVec,
+    cache_hits: IntCounterVec,
+    cache_misses: IntCounterVec,
+    saved_cost: CounterVec,
+    saved_tokens: IntCounterVec,
+    duration: HistogramVec,
+    rate_limit_wait: HistogramVec,
+    breaker_state: IntGaugeVec,
+    dropped: IntCounter,
+    alerts: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self::build().unwrap_or_else(|err| unreachable!("metric definitions are static and valid: {err}"))
+    }
+
+    fn build() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let requests = counter(
+            "aipipe_requests_total",
+            "AI calls by step, model, what served them and outcome.",
+            &["step", "model", "source", "status"],
+        )?;
+        let tokens =
+            counter("aipipe_tokens_total", "Tokens sent and received upstream.", &["step", "model", "direction"])?;
+        let cache_hits = counter("aipipe_cache_hits_total", "Calls answered by a cache.", &["step", "cache"])?;
+        let cache_misses = counter("aipipe_cache_misses_total", "Calls that no cache could answer.", &["step"])?;
+        let saved_tokens = counter(
+            "aipipe_cache_saved_tokens_total",
+            "Tokens not spent because a cache or an identical call in flight answered.",
+            &["step"],
+        )?;
+        let alerts = counter("aipipe_alerts_total", "Anomaly alerts raised, by step and metric.", &["step", "metric"])?;
+        let cost =
+            CounterVec::new(Opts::new("aipipe_cost_usd_total", "Estimated spend in US dollars."), &["step", "model"])?;
+        registry.register(Box::new(cost.clone()))?;
+        let saved_cost = CounterVec::new(
+            Opts::new("aipipe_cache_saved_cost_usd_total", "What the answers served without an upstream call cost."),
+            &["step"],
+        )?;
+        registry.register(Box::new(saved_cost.clone()))?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new("aipipe_request_duration_seconds", "Call latency as the caller saw it.")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["step", "source"],
+        )?;
+        registry.register(Box::new(duration.clone()))?;
+        let rate_limit_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "aipipe_rate_limit_wait_seconds",
+                "Time calls waited on rate limits and Retry-After pauses.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["step"],
+        )?;
+        registry.register(Box::new(rate_limit_wait.clone()))?;
+        let breaker_state = IntGaugeVec::new(
+            Opts::new(
+                "aipipe_breaker_state",
+                "Circuit breaker per provider and model after its latest call: 0 closed, 1 half-open, 2 open.",
+            ),
+            &["provider", "model"],
+        )?;
+        registry.register(Box::new(breaker_state.clone()))?;
+        let dropped = IntCounter::new(
+            "aipipe_telemetry_rows_dropped_total",
+            "Telemetry rows lost to a full queue or a failed write.",
+        )?;
+        registry.register(Box::new(dropped.clone()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                registry,
+                requests,
+                tokens,
+                cost,
+                cache_hits,
+                cache_misses,
+                saved_cost,
+                saved_tokens,
+                duration,
+                rate_limit_wait,
+                breaker_state,
+                dropped,
+                alerts,
+            }),
+        })
+    }
+
+    /// Counts one call.
+    pub fn observe(&self, record: &CallRecord) {
+        let inner = &self.inner;
+        let step = record.step.as_str();
+        inner.requests.with_label_values(&[step, &record.model, &record.source, record.status.as_str()]).inc();
+        let tokens = |direction: &str, count: i64| {
+            inner.tokens.with_label_values(&[step, &record.model, direction]).inc_by(count.max(0) as u64);
+        };
+        tokens("input", record.input_tokens);
+        tokens("output", record.output_tokens);
+        inner.cost.with_label_values(&[step, &record.model]).inc_by(record.cost_usd.max(0.0));
+        match record.source.as_str() {
+            "exact_cache" => inner.cache_hits.with_label_values(&[step, "exact"]).inc(),
+            "semantic_cache" => inner.cache_hits.with_label_values(&[step, "semantic"]).inc(),
+            _ => {
+                let refused = record.status == CallStatus::Error
+                    && record.error_class.as_deref().is_some_and(|class| REFUSED_BEFORE_CACHE.contains(&class));
+                if !refused {
+                    inner.cache_misses.with_label_values(&[step]).inc();
+                }
+            }
+        }
+        if record.saved_cost_usd > 0.0 {
+            inner.saved_cost.with_label_values(&[step]).inc_by(record.saved_cost_usd);
+        }
+        if record.saved_tokens > 0 {
+            inner.saved_tokens.with_label_values(&[step]).inc_by(record.saved_tokens as u64);
+        }
+        inner.duration.with_label_values(&[step, &record.source]).observe(record.latency_ms / 1000.0);
+        if record.rate_limit_wait_ms > 0.0 {
+            inner.rate_limit_wait.with_label_values(&[step]).observe(record.rate_limit_wait_ms / 1000.0);
+        }
+        if let Some(state) = record.breaker_state.as_deref() {
+            let value = match state {
+                "open" => 2,
+                "half_open" => 1,
+                _ => 0,
+            };
+            inner.breaker_state.with_label_values(&[&record.provider, &record.model]).set(value);
+        }
+    }
+
+    pub fn count_dropped(&self, rows: u64) {
+        self.inner.dropped.inc_by(rows);
+    }
+
+    pub fn count_alert(&self, step: &str, metric: &str) {
+        self.inner.alerts.with_label_values(&[step, metric]).inc();
+    }
+
+    /// Everything, in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut text = Vec::new();
+        if let Err(err) = TextEncoder::new().encode(&self.inner.registry.gather(), &mut text) {
+            tracing::error!(error = %err, "metrics could not be encoded");
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    }
+
+    /// `GET /metrics`, for a server to mount.
+    pub fn router(&self) -> axum::Router {
+        let metrics = self.clone();
+        axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = metrics.clone();
+                async move { ([(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], metrics.render()) }
+            }),
+        )
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

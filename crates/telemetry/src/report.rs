@@ -1,0 +1,141 @@
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use sqlx::Row as _;
+
+use crate::{TelemetryError, TelemetryStore};
+
+const REPORT_ROWS: &str = "SELECT ts_ms, component, latency_ms, status, source, cache_hit, attempts, cost_usd, \
+     saved_cost_usd, breaker_state FROM calls WHERE ts_ms >= $1 AND ts_ms < $2 ORDER BY ts_ms, id";
+
+/// The figures of a time window, overall and per component.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub overall: Figures,
+    pub components: BTreeMap<String, Figures>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Figures {
+    /// Calls made to the engine.
+    pub calls: u64,
+    /// Requests that reached a provider (retries and repairs included).
+    pub upstream_requests: u64,
+    /// Calls answered by a cache or by an identical call in flight: the calls saved.
+    pub saved_calls: u64,
+    pub cost_usd: f64,
+    pub saved_cost_usd: f64,
+    pub p50_latency_ms: f64,
+    pub p99_latency_ms: f64,
+    /// Calls that ended in an error, over all calls.
+    pub error_rate: f64,
+    /// Calls answered by the exact or semantic cache, over all calls.
+    pub cache_hit_rate: f64,
+    /// Calls answered by a fallback (another model, a similar answer, a rule), over all calls.
+    pub fallback_rate: f64,
+    /// Mean time from a circuit breaker opening to the next call an upstream answered, over the
+    /// outages that ended in the window; `None` if none did.
+    pub mttr_secs: Option<f64>,
+}
+
+struct Call {
+    ts_ms: i64,
+    component: String,
+    latency_ms: f64,
+    failed: bool,
+    source: String,
+    cache_hit: bool,
+    attempts: i64,
+    cost_usd: f64,
+    saved_cost_usd: f64,
+    breaker_open: bool,
+}
+
+impl TelemetryStore {
+    /// The figures of the calls with `from_ms <= ts_ms < to_ms` (Unix milliseconds).
+    pub async fn report(&self, from_ms: i64, to_ms: i64) -> Result<Report, TelemetryError> {
+        let rows = sqlx::query(REPORT_ROWS)
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all(self.pool())
+            .await
+            .map_err(TelemetryError::Query)?;
+        let rows = rows
+            .iter()
+            .map(|row| {
+                Ok(Call {
+                    ts_ms: row.try_get("ts_ms")?,
+                    component: row.try_get("component")?,
+                    latency_ms: row.try_get("latency_ms")?,
+                    failed: row.try_get::<String, _>("status")? == "error",
+                    source: row.try_get("source")?,
+                    cache_hit: row.try_get::<i64, _>("cache_hit")? != 0,
+                    attempts: row.try_get("attempts")?,
+                    cost_usd: row.try_get("cost_usd")?,
+                    saved_cost_usd: row.try_get("saved_cost_usd")?,
+                    breaker_open: row.try_get::<Option<String>, _>("breaker_state")?.as_deref() == Some("open"),
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(TelemetryError::Query)?;
+        let mut by_component: BTreeMap<String, Vec<&Call>> = BTreeMap::new();
+        for row in &rows {
+            by_component.entry(row.component.clone()).or_default().push(row);
+        }
+        Ok(Report {
+            from_ms,
+            to_ms,
+            overall: figures(&rows.iter().collect::<Vec<_>>()),
+            components: by_component.into_iter().map(|(component, rows)| (component, figures(&rows))).collect(),
+        })
+    }
+}
+
+fn figures(rows: &[&Call]) -> Figures {
+    let calls = rows.len() as u64;
+    let share = |count: usize| if calls == 0 { 0.0 } else { count as f64 / calls as f64 };
+    let mut latencies: Vec<f64> = rows.iter().map(|row| row.latency_ms).collect();
+    latencies.sort_by(f64::total_cmp);
+    Figures {
+        calls,
+        upstream_requests: rows.iter().map(|row| row.attempts.max(0) as u64).sum(),
+        saved_calls: rows.iter().filter(|row| row.cache_hit || row.source == "coalesced").count() as u64,
+        cost_usd: rows.iter().map(|row| row.cost_usd).sum(),
+        saved_cost_usd: rows.iter().map(|row| row.saved_cost_usd).sum(),
+        p50_latency_ms: percentile(&latencies, 0.50),
+        p99_latency_ms: percentile(&latencies, 0.99),
+        error_rate: share(rows.iter().filter(|row| row.failed).count()),
+        cache_hit_rate: share(rows.iter().filter(|row| row.cache_hit).count()),
+        fallback_rate: share(rows.iter().filter(|row| row.source.starts_with("fallback_")).count()),
+        mttr_secs: mttr_secs(rows),
+    }
+}
+
+/// Nearest rank: the smallest value with at least `p` of the values at or below it.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// An outage starts with the first call that saw a breaker open and ends with the next call
+/// an upstream answered (rows in time order).
+fn mttr_secs(rows: &[&Call]) -> Option<f64> {
+    let mut opened_at = None;
+    let mut recoveries = Vec::new();
+    for row in rows {
+        match opened_at {
+            None if row.breaker_open => opened_at = Some(row.ts_ms),
+            Some(since) if !row.failed && row.source == "upstream" => {
+                recoveries.push((row.ts_ms - since) as f64 / 1000.0);
+                opened_at = None;
+            }
+            _ => {}
+        }
+    }
+    (!recoveries.is_empty()).then(|| recoveries.iter().sum::<f64>() / recoveries.len() as f64)
+}

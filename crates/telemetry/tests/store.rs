@@ -1,0 +1,132 @@
+//! The store on both backends: SQLite always, PostgreSQL when `AIPIPE_TEST_POSTGRES_URL` names
+//! a server (`.ci/run` starts one and always sets it).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use telemetry::{CallRecord, CallStatus, TelemetryStore};
+
+/// A fresh database on the test server, so that tests running at once never share rows.
+pub async fn fresh_postgres() -> Option<String> {
+    let Ok(url) = std::env::var("AIPIPE_TEST_POSTGRES_URL") else {
+        eprintln!("AIPIPE_TEST_POSTGRES_URL is not set: the PostgreSQL half of this test is skipped");
+        return None;
+    };
+    sqlx::any::install_default_drivers();
+    let admin = sqlx::AnyPool::connect(&url).await.expect("AIPIPE_TEST_POSTGRES_URL does not accept connections");
+    let name = format!("aipipe_test_{}", uuid::Uuid::new_v4().simple());
+    // The name is ours (a UUID), not input.
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
+    admin.close().await;
+    let (server, _) = url.rsplit_once('/').expect("a URL ending in /DATABASE");
+    Some(format!("{server}/{name}"))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn row(
+    ts_ms: i64,
+    component: &str,
+    latency_ms: f64,
+    status: CallStatus,
+    source: &str,
+    attempts: i64,
+    cost_usd: f64,
+    saved_cost_usd: f64,
+    breaker_state: Option<&str>,
+) -> CallRecord {
+    CallRecord {
+        ts_ms,
+        step: "classifier".into(),
+        component: component.into(),
+        workspace: "ws-1".into(),
+        trace_id: format!("trace-{ts_ms}"),
+        model: "gpt-4o-mini".into(),
+        provider: "openai".into(),
+        input_tokens: 100 * attempts,
+        output_tokens: 10 * attempts,
+        latency_ms,
+        cost_usd,
+        saved_cost_usd,
+        saved_tokens: if saved_cost_usd > 0.0 { 110 } else { 0 },
+        source: source.into(),
+        cache_hit: source.ends_with("_cache"),
+        confidence: if source == "semantic_cache" { 0.95 } else { 1.0 },
+        similarity: (source == "semantic_cache").then_some(0.95),
+        status,
+        error_class: (status == CallStatus::Error).then(|| "server_error".into()),
+        error_message: (status == CallStatus::Error).then(|| "upstream server error 503".into()),
+        attempts,
+        rate_limit_wait_ms: if attempts > 1 { 250.0 } else { 0.0 },
+        breaker_state: breaker_state.map(str::to_owned),
+    }
+}
+
+fn known_rows() -> Vec<CallRecord> {
+    use CallStatus::{Error, Ok};
+    vec![
+        row(0, "a", 100.0, Ok, "upstream", 1, 0.010, 0.0, Some("closed")),
+        row(1_000, "a", 1.0, Ok, "exact_cache", 0, 0.0, 0.010, None),
+        row(2_000, "a", 2.0, Ok, "semantic_cache", 0, 0.0, 0.010, None),
+        row(3_000, "b", 300.0, Error, "none", 3, 0.0, 0.0, Some("open")),
+        row(4_000, "b", 1.0, Ok, "fallback_rule", 0, 0.0, 0.0, Some("open")),
+        row(5_000, "b", 5.0, Ok, "coalesced", 0, 0.0, 0.020, None),
+        row(9_000, "b", 200.0, Ok, "upstream", 1, 0.020, 0.0, Some("closed")),
+        row(10_000, "a", 50.0, Ok, "upstream", 2, 0.030, 0.0, Some("closed")),
+        // Outside the window.
+        row(100_000, "a", 9_999.0, Error, "none", 1, 1.0, 0.0, Some("open")),
+    ]
+}
+
+fn close(actual: f64, expected: f64) {
+    assert!((actual - expected).abs() < 1e-9, "{actual} != {expected}");
+}
+
+async fn check(store: &TelemetryStore) {
+    let rows = known_rows();
+    store.insert_batch(&rows).await.unwrap();
+    assert_eq!(store.records().await.unwrap(), rows, "every field survives the round trip");
+
+    let report = store.report(0, 60_000).await.unwrap();
+    // By hand, rows 1-8. Latencies sorted: 1 1 2 5 50 100 200 300; p50 = 4th, p99 = 8th.
+    let all = &report.overall;
+    assert_eq!((all.calls, all.upstream_requests, all.saved_calls), (8, 7, 3));
+    close(all.cost_usd, 0.06);
+    close(all.saved_cost_usd, 0.04);
+    close(all.p50_latency_ms, 5.0);
+    close(all.p99_latency_ms, 300.0);
+    close(all.error_rate, 1.0 / 8.0);
+    close(all.cache_hit_rate, 2.0 / 8.0);
+    close(all.fallback_rate, 1.0 / 8.0);
+    // The breaker was first seen open at 3 s; an upstream answered again at 9 s.
+    close(all.mttr_secs.unwrap(), 6.0);
+
+    let a = &report.components["a"];
+    assert_eq!((a.calls, a.upstream_requests, a.saved_calls), (4, 3, 2));
+    close(a.cost_usd, 0.04);
+    close(a.p50_latency_ms, 2.0);
+    close(a.p99_latency_ms, 100.0);
+    close(a.error_rate, 0.0);
+    close(a.cache_hit_rate, 0.5);
+    assert_eq!(a.mttr_secs, None);
+    let b = &report.components["b"];
+    assert_eq!((b.calls, b.upstream_requests, b.saved_calls), (4, 4, 1));
+    close(b.p50_latency_ms, 5.0);
+    close(b.error_rate, 0.25);
+    close(b.fallback_rate, 0.25);
+    close(b.mttr_secs.unwrap(), 6.0);
+    assert_eq!(report.components.len(), 2);
+}
+
+#[tokio::test]
+async fn sqlite_keeps_every_field_and_reports_exact_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = TelemetryStore::connect(dir.path().join("t.db").to_str().unwrap()).await.unwrap();
+    check(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_keeps_every_field_and_reports_exact_figures() {
+    let Some(url) = fresh_postgres().await else { return };
+    let store = TelemetryStore::connect(&url).await.unwrap();
+    check(&store).await;
+    // Connecting again finds the schema in place.
+    TelemetryStore::connect(&url).await.unwrap();
+}
