@@ -88,9 +88,9 @@ impl<C: Clock + Clone> RateLimits<C> {
         tokens: u64,
         deadline: &Deadline,
     ) -> Result<(Duration, TokenReservation), Refusal> {
-        let started = Instant::now();
-        self.take_request(&self.workspace_requests, workspace, Scope::WorkspaceRequests, deadline).await?;
-        self.take_request(&self.model_requests, model_key, Scope::ModelRequests, deadline).await?;
+        let mut waited =
+            self.take_request(&self.workspace_requests, workspace, Scope::WorkspaceRequests, deadline).await?;
+        waited += self.take_request(&self.model_requests, model_key, Scope::ModelRequests, deadline).await?;
         let reservation = TokenReservation {
             budgets: self.tokens.clone(),
             workspace: workspace.to_owned(),
@@ -98,8 +98,8 @@ impl<C: Clock + Clone> RateLimits<C> {
             reserved: tokens,
             taken: Vec::new(),
         };
-        let reservation = self.tokens.take(reservation, tokens, deadline).await?;
-        Ok((started.elapsed(), reservation))
+        let (reservation, token_wait) = self.tokens.take(reservation, tokens, deadline).await?;
+        Ok((waited + token_wait, reservation))
     }
 
     async fn take_request(
@@ -108,17 +108,19 @@ impl<C: Clock + Clone> RateLimits<C> {
         key: &str,
         scope: Scope,
         deadline: &Deadline,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Duration, Refusal> {
         let key = key.to_owned();
+        let mut waited = Duration::ZERO;
         loop {
             let wait = match limiter.check_key(&key) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(waited),
                 Err(not_until) => not_until.wait_time_from(self.clock.now()),
             };
             if !deadline.allows(wait) {
                 return Err(Refusal::RateLimited { scope, retry_after: wait });
             }
             tokio::time::sleep(wait).await;
+            waited += wait;
         }
     }
 }
@@ -180,20 +182,24 @@ impl TokenBudgets {
         mut reservation: TokenReservation,
         tokens: u64,
         deadline: &Deadline,
-    ) -> Result<TokenReservation, Refusal> {
+    ) -> Result<(TokenReservation, Duration), Refusal> {
+        let mut waited = Duration::ZERO;
         for scope in [Scope::WorkspaceTokens, Scope::ModelTokens] {
             let key = if scope == Scope::WorkspaceTokens { &reservation.workspace } else { &reservation.model_key };
             loop {
                 match self.try_take(scope, key, tokens) {
                     Ok(()) => break,
-                    Err(wait) if deadline.allows(wait) => tokio::time::sleep(wait).await,
+                    Err(wait) if deadline.allows(wait) => {
+                        tokio::time::sleep(wait).await;
+                        waited += wait;
+                    }
                     // Dropping the reservation gives back what the workspace bucket already took.
                     Err(wait) => return Err(Refusal::RateLimited { scope, retry_after: wait }),
                 }
             }
             reservation.taken.push(scope);
         }
-        Ok(reservation)
+        Ok((reservation, waited))
     }
 }
 

@@ -51,7 +51,7 @@ impl Pauses {
     /// the permit and how long the call waited.
     pub async fn admit(&self, key: &str, deadline: &Deadline) -> Result<(PausePermit, Duration), Refusal> {
         let pause = self.pause(key);
-        let started = Instant::now();
+        let mut waited = Duration::ZERO;
         loop {
             let changed = pause.changed.notified();
             tokio::pin!(changed);
@@ -63,14 +63,14 @@ impl Pauses {
                     PauseState::Clear => None,
                     PauseState::Until(until) if until <= now => {
                         *state = PauseState::Probing;
-                        return Ok((PausePermit { pause: pause.clone(), probe: true }, started.elapsed()));
+                        return Ok((PausePermit { pause: pause.clone(), probe: true }, waited));
                     }
                     PauseState::Until(until) => Some(until),
                     PauseState::Probing => Some(deadline.at()),
                 }
             };
             let Some(resume_at) = resume_at else {
-                return Ok((PausePermit { pause: pause.clone(), probe: false }, started.elapsed()));
+                return Ok((PausePermit { pause: pause.clone(), probe: false }, waited));
             };
             if resume_at >= deadline.at() {
                 // Waiting on a pause that outlasts the deadline helps no one: refuse now, so
@@ -81,7 +81,10 @@ impl Pauses {
                 }
                 // A probe is out: wait for its verdict as long as the deadline allows.
                 tokio::select! {
-                    () = &mut changed => continue,
+                    () = &mut changed => {
+                        waited += now.elapsed();
+                        continue;
+                    }
                     () = tokio::time::sleep_until(deadline.at()) => {
                         return Err(Refusal::Paused { key: key.to_owned(), retry_after: Duration::ZERO });
                     }
@@ -91,6 +94,7 @@ impl Pauses {
                 () = &mut changed => {}
                 () = tokio::time::sleep_until(resume_at) => {}
             }
+            waited += now.elapsed();
         }
     }
 }

@@ -1,4 +1,5 @@
-//! A scripted, OpenAI-compatible upstream for tests and benchmarks.
+//! Test support. A scripted, OpenAI-compatible upstream for tests and benchmarks, and
+//! [`fresh_postgres`] for the tests that need a PostgreSQL database.
 //!
 //! It listens on `127.0.0.1:0`, answers `POST /v1/chat/completions` from a queue of scripted
 //! [`Reply`]s (then from a responder function), and counts what it received, so a test can
@@ -303,4 +304,30 @@ async fn models() -> Response {
         json!({ "object": "list", "data": [{ "id": "scripted-model", "object": "model", "owned_by": "scripted" }] }),
     )
     .into_response()
+}
+
+/// A fresh, empty database on the PostgreSQL server named by `AIPIPE_TEST_POSTGRES_URL`
+/// (`.ci/run` starts one and always sets it), so that tests running at once never share rows.
+/// `None`, with a note on stderr, when the variable is not set.
+///
+/// # Panics
+/// If the variable is set but the server cannot be used: a test that was given a database
+/// must not pass silently without one.
+#[allow(clippy::expect_used)]
+pub async fn fresh_postgres() -> Option<String> {
+    let Ok(url) = std::env::var("AIPIPE_TEST_POSTGRES_URL") else {
+        eprintln!("AIPIPE_TEST_POSTGRES_URL is not set: the PostgreSQL half of this test is skipped");
+        return None;
+    };
+    sqlx::any::install_default_drivers();
+    let admin = sqlx::AnyPool::connect(&url).await.expect("AIPIPE_TEST_POSTGRES_URL does not accept connections");
+    let name = format!("aipipe_test_{}", uuid::Uuid::new_v4().simple());
+    // The name is ours (a UUID), not input.
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .expect("the test server refused to create a database");
+    admin.close().await;
+    let (server, _) = url.rsplit_once('/').expect("AIPIPE_TEST_POSTGRES_URL ends in /DATABASE");
+    Some(format!("{server}/{name}"))
 }

@@ -157,7 +157,7 @@ impl Detector {
                 match request.body(body).send().await {
                     Ok(response) if response.status().is_success() => {}
                     Ok(response) => {
-                        tracing::error!(%url, status = %response.status(), "alert webhook refused the alert")
+                        tracing::error!(%url, status = %response.status(), "alert webhook refused the alert");
                     }
                     Err(err) => tracing::error!(%url, error = %err, "alert webhook unreachable"),
                 }

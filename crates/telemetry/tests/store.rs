@@ -2,23 +2,8 @@
 //! a server (`.ci/run` starts one and always sets it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use scripted_upstream::fresh_postgres;
 use telemetry::{CallRecord, CallStatus, TelemetryStore};
-
-/// A fresh database on the test server, so that tests running at once never share rows.
-pub async fn fresh_postgres() -> Option<String> {
-    let Ok(url) = std::env::var("AIPIPE_TEST_POSTGRES_URL") else {
-        eprintln!("AIPIPE_TEST_POSTGRES_URL is not set: the PostgreSQL half of this test is skipped");
-        return None;
-    };
-    sqlx::any::install_default_drivers();
-    let admin = sqlx::AnyPool::connect(&url).await.expect("AIPIPE_TEST_POSTGRES_URL does not accept connections");
-    let name = format!("aipipe_test_{}", uuid::Uuid::new_v4().simple());
-    // The name is ours (a UUID), not input.
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
-    admin.close().await;
-    let (server, _) = url.rsplit_once('/').expect("a URL ending in /DATABASE");
-    Some(format!("{server}/{name}"))
-}
 
 #[allow(clippy::too_many_arguments)]
 fn row(

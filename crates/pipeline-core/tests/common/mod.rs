@@ -7,10 +7,17 @@ use std::time::{Duration, SystemTime};
 
 use pipeline_core::providers::{OpenAiCompatible, OpenAiSettings};
 use pipeline_core::semantic_cache::{Embedder, ModelPaths};
-use pipeline_core::telemetry::{CallRecord, Recorder, RecorderSettings, TelemetryStore};
+use pipeline_core::telemetry::{AlertSettings, CallRecord, Recorder, RecorderSettings, TelemetryStore};
 use pipeline_core::{CallContext, CallOptions, Config, Engine, ManualClock, PipelineError, PipelineResult, StepType};
 use scripted_upstream::ScriptedUpstream;
 use serde_json::json;
+
+/// Where the engine under test records: a SQLite file in a temporary folder unless told.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    pub database_url: Option<String>,
+    pub alerts: Option<AlertSettings>,
+}
 
 pub const CLASSIFIED: &str = r#"{"label": "billing", "confidence": 0.92}"#;
 
@@ -19,25 +26,31 @@ pub struct Harness {
     pub engine: Engine,
     pub store: TelemetryStore,
     pub clock: Arc<ManualClock>,
-    _dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
 }
 
 impl Harness {
     /// The exact path only: the semantic cache off. `config` is TOML over the defaults.
     pub async fn start(config: &str) -> Self {
-        Self::build(&format!("[semantic]\nenabled = false\n{config}"), None).await
+        Self::start_with(config, Telemetry::default()).await
     }
 
     /// With the semantic cache and the real local model (`aipipe setup` installs it). `config`
     /// starts inside the `[semantic]` table.
     pub async fn start_semantic(config: &str) -> Self {
-        Self::build(&format!("[semantic]\nttl_secs = 600\n{config}"), Some(embedder())).await
+        Self::build(&format!("[semantic]\nttl_secs = 600\n{config}"), Some(embedder()), Telemetry::default()).await
     }
 
-    async fn build(config: &str, embedder: Option<Arc<Embedder>>) -> Self {
+    /// The exact path, with the telemetry set up as given.
+    pub async fn start_with(config: &str, telemetry: Telemetry) -> Self {
+        Self::build(&format!("[semantic]\nenabled = false\n{config}"), None, telemetry).await
+    }
+
+    async fn build(config: &str, embedder: Option<Arc<Embedder>>, telemetry: Telemetry) -> Self {
         let upstream = ScriptedUpstream::start().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let store = TelemetryStore::connect(dir.path().join("telemetry.db").to_str().unwrap()).await.unwrap();
+        let url = telemetry.database_url.unwrap_or_else(|| dir.path().join("telemetry.db").display().to_string());
+        let store = TelemetryStore::connect(&url).await.unwrap();
         let provider = OpenAiCompatible::new(OpenAiSettings {
             name: "scripted".into(),
             base_url: upstream.base_url(),
@@ -49,13 +62,13 @@ impl Harness {
         let clock = Arc::new(ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_780_000_000)));
         let mut builder = Engine::builder(Config::from_toml(config).unwrap())
             .provider("scripted", provider)
-            .recorder(Recorder::spawn(store.clone(), RecorderSettings::default()))
+            .recorder(Recorder::spawn_with_alerts(store.clone(), RecorderSettings::default(), telemetry.alerts))
             .clock(clock.clone());
         if let Some(embedder) = embedder {
             builder = builder.embedder(embedder);
         }
         let engine = builder.build().await.unwrap();
-        Self { upstream, engine, store, clock, _dir: dir }
+        Self { upstream, engine, store, clock, dir }
     }
 
     pub async fn classify(
