@@ -1,6 +1,7 @@
 //! `aipipe`: the command line of the aipipe engine.
 
 mod log;
+mod migrate;
 mod replay;
 mod report;
 mod setup;
@@ -50,6 +51,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Where each component's migration stands (docs/migration.md).
+    Migrate {
+        #[command(subcommand)]
+        what: MigrateCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MigrateCommand {
+    /// Per component: mode, calls, shadow agreement, engine error rate, cost per call old vs
+    /// new, and whether the plan's cut-over rule is met.
+    Status {
+        /// The migration plan (modes per component, cut-over rule).
+        #[arg(long)]
+        plan: PathBuf,
+        /// The telemetry database; default: the config's `telemetry.database_url`.
+        #[arg(long)]
+        db: Option<String>,
+        /// The window: the last this many hours.
+        #[arg(long, default_value_t = 24.0)]
+        hours: f64,
+        /// One JSON object per component instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -81,6 +107,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 report::table(&report)
             };
+            std::io::stdout().write_all(text.as_bytes()).context("cannot write to stdout")?;
+        }
+        Command::Migrate { what: MigrateCommand::Status { plan, db, hours, json } } => {
+            let db = db.unwrap_or_else(|| config.telemetry.database_url.clone());
+            let text = runtime.block_on(migrate::status(&plan, &db, hours, json))?;
             std::io::stdout().write_all(text.as_bytes()).context("cannot write to stdout")?;
         }
     }

@@ -241,6 +241,11 @@ impl Engine {
         &self.inner.config
     }
 
+    /// The time on the engine's clock (the log's time during a replay).
+    pub fn now(&self) -> SystemTime {
+        self.inner.clock.now()
+    }
+
     /// The telemetry writer this engine records into.
     pub fn recorder(&self) -> &Recorder {
         &self.inner.recorder

@@ -12,6 +12,7 @@ mod price;
 mod record;
 mod recorder;
 mod report;
+mod shadow;
 mod store;
 
 pub use anomaly::{Alert, AlertSettings, AnomalyDetector, Watched};
@@ -21,4 +22,5 @@ pub use price::{ModelPrice, PriceTable};
 pub use record::{CallRecord, CallStatus};
 pub use recorder::{Recorder, RecorderSettings};
 pub use report::{Figures, Report};
+pub use shadow::{ShadowFigures, ShadowRecord};
 pub use store::TelemetryStore;

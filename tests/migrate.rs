@@ -1,0 +1,99 @@
+//! `aipipe migrate status` on a telemetry database with known shadow comparisons.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use pipeline_core::telemetry::{CallRecord, CallStatus, ShadowRecord, TelemetryStore};
+use serde_json::Value;
+
+fn call(ts_ms: i64, component: &str, cost_usd: f64) -> CallRecord {
+    CallRecord {
+        ts_ms,
+        step: component.into(),
+        component: component.into(),
+        workspace: "acme".into(),
+        trace_id: format!("t-{ts_ms}"),
+        model: "gpt-4o-mini".into(),
+        provider: "openai".into(),
+        input_tokens: 100,
+        output_tokens: 10,
+        latency_ms: 500.0,
+        cost_usd,
+        saved_cost_usd: 0.0,
+        saved_tokens: 0,
+        source: if cost_usd > 0.0 { "upstream" } else { "exact_cache" }.into(),
+        cache_hit: cost_usd == 0.0,
+        confidence: 1.0,
+        similarity: None,
+        status: CallStatus::Ok,
+        error_class: None,
+        error_message: None,
+        attempts: i64::from(cost_usd > 0.0),
+        rate_limit_wait_ms: 0.0,
+        breaker_state: None,
+    }
+}
+
+#[tokio::test]
+async fn status_prints_agreement_costs_and_the_cut_over_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let store = TelemetryStore::connect(db.to_str().unwrap()).await.unwrap();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+    // 250 shadow calls of the classifier, 245 agreeing; half of its engine calls were cache hits.
+    let calls: Vec<_> =
+        (0..250).map(|n| call(now - 1000 - n, "classifier", if n % 2 == 0 { 0.0002 } else { 0.0 })).collect();
+    store.insert_batch(&calls).await.unwrap();
+    for n in 0..250 {
+        store
+            .insert_shadow(&ShadowRecord {
+                ts_ms: now - 1000 - n,
+                component: "classifier".into(),
+                step: "classifier".into(),
+                trace_id: format!("t-{n}"),
+                agreed: n >= 5,
+                similarity: if n >= 5 { 1.0 } else { 0.0 },
+                legacy_ok: true,
+                engine_ok: true,
+                legacy_latency_ms: 900.0,
+                engine_latency_ms: 400.0,
+            })
+            .await
+            .unwrap();
+    }
+    store.close().await;
+    let plan = dir.path().join("migration.toml");
+    std::fs::write(&plan, "default = \"legacy\"\n[components]\nclassifier = \"shadow\"\n").unwrap();
+
+    let run = |json: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_aipipe"));
+        command.args(["migrate", "status", "--plan"]).arg(&plan).arg("--db").arg(&db);
+        if json {
+            command.arg("--json");
+        }
+        command.output().unwrap()
+    };
+    let table = run(false);
+    let stdout = String::from_utf8_lossy(&table.stdout);
+    assert!(table.status.success(), "{}", String::from_utf8_lossy(&table.stderr));
+    let classifier = stdout.lines().find(|line| line.starts_with("classifier")).unwrap();
+    for expected in ["shadow", "250", "98.0%", "0.0%", "$0.000200", "$0.000100", "ready"] {
+        assert!(classifier.contains(expected), "`{expected}` missing from: {classifier}");
+    }
+    assert!(stdout.lines().any(|line| line.starts_with("validator") && line.contains("legacy")), "{stdout}");
+
+    let json = run(true);
+    let rows: Vec<Value> =
+        String::from_utf8_lossy(&json.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    let classifier = rows.iter().find(|row| row["component"] == "classifier").unwrap();
+    assert_eq!(classifier["shadow_comparisons"], 250);
+    assert!((classifier["agreement_rate"].as_f64().unwrap() - 0.98).abs() < 1e-9);
+    assert_eq!(classifier["ready_to_cut_over"], true);
+
+    // A plan with a typo says which file and what.
+    std::fs::write(&plan, "default = \"legacy\"\n[components]\nclassifier = \"shadowed\"\n").unwrap();
+    let broken = run(false);
+    assert!(!broken.status.success());
+    assert!(String::from_utf8_lossy(&broken.stderr).contains("migration.toml"));
+}
