@@ -1,11 +1,90 @@
-//! `aipipe migrate status` on a telemetry database with known shadow comparisons.
+//! `aipipe migrate status`: after a shadow period with scripted disagreements, and on a
+//! database with known comparisons.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pipeline_core::telemetry::{CallRecord, CallStatus, ShadowRecord, TelemetryStore};
+use adapters::legacy::Endpoint;
+use adapters::legacy::classifier::Classifier as LegacyClassifier;
+use adapters::shims::classifier::Classifier;
+use adapters::{Adapter, MigrationPlan, Modes};
+use pipeline_core::providers::{OpenAiCompatible, OpenAiSettings};
+use pipeline_core::telemetry::{CallRecord, CallStatus, Recorder, RecorderSettings, ShadowRecord, TelemetryStore};
+use pipeline_core::{Config, Engine};
+use scripted_upstream::{Reply, ScriptedUpstream};
 use serde_json::Value;
+
+fn migrate_status(plan: &Path, db: &Path, json: bool) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_aipipe"));
+    command.args(["migrate", "status", "--plan"]).arg(plan).arg("--db").arg(db);
+    if json {
+        command.arg("--json");
+    }
+    command.output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_period_with_disagreements_shows_its_agreement_rate() {
+    let upstream = ScriptedUpstream::start().await.unwrap();
+    // The old classifier answers a bare label; the engine a JSON object, and for tickets that
+    // mention a refund, another label than the old code.
+    upstream.respond_with(|request| {
+        let prompt = request["messages"][1]["content"].as_str().unwrap_or_default().to_owned();
+        if request.get("response_format").is_none() {
+            return Reply::completion("billing");
+        }
+        let label = if prompt.contains("refund") { "other" } else { "billing" };
+        Reply::completion(format!(r#"{{"label": "{label}", "confidence": 0.8}}"#))
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("telemetry.db");
+    let store = TelemetryStore::connect(db.to_str().unwrap()).await.unwrap();
+    let provider = OpenAiCompatible::new(OpenAiSettings {
+        name: "scripted".into(),
+        base_url: upstream.base_url(),
+        api_key: "sk-test".into(),
+        request_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(1),
+    })
+    .unwrap();
+    let engine = Engine::builder(Config::from_toml("[semantic]\nenabled = false").unwrap())
+        .provider("scripted", provider)
+        .recorder(Recorder::spawn(store.clone(), RecorderSettings::default()))
+        .build()
+        .await
+        .unwrap();
+    let plan_text = "default = \"legacy\"\n[components]\nclassifier = \"shadow\"\n[cutover]\nmin_agreement = 0.98\nmin_calls = 10\n";
+    let plan = dir.path().join("migration.toml");
+    std::fs::write(&plan, plan_text).unwrap();
+    let adapter = Adapter::new(engine.clone(), Modes::new(MigrationPlan::load(&plan).unwrap()), "acme");
+    let endpoint = Endpoint { base_url: upstream.base_url(), api_key: "sk-old".into(), model: "gpt-4o-mini".into() };
+    let classifier = Classifier::new(LegacyClassifier::new(endpoint), adapter.clone());
+
+    for n in 0..20 {
+        let text =
+            if n % 4 == 0 { format!("ticket {n}: I want a refund") } else { format!("ticket {n}: charged twice") };
+        assert_eq!(classifier.classify(&text, &["billing", "other"]).await.unwrap(), "billing", "the legacy answer");
+    }
+    adapter.settle_shadows().await;
+    engine.shutdown().await.unwrap();
+
+    // The engine's own answers are in telemetry, one row per shadow call.
+    let rows = store.records().await.unwrap();
+    assert_eq!(rows.len(), 20);
+    assert!(rows.iter().all(|row| row.component == "classifier" && row.source == "upstream"));
+    store.close().await;
+
+    let out = migrate_status(&plan, &db, false);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line = stdout.lines().find(|line| line.starts_with("classifier")).unwrap();
+    // Tickets 0, 4, 8, 12 and 16 disagree: 15 of 20 agree.
+    for expected in ["shadow", "20", "75.0%", "not yet"] {
+        assert!(line.contains(expected), "`{expected}` missing from: {line}");
+    }
+}
 
 fn call(ts_ms: i64, component: &str, cost_usd: f64) -> CallRecord {
     CallRecord {
@@ -66,14 +145,7 @@ async fn status_prints_agreement_costs_and_the_cut_over_verdict() {
     let plan = dir.path().join("migration.toml");
     std::fs::write(&plan, "default = \"legacy\"\n[components]\nclassifier = \"shadow\"\n").unwrap();
 
-    let run = |json: bool| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_aipipe"));
-        command.args(["migrate", "status", "--plan"]).arg(&plan).arg("--db").arg(&db);
-        if json {
-            command.arg("--json");
-        }
-        command.output().unwrap()
-    };
+    let run = |json: bool| migrate_status(&plan, &db, json);
     let table = run(false);
     let stdout = String::from_utf8_lossy(&table.stdout);
     assert!(table.status.success(), "{}", String::from_utf8_lossy(&table.stderr));
