@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod eval;
+mod gen_log;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "aipipe's project tasks")]
@@ -32,6 +33,9 @@ enum Task {
         #[arg(long)]
         json: bool,
     },
+    /// Writes a seed-like call log from the real text in ../shared/data (never into the
+    /// repository), for `aipipe replay`.
+    GenLog(gen_log::GenLogArgs),
     /// Runs the semantic cache's served decision over labelled pairs and reports precision,
     /// recall and false-positive rate per file, with a threshold sweep.
     EvalCache {
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Task::Bench { what, json } if cfg!(debug_assertions) => release_rerun(what, json),
         Task::Bench { what: BenchTarget::Cache, json } => bench::bench_cache(json),
         Task::Bench { what: BenchTarget::Engine, json } => bench::bench_engine(json),
+        Task::GenLog(args) => data_folder().and_then(|data| gen_log::gen_log(&args, &data)),
         Task::EvalCache { files, dev, limit, json, threshold } => eval_cache(files, dev, limit, json, threshold),
     };
     match result {

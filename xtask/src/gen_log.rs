@@ -1,0 +1,251 @@
+//! `cargo xtask gen-log`: a seed-like call log built from real text (`../shared/data`): arena
+//! prompts and Quora questions as the calls' texts, Quora duplicate pairs as paraphrased
+//! repeats, spread over components and workspaces through a day, with 429 bursts, timeouts and
+//! an outage. The log is written where asked, never into the repository: the data's terms do
+//! not allow copying it there.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct GenLogArgs {
+    /// Where the log goes.
+    #[arg(long, default_value = "target/generated-log.jsonl")]
+    pub out: PathBuf,
+    /// Calls in the log, spread over one day.
+    #[arg(long, default_value_t = 5_000)]
+    pub calls: usize,
+    /// Share of calls that repeat an earlier request of the last hour: half word for word,
+    /// half as the other question of a Quora duplicate pair.
+    #[arg(long, default_value_t = 0.18)]
+    pub repeat_rate: f64,
+    /// Share of calls answered 429 with Retry-After, arriving in bursts.
+    #[arg(long, default_value_t = 0.06)]
+    pub rate_limited: f64,
+    /// Share of calls that time out.
+    #[arg(long, default_value_t = 0.007)]
+    pub timeouts: f64,
+    /// Minutes of a provider outage (every call answered 503), in the afternoon.
+    #[arg(long, default_value_t = 12)]
+    pub outage_minutes: u64,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
+
+/// The application's components: (component, step).
+const COMPONENTS: &[(&str, &str)] = &[
+    ("ticket-classifier", "classifier"),
+    ("lead-validator", "validator"),
+    ("content-enhancer", "enhancer"),
+    ("task-prioritizer", "prioritizer"),
+    ("report-summarizer", "summarizer"),
+    ("contact-extractor", "extractor"),
+    ("faq-router", "classifier"),
+    ("copy-checker", "validator"),
+];
+const WORKSPACES: &[&str] = &["acme-corp", "globex", "initech"];
+const LABELS: &[&str] = &["billing", "bug", "feature_request", "account", "other"];
+const DAY_START_MS: i64 = 1_783_065_600_000; // 2026-07-03T00:00:00Z
+
+/// xorshift64*: deterministic for a seed, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+struct Texts {
+    prompts: Vec<String>,
+    questions: Vec<String>,
+    /// Quora pairs labelled as the same question.
+    duplicates: Vec<(String, String)>,
+}
+
+fn read_jsonl(path: &Path, mut keep: impl FnMut(Value)) -> anyhow::Result<()> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open `{}`", path.display()))?;
+    for line in BufReader::new(file).lines() {
+        if let Ok(value) = serde_json::from_str(&line?) {
+            keep(value);
+        }
+    }
+    Ok(())
+}
+
+fn texts(data: &Path) -> anyhow::Result<Texts> {
+    let mut texts = Texts { prompts: Vec::new(), questions: Vec::new(), duplicates: Vec::new() };
+    for file in ["arena-hard-v0.1.jsonl", "arena-hard-v2.0.jsonl"] {
+        read_jsonl(&data.join("prompts").join(file), |value| {
+            if let Some(prompt) = value["prompt"].as_str() {
+                // Long prompts stay long, within the engine's default prompt limit.
+                texts.prompts.push(prompt.chars().take(6_000).collect());
+            }
+        })?;
+    }
+    read_jsonl(&data.join("pairs").join("qqp-dev.jsonl"), |value| {
+        let (Some(a), Some(b)) = (value["a"].as_str(), value["b"].as_str()) else { return };
+        if value["label"] == 1 {
+            texts.duplicates.push((a.to_owned(), b.to_owned()));
+        } else {
+            texts.questions.push(a.to_owned());
+        }
+    })?;
+    anyhow::ensure!(
+        !texts.prompts.is_empty() && !texts.questions.is_empty() && !texts.duplicates.is_empty(),
+        "the data folder `{}` lacks prompts/ or pairs/qqp-dev.jsonl",
+        data.display()
+    );
+    Ok(texts)
+}
+
+/// A step's input for a text, and a reply that satisfies the step's schema.
+fn call_for(step: &str, text: &str, rng_pick: usize) -> (Value, String) {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    match step {
+        "classifier" => (
+            json!({"text": text, "labels": LABELS}),
+            json!({"label": LABELS[rng_pick % LABELS.len()], "confidence": 0.8}).to_string(),
+        ),
+        "validator" => (json!({"text": text}), {
+            let issues: Vec<&str> = if rng_pick.is_multiple_of(4) { vec!["unclear request"] } else { Vec::new() };
+            json!({"valid": issues.is_empty(), "issues": issues}).to_string()
+        }),
+        "enhancer" => (
+            json!({"text": text}),
+            json!({"enhanced": format!("{text} (clarified)"), "changes": ["clarified"]}).to_string(),
+        ),
+        "prioritizer" => (json!({"task": text}), {
+            let priority = ["low", "medium", "high", "critical"][rng_pick % 4];
+            json!({"priority": priority, "score": rng_pick % 100, "reason": "impact"}).to_string()
+        }),
+        "summarizer" => (
+            json!({"text": text}),
+            json!({"summary": words.iter().take(15).copied().collect::<Vec<_>>().join(" ")}).to_string(),
+        ),
+        _ => (
+            json!({"text": text, "fields": ["name", "email"]}),
+            json!({"fields": {"name": null, "email": null}}).to_string(),
+        ),
+    }
+}
+
+pub fn gen_log(args: &GenLogArgs, data: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(args.calls > 0, "--calls must be at least 1");
+    for (name, rate) in
+        [("--repeat-rate", args.repeat_rate), ("--rate-limited", args.rate_limited), ("--timeouts", args.timeouts)]
+    {
+        anyhow::ensure!((0.0..=1.0).contains(&rate), "{name} {rate}: give a share between 0 and 1");
+    }
+    let texts = texts(data)?;
+    let mut rng = Rng(args.seed.max(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let spacing_ms = 86_400_000 / args.calls as i64;
+    let outage_start = DAY_START_MS + 14 * 3_600_000;
+    let outage_end = outage_start + args.outage_minutes as i64 * 60_000;
+    // Calls of the last hour that a repeat may take up: (component, workspace, text, paraphrase).
+    let mut recent: Vec<(usize, usize, String, Option<String>, i64)> = Vec::new();
+    let mut burst_left = 0usize;
+    let (mut repeats, mut failures) = (0usize, 0usize);
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(&args.out).with_context(|| format!("cannot write `{}`", args.out.display()))?,
+    );
+    for n in 0..args.calls {
+        let ts = DAY_START_MS + n as i64 * spacing_ms + rng.below(spacing_ms.max(1) as usize) as i64;
+        recent.retain(|(.., at)| ts - at < 3_600_000);
+        let (component, workspace, text) = if !recent.is_empty() && rng.unit() < args.repeat_rate {
+            repeats += 1;
+            let (component, workspace, text, paraphrase, _) = recent[rng.below(recent.len())].clone();
+            match paraphrase {
+                Some(paraphrase) if rng.unit() < 0.5 => (component, workspace, paraphrase),
+                _ => (component, workspace, text),
+            }
+        } else {
+            let component = rng.below(COMPONENTS.len());
+            let workspace = rng.below(WORKSPACES.len());
+            let step = COMPONENTS[component].1;
+            let (text, paraphrase) = match step {
+                "enhancer" | "summarizer" | "extractor" => {
+                    (texts.prompts[rng.below(texts.prompts.len())].clone(), None)
+                }
+                _ if rng.unit() < 0.5 => {
+                    let (a, b) = texts.duplicates[rng.below(texts.duplicates.len())].clone();
+                    (a, Some(b))
+                }
+                _ => (texts.questions[rng.below(texts.questions.len())].clone(), None),
+            };
+            recent.push((component, workspace, text.clone(), paraphrase, ts));
+            (component, workspace, text)
+        };
+        let (name, step) = COMPONENTS[component];
+        let (input, reply) = call_for(step, &text, rng.below(1_000));
+        let prompt_tokens = 60 + text.len() / 4;
+        let mut line = json!({
+            "ts": jiff::Timestamp::from_millisecond(ts)?.to_string(),
+            "trace_id": format!("gen-{n:06}"),
+            "component": name,
+            "step": step,
+            "workspace": WORKSPACES[workspace],
+            "model": "gpt-4o-mini",
+            "input": input,
+        });
+        if burst_left == 0 && rng.unit() < args.rate_limited / 4.0 {
+            // 429s come in bursts of about four.
+            burst_left = 2 + rng.below(5);
+        }
+        let failure = if (outage_start..outage_end).contains(&ts) {
+            Some((json!({"class": "server_error", "status": 503, "message": "The server is overloaded"}), 300))
+        } else if burst_left > 0 {
+            burst_left -= 1;
+            Some((
+                json!({"class": "rate_limited", "status": 429, "retry_after_ms": 2000, "message": "Rate limit reached"}),
+                40,
+            ))
+        } else if rng.unit() < args.timeouts {
+            Some((json!({"class": "timeout", "message": "no answer within 20 s"}), 20_000))
+        } else {
+            None
+        };
+        match failure {
+            Some((error, latency_ms)) => {
+                failures += 1;
+                line["error"] = error;
+                line["latency_ms"] = json!(latency_ms);
+            }
+            None => {
+                // Mostly under a second, with a long tail.
+                let latency_ms =
+                    350.0 + 900.0 * rng.unit() + if rng.unit() < 0.03 { 6_000.0 * rng.unit() } else { 0.0 };
+                line["usage"] = json!({"input_tokens": prompt_tokens, "output_tokens": reply.len() / 4});
+                line["response"] = json!(reply);
+                line["latency_ms"] = json!(latency_ms.round());
+            }
+        }
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    eprintln!(
+        "xtask: {} calls to `{}`: {repeats} repeats ({:.1}%), {failures} failures ({:.1}%)",
+        args.calls,
+        args.out.display(),
+        100.0 * repeats as f64 / args.calls as f64,
+        100.0 * failures as f64 / args.calls as f64
+    );
+    Ok(())
+}
