@@ -70,10 +70,20 @@ async fn a_shadow_period_with_disagreements_shows_its_agreement_rate() {
     adapter.settle_shadows().await;
     engine.shutdown().await.unwrap();
 
-    // The engine's own answers are in telemetry, one row per shadow call.
+    // The engine's own calls are in telemetry, one row per shadow call, and each comparison
+    // keeps both answers and the verdict.
     let rows = store.records().await.unwrap();
     assert_eq!(rows.len(), 20);
     assert!(rows.iter().all(|row| row.component == "classifier" && row.source == "upstream"));
+    let comparisons = store.shadow_records(0, i64::MAX).await.unwrap();
+    assert_eq!(comparisons.len(), 20);
+    let disagreements: Vec<_> = comparisons.iter().filter(|c| !c.agreed).collect();
+    assert_eq!(disagreements.len(), 5);
+    for disagreement in &disagreements {
+        assert_eq!(disagreement.legacy_answer.as_deref(), Some("\"billing\""));
+        assert_eq!(disagreement.engine_answer.as_deref(), Some("\"other\""));
+        assert!(rows.iter().any(|row| row.trace_id == disagreement.trace_id), "linked to the engine's row");
+    }
     store.close().await;
 
     let out = migrate_status(&plan, &db, false);
@@ -135,6 +145,8 @@ async fn status_prints_agreement_costs_and_the_cut_over_verdict() {
                 similarity: if n >= 5 { 1.0 } else { 0.0 },
                 legacy_ok: true,
                 engine_ok: true,
+                legacy_answer: Some("\"billing\"".into()),
+                engine_answer: Some(if n >= 5 { "\"billing\"" } else { "\"bug\"" }.into()),
                 legacy_latency_ms: 900.0,
                 engine_latency_ms: 400.0,
             })

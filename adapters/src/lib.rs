@@ -192,6 +192,8 @@ impl Adapter {
                         similarity,
                         legacy_ok: legacy_view.is_some(),
                         engine_ok,
+                        legacy_answer: legacy_view.as_ref().map(Value::to_string),
+                        engine_answer: engine_view.as_ref().map(Value::to_string),
                         legacy_latency_ms: legacy_took.as_secs_f64() * 1000.0,
                         engine_latency_ms: engine_took.as_secs_f64() * 1000.0,
                     })

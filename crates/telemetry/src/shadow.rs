@@ -19,6 +19,10 @@ pub struct ShadowRecord {
     pub similarity: f64,
     pub legacy_ok: bool,
     pub engine_ok: bool,
+    /// What was compared of each answer (JSON), so that a person can judge a disagreement;
+    /// `None` for a side that failed.
+    pub legacy_answer: Option<String>,
+    pub engine_answer: Option<String>,
     pub legacy_latency_ms: f64,
     pub engine_latency_ms: f64,
 }
@@ -40,7 +44,8 @@ impl TelemetryStore {
     pub async fn insert_shadow(&self, record: &ShadowRecord) -> Result<(), TelemetryError> {
         sqlx::query(
             "INSERT INTO shadow_comparisons (ts_ms, component, step, trace_id, agreed, similarity, legacy_ok, \
-             engine_ok, legacy_latency_ms, engine_latency_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+             engine_ok, legacy_answer, engine_answer, legacy_latency_ms, engine_latency_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(record.ts_ms)
         .bind(record.component.as_str())
@@ -50,12 +55,48 @@ impl TelemetryStore {
         .bind(record.similarity)
         .bind(i64::from(record.legacy_ok))
         .bind(i64::from(record.engine_ok))
+        .bind(record.legacy_answer.as_deref())
+        .bind(record.engine_answer.as_deref())
         .bind(record.legacy_latency_ms)
         .bind(record.engine_latency_ms)
         .execute(self.pool())
         .await
         .map(drop)
         .map_err(TelemetryError::Write)
+    }
+
+    /// Every comparison of the window, oldest first, for a person to go through the
+    /// disagreements.
+    pub async fn shadow_records(&self, from_ms: i64, to_ms: i64) -> Result<Vec<ShadowRecord>, TelemetryError> {
+        let rows = sqlx::query(
+            "SELECT ts_ms, component, step, trace_id, agreed, similarity, legacy_ok, engine_ok, legacy_answer, \
+             engine_answer, legacy_latency_ms, engine_latency_ms FROM shadow_comparisons \
+             WHERE ts_ms >= $1 AND ts_ms < $2 ORDER BY ts_ms, id",
+        )
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_all(self.pool())
+        .await
+        .map_err(TelemetryError::Query)?;
+        rows.iter()
+            .map(|row| {
+                Ok(ShadowRecord {
+                    ts_ms: row.try_get("ts_ms")?,
+                    component: row.try_get("component")?,
+                    step: row.try_get("step")?,
+                    trace_id: row.try_get("trace_id")?,
+                    agreed: row.try_get::<i64, _>("agreed")? != 0,
+                    similarity: row.try_get("similarity")?,
+                    legacy_ok: row.try_get::<i64, _>("legacy_ok")? != 0,
+                    engine_ok: row.try_get::<i64, _>("engine_ok")? != 0,
+                    legacy_answer: row.try_get("legacy_answer")?,
+                    engine_answer: row.try_get("engine_answer")?,
+                    legacy_latency_ms: row.try_get("legacy_latency_ms")?,
+                    engine_latency_ms: row.try_get("engine_latency_ms")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(TelemetryError::Query)
     }
 
     /// Comparisons and agreements per component, for `from_ms <= ts_ms < to_ms`.

@@ -10,6 +10,8 @@ CREATE TABLE IF NOT EXISTS shadow_comparisons (
     legacy_ok         BIGINT           NOT NULL,
     engine_ok         BIGINT           NOT NULL,
     legacy_latency_ms DOUBLE PRECISION NOT NULL,
+    legacy_answer     TEXT,
+    engine_answer     TEXT,
     engine_latency_ms DOUBLE PRECISION NOT NULL
 );
 

@@ -10,6 +10,8 @@ CREATE TABLE IF NOT EXISTS shadow_comparisons (
     legacy_ok         INTEGER NOT NULL,
     engine_ok         INTEGER NOT NULL,
     legacy_latency_ms REAL    NOT NULL,
+    legacy_answer     TEXT,
+    engine_answer     TEXT,
     engine_latency_ms REAL    NOT NULL
 );
 
