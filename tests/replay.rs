@@ -147,6 +147,9 @@ fn process_variables_are_not_config_keys_but_typos_are_errors() {
     let home = pipeline_core::semantic_cache::ModelPaths::home();
     let out = run("AIPIPE_HOME", home.to_str().unwrap());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Nor is the tests' PostgreSQL server (a cold CI run caught that one).
+    let out = run("AIPIPE_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:1/postgres");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = run("AIPIPE_CACHE__TTL_SECONDS", "5");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cache.ttl_seconds"));

@@ -174,7 +174,7 @@ fn score<'a>(
 
 /// Embeddings of these exact texts from an earlier run, else fresh ones (then kept in
 /// `target/eval-embeddings`): evaluating and calibrating re-read the same 150,000 sentences.
-fn embed_cached(embedder: &Embedder, texts: &[&str]) -> anyhow::Result<Vec<Vec<f32>>> {
+pub(crate) fn embed_cached(embedder: &Embedder, texts: &[&str]) -> anyhow::Result<Vec<Vec<f32>>> {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
     for text in texts {

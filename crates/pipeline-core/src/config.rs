@@ -21,9 +21,10 @@ use crate::prompt::Prompts;
 const DEFAULTS: &str = include_str!("../defaults.toml");
 
 /// `AIPIPE_*` variables that are not config keys: the config file (`AIPIPE_CONFIG`), the model
-/// home (`AIPIPE_HOME`) and the evaluation data (`AIPIPE_DATA`). Any other `AIPIPE_` variable
-/// is a key, and an unknown one is an error.
-const PROCESS_VARIABLES: &[&str] = &["config", "home", "data"];
+/// home (`AIPIPE_HOME`), the evaluation data (`AIPIPE_DATA`) and the tests' PostgreSQL server
+/// (`AIPIPE_TEST_POSTGRES_URL`). Any other `AIPIPE_` variable is a key, and an unknown one is an
+/// error.
+const PROCESS_VARIABLES: &[&str] = &["config", "home", "data", "test_postgres_url"];
 
 /// Loading the config or building the engine from it failed.
 #[derive(Debug, thiserror::Error)]
@@ -320,7 +321,8 @@ pub struct Config {
 
 impl Config {
     /// Embedded defaults, then `file` if given, then `AIPIPE_*` environment variables
-    /// (`AIPIPE_SECTION__KEY`; `AIPIPE_CONFIG`, `AIPIPE_HOME` and `AIPIPE_DATA` are not keys).
+    /// (`AIPIPE_SECTION__KEY`; `AIPIPE_CONFIG`, `AIPIPE_HOME`, `AIPIPE_DATA` and
+    /// `AIPIPE_TEST_POSTGRES_URL` are not keys).
     pub fn load(file: Option<&Path>) -> Result<Self, SetupError> {
         let mut figment = Figment::from(Toml::string(DEFAULTS));
         if let Some(path) = file {
