@@ -45,11 +45,15 @@ struct Inner {
     pauses: Option<Pauses>,
     retry: RetryPolicy,
     /// Calls on their way upstream, by cache key, for identical calls to wait on.
-    in_flight: Mutex<HashMap<CacheKey, watch::Receiver<Option<Flight>>>>,
+    in_flight: Mutex<HashMap<FlightKey, watch::Receiver<Option<Flight>>>>,
     recorder: Recorder,
     clock: Arc<dyn Clock>,
     unpriced_models: Mutex<HashSet<String>>,
 }
+
+/// Identical calls share a flight only if they also agree on stand-ins: a call that refuses
+/// them must not receive one through another call.
+type FlightKey = (CacheKey, bool);
 
 /// What a call in flight hands the identical calls that waited for it: its outcome and what
 /// it paid.
@@ -156,7 +160,7 @@ enum Turn {
 /// the one others wait for.
 struct Leader {
     engine: Arc<Inner>,
-    key: CacheKey,
+    key: FlightKey,
     sender: watch::Sender<Option<Flight>>,
 }
 
@@ -365,7 +369,7 @@ impl Engine {
         }
 
         // 3. An identical call already on its way upstream answers this one too.
-        let leader = match self.take_turn(key, call.options.cache) {
+        let leader = match self.take_turn(key, call.options) {
             Turn::Follow(receiver) => match follow(receiver, &deadline).await {
                 Some(outcome) => return outcome,
                 // The leader was cancelled: this call goes on its own.
@@ -382,11 +386,12 @@ impl Engine {
         outcome
     }
 
-    fn take_turn(&self, key: CacheKey, policy: CachePolicy) -> Turn {
+    fn take_turn(&self, key: CacheKey, options: &CallOptions) -> Turn {
         // A call that refuses cached answers wants its own.
-        if policy.readable_age().is_none() {
+        if options.cache.readable_age().is_none() {
             return Turn::Alone;
         }
+        let key = (key, options.allow_stand_in);
         let mut in_flight = self.inner.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(receiver) = in_flight.get(&key) {
             return Turn::Follow(receiver.clone());

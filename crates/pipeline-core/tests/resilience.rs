@@ -301,3 +301,21 @@ async fn rate_limits_hold_a_workspace_to_its_budget() {
     );
     assert_eq!(other.await.unwrap().source, Source::Upstream);
 }
+
+#[tokio::test]
+async fn a_call_that_refuses_stand_ins_never_gets_one_through_another_call() {
+    let h = Arc::new(Harness::start("[retry]\nmax_attempts = 1").await);
+    h.upstream.respond_with(|_| Reply::slow(Duration::from_millis(300), Reply::server_error(503)));
+    let lenient = {
+        let h = h.clone();
+        tokio::spawn(async move { h.classify("ws-a", "same text", CallOptions::default()).await })
+    };
+    while h.upstream.requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let strict = CallOptions { allow_stand_in: false, ..CallOptions::default() };
+    let err = h.classify("ws-a", "same text", strict).await.unwrap_err();
+    assert_eq!(err.metric_label(), "server_error");
+    assert_eq!(lenient.await.unwrap().unwrap().source, Source::FallbackRule);
+    assert_eq!(h.upstream.requests(), 2, "the strict call made its own request");
+}
