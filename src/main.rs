@@ -4,6 +4,7 @@ mod log;
 mod migrate;
 mod replay;
 mod report;
+mod serve;
 mod setup;
 
 use std::io::Write;
@@ -50,6 +51,16 @@ enum Command {
         /// Print the figures as one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// An OpenAI-compatible HTTP gateway in front of the engine (POST /v1/chat/completions,
+    /// GET /v1/models, /metrics, /healthz, /readyz). Stops on SIGINT/SIGTERM after draining.
+    Serve {
+        /// The address to listen on; port 0 picks a free one (printed on stdout).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// The upstream's OpenAI-compatible base URL, instead of the config's `provider.base_url`.
+        #[arg(long)]
+        base_url: Option<String>,
     },
     /// Where each component's migration stands (docs/migration.md).
     Migrate {
@@ -108,6 +119,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 report::table(&report)
             };
             std::io::stdout().write_all(text.as_bytes()).context("cannot write to stdout")?;
+        }
+        Command::Serve { listen, base_url } => {
+            runtime.block_on(serve::serve(config, serve::ServeOptions { listen, base_url }))?;
         }
         Command::Migrate { what: MigrateCommand::Status { plan, db, hours, json } } => {
             let db = db.unwrap_or_else(|| config.telemetry.database_url.clone());

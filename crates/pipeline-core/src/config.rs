@@ -14,9 +14,9 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use telemetry::{ModelPrice, PriceTable};
 
-use crate::StepType;
-use crate::contract::OutputContract;
-use crate::prompt::Prompts;
+use crate::contract::{OutputContract, ReplyContract};
+use crate::prompt::{CHAT_SEMANTIC_FIELD, Prompts};
+use crate::{StepKind, StepType};
 
 const DEFAULTS: &str = include_str!("../defaults.toml");
 
@@ -62,6 +62,7 @@ struct RawConfig {
     semantic: RawSemantic,
     telemetry: RawTelemetry,
     alerts: RawAlerts,
+    gateway: RawGateway,
     #[serde(default)]
     prices: BTreeMap<String, ModelPrice>,
     #[serde(default)]
@@ -185,9 +186,25 @@ struct RawTelemetry {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawGateway {
+    default_step: String,
+    default_component: String,
+    max_body_bytes: usize,
+    drain_timeout_ms: u64,
+    #[serde(default)]
+    api_keys: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct RawStep {
+    #[serde(default)]
+    kind: StepKind,
+    #[serde(default)]
     pub(crate) system: String,
+    #[serde(default)]
     pub(crate) prompt: String,
+    #[serde(default)]
     output_schema: String,
     model: Option<String>,
     #[serde(default)]
@@ -269,6 +286,19 @@ pub struct SemanticSettings {
     pub snapshot: Option<PathBuf>,
 }
 
+/// `aipipe serve`: the OpenAI-compatible HTTP gateway in front of the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewaySettings {
+    /// The step a request runs when it names none; always a declared step.
+    pub default_step: StepType,
+    pub default_component: String,
+    pub max_body_bytes: usize,
+    /// On shutdown, how long in-flight calls may take to finish.
+    pub drain_timeout: Duration,
+    /// Workspace -> the environment variable that holds its API key.
+    pub api_keys: BTreeMap<String, String>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct TelemetrySettings {
     pub database_url: String,
@@ -280,22 +310,27 @@ pub struct TelemetrySettings {
 #[derive(Debug, Clone)]
 pub struct StepSpec {
     pub step: StepType,
+    pub kind: StepKind,
     pub system: String,
+    /// The user-message template; empty for a chat step.
     pub prompt: String,
+    /// `Value::Null` for a chat step, whose reply is free text.
     pub output_schema: Value,
     pub model: String,
     pub temperature: f32,
     pub max_output_tokens: u32,
     pub max_prompt_chars: usize,
     /// The input field whose text the semantic cache compares; `None` keeps the step to exact
-    /// matches only. Every other input field must match exactly.
+    /// matches only. Every other input field must match exactly. For a chat step it can only
+    /// be `messages`: the last user message is compared, the rest of the conversation must match.
     pub semantic_field: Option<String>,
     pub semantic_threshold: f32,
     /// Tried in order when the step's model cannot answer.
     pub fallbacks: Vec<RouteTarget>,
-    /// The rule-based reply when no model can answer; valid against the output schema.
+    /// The rule-based reply when no model can answer; valid against the output schema (a
+    /// string for a chat step).
     pub fallback_answer: Option<Value>,
-    pub(crate) contract: OutputContract,
+    pub(crate) contract: ReplyContract,
     /// Changes whenever anything that shapes the answer changes (templates, schema, sampling),
     /// so that editing a prompt retires its cached answers.
     pub(crate) fingerprint: String,
@@ -314,6 +349,7 @@ pub struct Config {
     pub telemetry: TelemetrySettings,
     /// `None`: no anomaly alerts.
     pub alerts: Option<telemetry::AlertSettings>,
+    pub gateway: GatewaySettings,
     pub prices: PriceTable,
     steps: BTreeMap<StepType, Arc<StepSpec>>,
     pub(crate) prompts: Prompts,
@@ -464,6 +500,7 @@ impl Config {
             let spec = validate_step(&name, step, &engine, &semantic, &provider.name, &providers)?;
             steps.insert(spec.step.clone(), Arc::new(spec));
         }
+        let gateway = validate_gateway(raw.gateway, &steps)?;
         Ok(Self {
             engine,
             provider,
@@ -474,6 +511,7 @@ impl Config {
             semantic,
             telemetry,
             alerts,
+            gateway,
             prices: PriceTable::new(raw.prices),
             steps,
             prompts,
@@ -573,6 +611,28 @@ fn validate_resilience(
     })
 }
 
+fn validate_gateway(raw: RawGateway, steps: &BTreeMap<StepType, Arc<StepSpec>>) -> Result<GatewaySettings, SetupError> {
+    let default_step =
+        StepType::new(&raw.default_step).ok().filter(|step| steps.contains_key(step)).ok_or_else(|| {
+            SetupError::invalid(
+                "gateway.default_step",
+                format!("no step `{}`: declare it under [steps.{}]", raw.default_step, raw.default_step),
+            )
+        })?;
+    for (workspace, variable) in &raw.api_keys {
+        let key = format!("gateway.api_keys.{workspace}");
+        non_empty(&key, workspace.clone())?;
+        non_empty(&key, variable.clone())?;
+    }
+    Ok(GatewaySettings {
+        default_step,
+        default_component: non_empty("gateway.default_component", raw.default_component)?,
+        max_body_bytes: positive("gateway.max_body_bytes", raw.max_body_bytes)?,
+        drain_timeout: positive_millis("gateway.drain_timeout_ms", raw.drain_timeout_ms)?,
+        api_keys: raw.api_keys,
+    })
+}
+
 fn validate_step(
     name: &str,
     raw: RawStep,
@@ -583,16 +643,47 @@ fn validate_step(
 ) -> Result<StepSpec, SetupError> {
     let key = |field: &str| format!("steps.{name}.{field}");
     let step = StepType::new(name).map_err(|err| SetupError::invalid(format!("steps.{name}"), err.to_string()))?;
-    let output_schema: Value = serde_json::from_str(&raw.output_schema)
-        .map_err(|err| SetupError::invalid(key("output_schema"), format!("not JSON: {err}")))?;
-    let contract =
-        OutputContract::compile(&output_schema).map_err(|err| SetupError::invalid(key("output_schema"), err))?;
+    let (output_schema, contract) = match raw.kind {
+        StepKind::Structured => {
+            if raw.prompt.trim().is_empty() {
+                return Err(SetupError::invalid(key("prompt"), "a structured step needs a prompt template"));
+            }
+            if raw.output_schema.trim().is_empty() {
+                return Err(SetupError::invalid(
+                    key("output_schema"),
+                    "a structured step needs the JSON schema of its reply (or `kind = \"chat\"` for free text)",
+                ));
+            }
+            let schema: Value = serde_json::from_str(&raw.output_schema)
+                .map_err(|err| SetupError::invalid(key("output_schema"), format!("not JSON: {err}")))?;
+            let contract =
+                OutputContract::compile(&schema).map_err(|err| SetupError::invalid(key("output_schema"), err))?;
+            (schema, ReplyContract::Json(contract))
+        }
+        StepKind::Chat => {
+            for (field, value) in [("prompt", &raw.prompt), ("output_schema", &raw.output_schema)] {
+                if !value.trim().is_empty() {
+                    return Err(SetupError::invalid(
+                        key(field),
+                        "a chat step sends the caller's messages and passes free text back: remove it",
+                    ));
+                }
+            }
+            (Value::Null, ReplyContract::Text)
+        }
+    };
     if !(0.0..=2.0).contains(&raw.temperature) {
         return Err(SetupError::invalid(key("temperature"), format!("{} is outside 0.0..=2.0", raw.temperature)));
     }
     let max_output_tokens = positive(&key("max_output_tokens"), raw.max_output_tokens)?;
     let max_prompt_chars = positive(&key("max_prompt_chars"), raw.max_prompt_chars.unwrap_or(engine.max_prompt_chars))?;
     let semantic_field = match raw.semantic_field {
+        Some(field) if raw.kind == StepKind::Chat && field != CHAT_SEMANTIC_FIELD => {
+            return Err(SetupError::invalid(
+                key("semantic_field"),
+                format!("a chat step compares its last user message: use `{CHAT_SEMANTIC_FIELD}` or leave it out"),
+            ));
+        }
         Some(field) => Some(non_empty(&key("semantic_field"), field)?),
         None => None,
     };
@@ -630,6 +721,7 @@ fn validate_step(
     let fingerprint = {
         let mut hasher = Sha256::new();
         for part in [
+            raw.kind.label().as_bytes(),
             raw.system.as_bytes(),
             raw.prompt.as_bytes(),
             semantic_cache::canonical_json(&output_schema).as_bytes(),
@@ -643,6 +735,7 @@ fn validate_step(
     };
     Ok(StepSpec {
         step,
+        kind: raw.kind,
         system: raw.system,
         prompt: raw.prompt,
         output_schema,

@@ -5,6 +5,29 @@ use serde_json::Value;
 /// How many schema violations a message lists; the first few are enough to repair a reply.
 const MAX_VIOLATIONS: usize = 5;
 
+/// What a step's reply must be.
+#[derive(Debug, Clone)]
+pub(crate) enum ReplyContract {
+    /// One JSON object valid against the step's schema, asked for in JSON mode.
+    Json(OutputContract),
+    /// Any text: a chat step passes the model's reply on as it is.
+    Text,
+}
+
+impl ReplyContract {
+    pub(crate) fn json_mode(&self) -> bool {
+        matches!(self, Self::Json(_))
+    }
+
+    /// The reply as the call's output, or what is wrong with it.
+    pub(crate) fn check(&self, reply: &str) -> Result<Value, String> {
+        match self {
+            Self::Json(contract) => contract.check(reply),
+            Self::Text => Ok(Value::String(reply.to_owned())),
+        }
+    }
+}
+
 /// A step's output contract: the reply must be one JSON object valid against the schema.
 #[derive(Clone)]
 pub(crate) struct OutputContract {
@@ -89,6 +112,13 @@ mod tests {
         assert!(prose.contains("not a JSON object"), "{prose}");
         let array = contract().check("[1, 2]").unwrap_err();
         assert!(array.contains("object"), "{array}");
+    }
+
+    #[test]
+    fn text_replies_pass_as_they_are() {
+        assert_eq!(ReplyContract::Text.check(" not JSON ").unwrap(), json!(" not JSON "));
+        assert!(!ReplyContract::Text.json_mode());
+        assert!(ReplyContract::Json(contract()).check("prose").is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tower::ServiceExt;
 use tracing::Instrument;
 
+use crate::prompt::{Rendered, Sampling, semantic_text};
 use crate::{
     CachePolicy, CallContext, CallOptions, Clock, Config, PipelineError, PipelineResult, RouteTarget, SetupError,
     Source, StepSpec, StepType, SystemClock, TraceId,
@@ -195,6 +196,7 @@ struct Call<'a> {
 /// A call's rendered prompt and its exact-cache key.
 struct Prompt {
     messages: Vec<ChatMessage>,
+    sampling: Sampling,
     chars: usize,
     key: CacheKey,
 }
@@ -204,7 +206,8 @@ struct Ask<'a> {
     spec: &'a StepSpec,
     call: &'a Call<'a>,
     deadline: &'a Deadline,
-    /// Prompt plus the step's output budget, reserved from the token limits before sending.
+    sampling: Sampling,
+    /// Prompt plus the call's output budget, reserved from the token limits before sending.
     estimated_tokens: u64,
 }
 
@@ -352,7 +355,7 @@ impl Engine {
         spent.model = Some(model.clone());
 
         // 1. The prompt, from the step's templates.
-        let messages = config.prompts.render(spec, call.input, call.context)?;
+        let Rendered { messages, sampling } = config.prompts.render(spec, call.input, call.context)?;
         let prompt_chars: usize = messages.iter().map(|message| message.content.chars().count()).sum();
         if prompt_chars > spec.max_prompt_chars {
             return Err(PipelineError::PromptTooLarge {
@@ -363,7 +366,7 @@ impl Engine {
         }
 
         // 2. The exact cache.
-        let key = cache_key(spec, &model, call.context, &messages);
+        let key = cache_key(spec, &model, call.context, &messages, sampling);
         if let Some(hit) = self.cache_lookup(&key, call.options.cache, at) {
             return Ok(hit);
         }
@@ -378,7 +381,7 @@ impl Engine {
             Turn::Lead(leader) => Some(leader),
             Turn::Alone => None,
         };
-        let prompt = Prompt { messages, chars: prompt_chars, key };
+        let prompt = Prompt { messages, sampling, chars: prompt_chars, key };
         let outcome = self.answer(spec, &model, call, prompt, &deadline, at, spent).await;
         if let Some(leader) = leader {
             leader.publish(&outcome, spent.spend());
@@ -419,11 +422,12 @@ impl Engine {
             return Ok(hit);
         }
         if let Some(max_usd) = call.options.max_cost_usd {
-            self.check_cost(spec, model, prompt.chars, max_usd)?;
+            self.check_cost(model, prompt.chars, prompt.sampling.max_output_tokens, max_usd)?;
         }
         let route = self.route(spec, model);
-        let estimated_tokens = prompt.chars.div_ceil(CHARS_PER_TOKEN) as u64 + u64::from(spec.max_output_tokens);
-        let ask = Ask { spec, call, deadline, estimated_tokens };
+        let max_output_tokens = prompt.sampling.max_output_tokens;
+        let estimated_tokens = prompt.chars.div_ceil(CHARS_PER_TOKEN) as u64 + u64::from(max_output_tokens);
+        let ask = Ask { spec, call, deadline, sampling: prompt.sampling, estimated_tokens };
         match self.ask_and_validate(&ask, &route, prompt.messages, spent).await {
             Ok((output, answered_by)) => {
                 let target = &route[answered_by];
@@ -515,12 +519,7 @@ impl Engine {
         if !call.options.cache.writes() {
             return None;
         }
-        let field = spec.semantic_field.as_deref()?;
-        let text = call.input.get(field)?.as_str()?.to_owned();
-        let mut rest = call.input.clone();
-        if let Some(fields) = rest.as_object_mut() {
-            fields.remove(field);
-        }
+        let (text, rest) = semantic_text(spec, call.input)?;
         let namespace = CacheKey::builder()
             .text("workspace", &call.context.workspace)
             .text("step", spec.step.as_str())
@@ -623,11 +622,17 @@ impl Engine {
         }
     }
 
-    /// Refuses a call whose worst case (the whole prompt plus the step's full output budget)
+    /// Refuses a call whose worst case (the whole prompt plus the call's full output budget)
     /// would cost more than the caller allows.
-    fn check_cost(&self, spec: &StepSpec, model: &str, prompt_chars: usize, max_usd: f64) -> Result<(), PipelineError> {
+    fn check_cost(
+        &self,
+        model: &str,
+        prompt_chars: usize,
+        max_output_tokens: u32,
+        max_usd: f64,
+    ) -> Result<(), PipelineError> {
         let input_tokens = prompt_chars.div_ceil(CHARS_PER_TOKEN) as u64;
-        let Some(estimated_usd) = self.inner.config.prices.cost(model, input_tokens, u64::from(spec.max_output_tokens))
+        let Some(estimated_usd) = self.inner.config.prices.cost(model, input_tokens, u64::from(max_output_tokens))
         else {
             return Err(PipelineError::CostLimitExceeded {
                 reason: format!(
@@ -638,9 +643,8 @@ impl Engine {
         if estimated_usd > max_usd {
             return Err(PipelineError::CostLimitExceeded {
                 reason: format!(
-                    "estimated cost ${estimated_usd:.6} (about {input_tokens} prompt tokens + {} output tokens on \
-                     `{model}`) exceeds the call's max_cost_usd ${max_usd:.6}",
-                    spec.max_output_tokens
+                    "estimated cost ${estimated_usd:.6} (about {input_tokens} prompt tokens + {max_output_tokens} \
+                     output tokens on `{model}`) exceeds the call's max_cost_usd ${max_usd:.6}"
                 ),
             });
         }
@@ -794,9 +798,9 @@ impl Engine {
         let request = ChatRequest {
             model: target.model.clone(),
             messages: messages.to_vec(),
-            temperature: Some(ask.spec.temperature),
-            max_output_tokens: Some(ask.spec.max_output_tokens),
-            json_mode: true,
+            temperature: Some(ask.sampling.temperature),
+            max_output_tokens: Some(ask.sampling.max_output_tokens),
+            json_mode: ask.spec.contract.json_mode(),
             trace_id: ask.call.trace_id.to_string(),
         };
         spent.attempts += 1;
@@ -944,12 +948,19 @@ fn validate(spec: &StepSpec, reply: &str) -> Result<Value, String> {
 /// Two calls share an answer only if everything the model sees and everything that shapes
 /// its reply are the same: workspace, step contract, model and the rendered prompt (which
 /// stands for the input, the template and any metadata the template reads).
-fn cache_key(spec: &StepSpec, model: &str, context: &CallContext, messages: &[ChatMessage]) -> CacheKey {
+fn cache_key(
+    spec: &StepSpec,
+    model: &str,
+    context: &CallContext,
+    messages: &[ChatMessage],
+    sampling: Sampling,
+) -> CacheKey {
     let mut key = CacheKey::builder()
         .text("workspace", &context.workspace)
         .text("step", spec.step.as_str())
         .text("contract", &spec.fingerprint)
-        .text("model", model);
+        .text("model", model)
+        .text("sampling", &format!("{}/{}", sampling.temperature, sampling.max_output_tokens));
     for message in messages {
         let role = match message.role {
             Role::System => "system",

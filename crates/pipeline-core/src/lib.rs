@@ -21,14 +21,14 @@ mod step;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    CacheSettings, Config, EngineSettings, FallbackSettings, ProviderSettings, ResilienceSettings, RouteTarget,
-    SetupError, StepSpec, TelemetrySettings,
+    CacheSettings, Config, EngineSettings, FallbackSettings, GatewaySettings, ProviderSettings, ResilienceSettings,
+    RouteTarget, SetupError, StepSpec, TelemetrySettings,
 };
 pub use engine::{Engine, EngineBuilder};
 pub use error::PipelineError;
 pub use request::{CachePolicy, CallContext, CallOptions, TraceId};
 pub use result::{PipelineResult, Source};
-pub use step::{InvalidStepName, StepType};
+pub use step::{InvalidStepName, StepKind, StepType};
 
 /// Re-exported so that callers can build providers and recorders without naming the crates.
 pub use providers;

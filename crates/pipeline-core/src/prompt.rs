@@ -3,12 +3,45 @@ use std::sync::Arc;
 
 use minijinja::value::Serde;
 use minijinja::{Environment, UndefinedBehavior};
-use providers::ChatMessage;
-use serde::Serialize;
+use providers::{ChatMessage, Role};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::{RawStep, SetupError};
-use crate::{CallContext, PipelineError, StepSpec};
+use crate::{CallContext, PipelineError, StepKind, StepSpec};
+
+/// The only `semantic_field` a chat step takes: its last user message is compared.
+pub(crate) const CHAT_SEMANTIC_FIELD: &str = "messages";
+
+/// The sampling of one call: the step's, or within the step's bounds, a chat caller's own.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Sampling {
+    pub(crate) temperature: f32,
+    pub(crate) max_output_tokens: u32,
+}
+
+/// What the model is sent for one call.
+#[derive(Debug)]
+pub(crate) struct Rendered {
+    pub(crate) messages: Vec<ChatMessage>,
+    pub(crate) sampling: Sampling,
+}
+
+/// A chat step's input: the conversation as the caller has it, and its sampling.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatInput {
+    messages: Vec<ChatInputMessage>,
+    temperature: Option<f32>,
+    max_tokens: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatInputMessage {
+    role: String,
+    content: String,
+}
 
 /// Every step's templates, compiled once at config load.
 #[derive(Debug, Clone)]
@@ -46,9 +79,25 @@ impl Prompts {
         Ok(Self { templates: Arc::new(templates) })
     }
 
-    /// The system and user messages for one call. The system message ends with the output
-    /// contract, so that no template has to repeat the schema.
+    /// The messages and sampling of one call.
     pub(crate) fn render(
+        &self,
+        spec: &StepSpec,
+        input: &Value,
+        context: &CallContext,
+    ) -> Result<Rendered, PipelineError> {
+        match spec.kind {
+            StepKind::Structured => Ok(Rendered {
+                messages: self.render_templates(spec, input, context)?,
+                sampling: Sampling { temperature: spec.temperature, max_output_tokens: spec.max_output_tokens },
+            }),
+            StepKind::Chat => render_chat(spec, input),
+        }
+    }
+
+    /// The system and user messages from the step's templates. The system message ends with
+    /// the output contract, so that no template has to repeat the schema.
+    fn render_templates(
         &self,
         spec: &StepSpec,
         input: &Value,
@@ -76,6 +125,74 @@ impl Prompts {
             spec.output_schema
         );
         Ok(vec![ChatMessage::system(system), ChatMessage::user(render("prompt")?)])
+    }
+}
+
+/// A chat step sends the caller's conversation after the step's own system message, if it
+/// has one; the caller may lower the output budget and choose the temperature.
+fn render_chat(spec: &StepSpec, input: &Value) -> Result<Rendered, PipelineError> {
+    let invalid = |reason: String| PipelineError::InvalidInput { step: spec.step.clone(), reason };
+    let chat = ChatInput::deserialize(input).map_err(|err| {
+        invalid(format!(
+            "a chat step takes {{\"messages\": [{{\"role\", \"content\"}}], \"temperature\"?, \"max_tokens\"?}}: {err}"
+        ))
+    })?;
+    if chat.messages.is_empty() {
+        return Err(invalid("`messages` is empty: send at least one message".into()));
+    }
+    let mut messages = Vec::with_capacity(chat.messages.len() + 1);
+    if !spec.system.trim().is_empty() {
+        messages.push(ChatMessage::system(spec.system.trim()));
+    }
+    for (index, message) in chat.messages.into_iter().enumerate() {
+        let role = match message.role.as_str() {
+            // OpenAI's newer name for the system role.
+            "system" | "developer" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            other => {
+                return Err(invalid(format!(
+                    "messages[{index}].role is `{other}`: use system, developer, user or assistant"
+                )));
+            }
+        };
+        messages.push(ChatMessage { role, content: message.content });
+    }
+    let temperature = chat.temperature.unwrap_or(spec.temperature);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(invalid(format!("temperature {temperature} is outside 0.0..=2.0")));
+    }
+    let max_output_tokens = match chat.max_tokens {
+        Some(0) => return Err(invalid("max_tokens must be at least 1".into())),
+        Some(asked) if asked > spec.max_output_tokens => {
+            return Err(invalid(format!(
+                "max_tokens {asked} is over the step's limit of {}: ask for less or raise `steps.{}.max_output_tokens`",
+                spec.max_output_tokens, spec.step
+            )));
+        }
+        Some(asked) => asked,
+        None => spec.max_output_tokens,
+    };
+    Ok(Rendered { messages, sampling: Sampling { temperature, max_output_tokens } })
+}
+
+/// The text the semantic cache compares for this call, and the rest of the input, which must
+/// match exactly. `None` when the step or the call has no such text.
+pub(crate) fn semantic_text(spec: &StepSpec, input: &Value) -> Option<(String, Value)> {
+    let field = spec.semantic_field.as_deref()?;
+    let mut rest = input.clone();
+    match spec.kind {
+        StepKind::Structured => {
+            let text = input.get(field)?.as_str()?.to_owned();
+            rest.as_object_mut()?.remove(field);
+            Some((text, rest))
+        }
+        StepKind::Chat => {
+            let messages = rest.get_mut(CHAT_SEMANTIC_FIELD)?.as_array_mut()?;
+            let last_user = messages.iter_mut().rev().find(|message| message["role"] == "user")?;
+            let text = last_user.get_mut("content")?.take();
+            Some((text.as_str()?.to_owned(), rest))
+        }
     }
 }
 
@@ -111,7 +228,8 @@ mod tests {
         let messages = config
             .prompts
             .render(spec, &json!({"text": "refund please", "labels": ["billing", "bug"]}), &context)
-            .unwrap();
+            .unwrap()
+            .messages;
         assert_eq!(messages[1].content, "For ticket-router: refund please (billing/bug)");
         assert!(messages[0].content.contains("\"label\""), "{}", messages[0].content);
     }
@@ -129,7 +247,51 @@ mod tests {
     fn optional_fields_may_be_absent() {
         let config = Config::defaults().unwrap();
         let spec = config.step(&StepType::VALIDATOR).unwrap();
-        let messages = config.prompts.render(spec, &json!({"text": "hello"}), &CallContext::new("ws", "c")).unwrap();
+        let messages =
+            config.prompts.render(spec, &json!({"text": "hello"}), &CallContext::new("ws", "c")).unwrap().messages;
         assert!(messages[1].content.contains("placeholder"), "{}", messages[1].content);
+    }
+
+    #[test]
+    fn chat_messages_pass_through_with_the_callers_sampling() {
+        let config = Config::from_toml("[steps.chat]\nsystem = 'Be brief.'").unwrap();
+        let spec = config.step(&StepType::CHAT).unwrap();
+        let input = json!({"messages": [{"role": "developer", "content": "Answer in French."},
+            {"role": "user", "content": "Hi"}], "temperature": 0.2, "max_tokens": 50});
+        let rendered = config.prompts.render(spec, &input, &CallContext::new("ws", "c")).unwrap();
+        let roles: Vec<_> = rendered.messages.iter().map(|message| message.role).collect();
+        assert_eq!(roles, [providers::Role::System, providers::Role::System, providers::Role::User]);
+        assert_eq!(rendered.messages[0].content, "Be brief.");
+        assert_eq!(rendered.messages[2].content, "Hi");
+        assert_eq!(rendered.sampling.temperature, 0.2);
+        assert_eq!(rendered.sampling.max_output_tokens, 50);
+    }
+
+    #[test]
+    fn bad_chat_input_is_named() {
+        let config = Config::defaults().unwrap();
+        let spec = config.step(&StepType::CHAT).unwrap();
+        let context = CallContext::new("ws", "c");
+        for (input, expected) in [
+            (json!({"messages": []}), "empty"),
+            (json!({"messages": [{"role": "tool", "content": "x"}]}), "messages[0].role"),
+            (json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1_000_000}), "max_output_tokens"),
+            (json!({"messages": [{"role": "user", "content": "x"}], "top_k": 3}), "top_k"),
+        ] {
+            let err = config.prompts.render(spec, &input, &context).unwrap_err().to_string();
+            assert!(err.contains(expected), "{input}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_chat_step_compares_its_last_user_message() {
+        let config = Config::from_toml("[steps.chat]\nsemantic_field = 'messages'").unwrap();
+        let spec = config.step(&StepType::CHAT).unwrap();
+        let input = json!({"messages": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "second"}]});
+        let (text, rest) = super::semantic_text(spec, &input).unwrap();
+        assert_eq!(text, "second");
+        assert_eq!(rest["messages"][0]["content"], "first");
+        assert!(rest["messages"][2]["content"].is_null());
     }
 }

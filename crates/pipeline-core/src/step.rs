@@ -15,6 +15,28 @@ pub struct StepType(Cow<'static, str>);
 #[error("`{0}` is not a step name: use 1-64 characters of a-z, 0-9, `_` or `-`, starting with a letter")]
 pub struct InvalidStepName(pub String);
 
+/// How a step talks to the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    /// The prompt comes from the step's templates and the reply must be a JSON object valid
+    /// against the step's output schema.
+    #[default]
+    Structured,
+    /// The caller's own messages go to the model as they are (after the step's system
+    /// message, if any) and the reply is free text: what an OpenAI-compatible client sends.
+    Chat,
+}
+
+impl StepKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Structured => "structured",
+            Self::Chat => "chat",
+        }
+    }
+}
+
 impl StepType {
     pub const VALIDATOR: Self = Self(Cow::Borrowed("validator"));
     pub const ENHANCER: Self = Self(Cow::Borrowed("enhancer"));
@@ -22,9 +44,18 @@ impl StepType {
     pub const CLASSIFIER: Self = Self(Cow::Borrowed("classifier"));
     pub const SUMMARIZER: Self = Self(Cow::Borrowed("summarizer"));
     pub const EXTRACTOR: Self = Self(Cow::Borrowed("extractor"));
+    /// Free-form chat: the gateway's default step.
+    pub const CHAT: Self = Self(Cow::Borrowed("chat"));
 
-    pub const BUILT_IN: [Self; 6] =
-        [Self::VALIDATOR, Self::ENHANCER, Self::PRIORITIZER, Self::CLASSIFIER, Self::SUMMARIZER, Self::EXTRACTOR];
+    pub const BUILT_IN: [Self; 7] = [
+        Self::VALIDATOR,
+        Self::ENHANCER,
+        Self::PRIORITIZER,
+        Self::CLASSIFIER,
+        Self::SUMMARIZER,
+        Self::EXTRACTOR,
+        Self::CHAT,
+    ];
 
     pub fn new(name: &str) -> Result<Self, InvalidStepName> {
         let valid = (1..=64).contains(&name.len())

@@ -40,6 +40,11 @@ impl PriceTable {
             .map(|(_, price)| *price)
     }
 
+    /// The models with a listed price.
+    pub fn models(&self) -> impl Iterator<Item = &str> {
+        self.prices.keys().map(String::as_str)
+    }
+
     /// `None` for a model the table does not know.
     pub fn cost(&self, model: &str, input_tokens: u64, output_tokens: u64) -> Option<f64> {
         self.price(model).map(|price| price.cost(input_tokens, output_tokens))
