@@ -4,7 +4,7 @@ use std::io::BufRead;
 use std::time::{Duration, SystemTime};
 
 use pipeline_core::StepType;
-use pipeline_core::providers::{ErrorClass, ProviderError, RecordedCall, RecordedReply, Usage};
+use pipeline_core::providers::{ErrorClass, ProviderError, RecordedCall, RecordedReply, Usage, classify_http_failure};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -102,13 +102,15 @@ pub fn read_log(reader: impl BufRead) -> std::io::Result<(Vec<LoggedCall>, Vec<B
     Ok((calls, bad))
 }
 
+/// A line in aipipe's own format, or, when it has a `request` object, an OpenAI
+/// request/response pair as gateways export them.
 fn parse_line(line: usize, text: &str) -> Result<LoggedCall, String> {
-    let raw: RawLine = serde_json::from_str(text).map_err(|err| format!("not a log record: {err}"))?;
-    let at = raw
-        .ts
-        .parse::<jiff::Timestamp>()
-        .map_err(|err| format!("`ts` is not an RFC 3339 time (like 2026-07-03T09:14:02.118Z): {err}"))?;
-    let at = SystemTime::try_from(at).map_err(|err| format!("`ts` is out of range: {err}"))?;
+    let value: Value = serde_json::from_str(text).map_err(|err| format!("not a log record: {err}"))?;
+    if value.get("request").is_some_and(Value::is_object) {
+        return parse_openai_line(line, value);
+    }
+    let raw: RawLine = serde_json::from_value(value).map_err(|err| format!("not a log record: {err}"))?;
+    let at = rfc3339("ts", &raw.ts)?;
     let step = StepType::new(&raw.step).map_err(|err| format!("`step`: {err}"))?;
     if !(raw.latency_ms.is_finite() && raw.latency_ms >= 0.0) {
         return Err(format!("`latency_ms` is {}: use a non-negative number of milliseconds", raw.latency_ms));
@@ -118,21 +120,12 @@ fn parse_line(line: usize, text: &str) -> Result<LoggedCall, String> {
     }
     let outcome = match (raw.response, raw.error) {
         (Some(response), None) => Ok(response),
-        (None, Some(error)) => {
-            let class = ErrorClass::from_label(&error.class).ok_or_else(|| {
-                format!(
-                    "`error.class` is `{}`: use one of rate_limited, quota_exhausted, server_error, timeout, \
-                     connection, bad_request, unauthorized, malformed_reply",
-                    error.class
-                )
-            })?;
-            Err(LoggedError {
-                class,
-                status: error.status,
-                retry_after: error.retry_after_ms.map(Duration::from_millis),
-                message: error.message,
-            })
-        }
+        (None, Some(error)) => Err(LoggedError {
+            class: error_class(&error.class)?,
+            status: error.status,
+            retry_after: error.retry_after_ms.map(Duration::from_millis),
+            message: error.message,
+        }),
         (Some(_), Some(_)) => return Err("has both `response` and `error`: a call ends in one of them".into()),
         (None, None) => return Err("has neither `response` nor `error`: say how the call ended".into()),
     };
@@ -153,6 +146,164 @@ fn parse_line(line: usize, text: &str) -> Result<LoggedCall, String> {
         usage: Usage { input_tokens: raw.usage.input_tokens, output_tokens: raw.usage.output_tokens },
         latency: Duration::from_secs_f64(raw.latency_ms / 1000.0),
     })
+}
+
+fn rfc3339(field: &str, text: &str) -> Result<SystemTime, String> {
+    let at = text
+        .parse::<jiff::Timestamp>()
+        .map_err(|err| format!("`{field}` is not an RFC 3339 time (like 2026-07-03T09:14:02.118Z): {err}"))?;
+    SystemTime::try_from(at).map_err(|err| format!("`{field}` is out of range: {err}"))
+}
+
+fn error_class(label: &str) -> Result<ErrorClass, String> {
+    ErrorClass::from_label(label).ok_or_else(|| {
+        format!(
+            "`error.class` is `{label}`: use one of rate_limited, quota_exhausted, server_error, timeout, \
+             connection, bad_request, unauthorized, malformed_reply"
+        )
+    })
+}
+
+/// An OpenAI request/response pair (docs/log-format.md): the request's messages become a chat
+/// step's input (or, with `metadata.step`, that step's input object from the last user message).
+#[derive(Debug, Deserialize)]
+struct OpenAiLine {
+    request: crate::openai::CompletionRequest,
+    response: Option<OpenAiResponse>,
+    error: Option<OpenAiError>,
+    #[serde(alias = "ts", alias = "created_at")]
+    timestamp: Option<Value>,
+    #[serde(alias = "duration_ms")]
+    latency_ms: Option<f64>,
+    trace_id: Option<String>,
+    #[serde(default)]
+    metadata: OpenAiMetadata,
+}
+
+#[derive(Debug, Deserialize)]
+struct OpenAiResponse {
+    model: Option<String>,
+    created: Option<u64>,
+    choices: Vec<OpenAiChoice>,
+    usage: Option<OpenAiUsage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct OpenAiChoice {
+    message: OpenAiMessage,
+}
+
+#[derive(Debug, Deserialize)]
+struct OpenAiMessage {
+    content: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct OpenAiUsage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+}
+
+/// A failed request: an HTTP status with OpenAI's error fields, or, for failures without one
+/// (timeouts, connection errors), the engine's class.
+#[derive(Debug, Deserialize)]
+struct OpenAiError {
+    status: Option<u16>,
+    class: Option<String>,
+    #[serde(default)]
+    message: String,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    code: Option<String>,
+    retry_after_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct OpenAiMetadata {
+    component: Option<String>,
+    workspace: Option<String>,
+    step: Option<String>,
+    trace_id: Option<String>,
+}
+
+fn parse_openai_line(line: usize, value: Value) -> Result<LoggedCall, String> {
+    let raw: OpenAiLine =
+        serde_json::from_value(value).map_err(|err| format!("not an OpenAI request/response record: {err}"))?;
+    let step = match &raw.metadata.step {
+        Some(step) => StepType::new(step).map_err(|err| format!("`metadata.step`: {err}"))?,
+        None => StepType::CHAT,
+    };
+    if let Some(unsupported) = raw.request.unsupported_field() {
+        return Err(format!("`request`: {}", unsupported.message));
+    }
+    let input = if step == StepType::CHAT { raw.request.chat_input() } else { raw.request.structured_input(&step) }
+        .map_err(|unsupported| format!("`request`: {}", unsupported.message))?;
+    let at = match (&raw.timestamp, raw.response.as_ref().and_then(|response| response.created)) {
+        (Some(Value::String(text)), _) => rfc3339("timestamp", text)?,
+        (Some(Value::Number(seconds)), _) => unix_seconds(seconds.as_f64().unwrap_or(-1.0))?,
+        (Some(_), _) => return Err("`timestamp` must be an RFC 3339 string or Unix seconds".into()),
+        (None, Some(created)) => unix_seconds(created as f64)?,
+        (None, None) => return Err("no time: add `timestamp` (RFC 3339 or Unix seconds) or `response.created`".into()),
+    };
+    let latency_ms = raw.latency_ms.unwrap_or(0.0);
+    if !(latency_ms.is_finite() && latency_ms >= 0.0) {
+        return Err(format!("`latency_ms` is {latency_ms}: use a non-negative number of milliseconds"));
+    }
+    let response_model = raw.response.as_ref().and_then(|response| response.model.clone());
+    let model = response_model.or_else(|| raw.request.model.clone()).filter(|model| !model.trim().is_empty());
+    let model = model.ok_or("no model: the request or the response must name it")?;
+    let mut usage = Usage::default();
+    let outcome = match (raw.response, raw.error) {
+        (Some(response), None) => {
+            if let Some(reported) = response.usage {
+                usage = Usage { input_tokens: reported.prompt_tokens, output_tokens: reported.completion_tokens };
+            }
+            let content = response.choices.into_iter().next().and_then(|choice| choice.message.content);
+            Ok(content.ok_or("`response.choices[0].message.content` is missing: only text replies can be replayed")?)
+        }
+        (None, Some(error)) => Err(openai_error(error)?),
+        (Some(_), Some(_)) => return Err("has both `response` and `error`: a call ends in one of them".into()),
+        (None, None) => return Err("has neither `response` nor `error`: say how the call ended".into()),
+    };
+    Ok(LoggedCall {
+        at,
+        trace_id: raw.trace_id.or(raw.metadata.trace_id).unwrap_or_else(|| format!("line-{line}")),
+        component: raw.metadata.component.unwrap_or_else(|| "openai-log".to_owned()),
+        step,
+        workspace: raw.metadata.workspace.unwrap_or_else(|| "default".to_owned()),
+        model,
+        input,
+        outcome,
+        usage,
+        latency: Duration::from_secs_f64(latency_ms / 1000.0),
+    })
+}
+
+fn unix_seconds(seconds: f64) -> Result<SystemTime, String> {
+    if !(seconds.is_finite() && seconds >= 0.0) {
+        return Err(format!("the time {seconds} is not Unix seconds"));
+    }
+    SystemTime::UNIX_EPOCH
+        .checked_add(Duration::from_secs_f64(seconds))
+        .ok_or_else(|| format!("the time {seconds} is out of range"))
+}
+
+/// The engine's one failure classifier decides what a logged HTTP failure was.
+fn openai_error(error: OpenAiError) -> Result<LoggedError, String> {
+    let retry_after = error.retry_after_ms.map(Duration::from_millis);
+    let class = match (&error.class, error.status) {
+        (Some(label), _) => error_class(label)?,
+        (None, Some(status)) => {
+            let mut headers = axum::http::HeaderMap::new();
+            if let Some(millis) = error.retry_after_ms {
+                headers.insert("retry-after-ms", millis.into());
+            }
+            let body = serde_json::json!({"error": {"message": error.message, "type": error.kind, "code": error.code}});
+            classify_http_failure(status, &headers, body.to_string().as_bytes(), SystemTime::now()).class()
+        }
+        (None, None) => return Err("`error` needs a `status` (HTTP) or a `class` (timeout, connection, ...)".into()),
+    };
+    Ok(LoggedError { class, status: error.status, retry_after, message: error.message })
 }
 
 impl LoggedCall {
@@ -207,6 +358,44 @@ mod tests {
         assert!(bad[0].reason.contains("not a log record"), "{}", bad[0].reason);
         assert!(bad[1].reason.contains("error.class"), "{}", bad[1].reason);
         assert!(bad[2].reason.contains("already used on line 1"), "{}", bad[2].reason);
+    }
+
+    #[test]
+    fn openai_request_response_pairs() {
+        let ok =
+            r#"{"timestamp": 1783069200.5, "latency_ms": 420, "metadata": {"component": "docs-bot", "workspace": "w"},
+            "request": {"model": "gpt-4o-mini", "temperature": 0, "messages": [{"role": "user", "content": "Hi"}]},
+            "response": {"model": "gpt-4o-mini-2024-07-18", "created": 1783069201,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}}],
+                "usage": {"prompt_tokens": 8, "completion_tokens": 2}}}"#
+                .replace('\n', " ");
+        let limited = r#"{"created_at": "2026-07-03T09:00:01Z", "request": {"model": "m", "messages": [{"role": "user", "content": "x"}]},
+            "error": {"status": 429, "code": "rate_limit_exceeded", "message": "slow down", "retry_after_ms": 2000}}"#
+            .replace('\n', " ");
+        let structured = r#"{"timestamp": "2026-07-03T09:00:02Z", "metadata": {"step": "classifier"},
+            "request": {"model": "m", "messages": [{"role": "user", "content": "{\"text\": \"refund\", \"labels\": [\"a\"]}"}]},
+            "error": {"class": "timeout"}}"#
+            .replace('\n', " ");
+        let no_time = r#"{"request": {"model": "m", "messages": []}, "error": {"status": 500}}"#;
+        let log = format!("{ok}\n{limited}\n{structured}\n{no_time}\n");
+        let (calls, bad) = read_log(log.as_bytes()).unwrap();
+        assert_eq!(calls.len(), 3, "{bad:?}");
+        assert_eq!(calls[0].step, StepType::CHAT);
+        assert_eq!(
+            calls[0].input,
+            serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0.0})
+        );
+        assert_eq!(calls[0].outcome.as_deref().ok(), Some("Hello"));
+        assert_eq!((calls[0].usage.input_tokens, calls[0].model.as_str()), (8, "gpt-4o-mini-2024-07-18"));
+        assert_eq!(calls[0].at, SystemTime::UNIX_EPOCH + Duration::from_millis(1_783_069_200_500));
+        assert_eq!((calls[0].component.as_str(), calls[0].latency), ("docs-bot", Duration::from_millis(420)));
+        let error = calls[1].outcome.as_ref().unwrap_err();
+        assert_eq!((error.class, error.retry_after), (ErrorClass::RateLimited, Some(Duration::from_secs(2))));
+        assert_eq!(calls[2].step, StepType::CLASSIFIER);
+        assert_eq!(calls[2].input["text"], "refund");
+        assert_eq!(calls[2].outcome.as_ref().unwrap_err().class, ErrorClass::Timeout);
+        assert_eq!(bad.len(), 1);
+        assert!(bad[0].reason.contains("no time"), "{}", bad[0].reason);
     }
 
     #[test]

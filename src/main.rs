@@ -1,7 +1,9 @@
 //! `aipipe`: the command line of the aipipe engine.
 
+mod html;
 mod log;
 mod migrate;
+mod openai;
 mod replay;
 mod report;
 mod serve;
@@ -51,6 +53,10 @@ enum Command {
         /// Print the figures as one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Where the HTML report (tables, charts, semantic pairs) goes; default: beside the
+        /// database, named like it (`aipipe-replay.html`).
+        #[arg(long)]
+        html: Option<PathBuf>,
     },
     /// An OpenAI-compatible HTTP gateway in front of the engine (POST /v1/chat/completions,
     /// GET /v1/models, /metrics, /healthz, /readyz). Stops on SIGINT/SIGTERM after draining.
@@ -109,8 +115,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
         Command::Setup => {}
-        Command::Replay { log, db, json } => {
-            let report = runtime.block_on(replay::replay(&log, &db, config))?;
+        Command::Replay { log, db, json, html } => {
+            let mut report = runtime.block_on(replay::replay(&log, &db, config))?;
+            let html = html.unwrap_or_else(|| db.with_extension("html"));
+            std::fs::write(&html, html::render(&report))
+                .with_context(|| format!("cannot write the HTML report `{}`", html.display()))?;
+            report.html = Some(html.display().to_string());
             let text = if json {
                 let mut value = serde_json::to_value(&report)?;
                 value["skipped_lines"] = report.skipped_lines.into();

@@ -1,14 +1,16 @@
 //! `aipipe replay`: runs a call log through the engine with the recorded provider and compares
 //! what happened (before) with what the engine would have done (after).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pipeline_core::providers::RecordedProvider;
 use pipeline_core::telemetry::{PriceTable, Recorder, RecorderSettings, TelemetryStore};
-use pipeline_core::{CallContext, CallOptions, Config, Engine, ManualClock};
+use pipeline_core::{CallContext, CallOptions, Config, Engine, ManualClock, StepKind};
 use serde::Serialize;
 
 use crate::log::{BadLine, LoggedCall, read_log};
@@ -25,6 +27,41 @@ pub struct Figures {
     pub error_rate: f64,
     /// Calls served from a cache, over all calls.
     pub hit_rate: f64,
+    /// Mean time from the first call of a run of failed calls to the next call that got an
+    /// answer, in seconds; `None` when no call failed (or none recovered).
+    pub mttr_s: Option<f64>,
+}
+
+/// One component's figures, before and after.
+#[derive(Debug, Clone, Serialize)]
+pub struct ComponentReport {
+    pub component: String,
+    pub replayed: usize,
+    pub before: Figures,
+    pub after: Figures,
+}
+
+/// A call the semantic cache (or a similar-answer fallback) answered with the answer to
+/// another text: listed so that a person can judge whether they mean the same.
+#[derive(Debug, Clone, Serialize)]
+pub struct SemanticPair {
+    pub trace_id: String,
+    pub component: String,
+    pub text: String,
+    pub served_answer_of: String,
+    pub similarity: f64,
+    pub source: &'static str,
+}
+
+/// Calls and cost in one slice of the log's time, for the charts.
+#[derive(Debug, Clone, Serialize)]
+pub struct TimeBucket {
+    /// Seconds since the first call.
+    pub start_s: f64,
+    pub before_calls: u64,
+    pub after_calls: u64,
+    pub before_cost_usd: f64,
+    pub after_cost_usd: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -36,6 +73,11 @@ pub struct ReplayReport {
     pub skipped_lines: usize,
     pub before: Figures,
     pub after: Figures,
+    pub components: Vec<ComponentReport>,
+    pub semantic_pairs: Vec<SemanticPair>,
+    pub timeline: Vec<TimeBucket>,
+    /// Where the HTML report went.
+    pub html: Option<String>,
     /// Rows this run added to the telemetry database (one per replayed call).
     pub telemetry_rows: u64,
     pub seconds: f64,
@@ -44,6 +86,7 @@ pub struct ReplayReport {
 
 /// What one call came to, on one side.
 struct Outcome {
+    at: SystemTime,
     upstream_requests: u64,
     cost_usd: f64,
     latency: Duration,
@@ -52,6 +95,7 @@ struct Outcome {
 }
 
 pub async fn replay(log_path: &Path, db_path: &Path, mut config: Config) -> anyhow::Result<ReplayReport> {
+    let steps_config = config.clone();
     let started = Instant::now();
     // Rate limits, breakers, Retry-After pauses and retry backoff run on wall time, while a
     // replay runs on the log's time in a fraction of it: left on, they would judge a day of
@@ -88,10 +132,14 @@ pub async fn replay(log_path: &Path, db_path: &Path, mut config: Config) -> anyh
 
     let mut before = Vec::with_capacity(calls.len());
     let mut after = Vec::with_capacity(calls.len());
+    let mut semantic_pairs = Vec::new();
+    let progress = progress_bar(calls.len());
     for call in &calls {
+        progress.inc(1);
         clock.set(call.at);
         let logged_cost = cost(&prices, &call.model, call);
         before.push(Outcome {
+            at: call.at,
             upstream_requests: 1,
             cost_usd: logged_cost,
             latency: call.latency,
@@ -101,8 +149,21 @@ pub async fn replay(log_path: &Path, db_path: &Path, mut config: Config) -> anyh
         let context =
             CallContext::new(call.workspace.clone(), call.component.clone()).with_trace_id(call.trace_id.clone());
         let result = engine.execute(call.step.clone(), call.input.clone(), context, CallOptions::default()).await;
+        if let Ok(result) = &result
+            && let Some(matched) = &result.similar_to
+        {
+            semantic_pairs.push(SemanticPair {
+                trace_id: call.trace_id.clone(),
+                component: call.component.clone(),
+                text: semantic_text(&steps_config, call).unwrap_or_default(),
+                served_answer_of: matched.text.clone(),
+                similarity: f64::from(matched.similarity),
+                source: result.source.label(),
+            });
+        }
         after.push(match result {
             Ok(result) => Outcome {
+                at: call.at,
                 upstream_requests: u64::from(result.attempts),
                 cost_usd: result.cost_usd,
                 latency: result.latency,
@@ -114,6 +175,7 @@ pub async fn replay(log_path: &Path, db_path: &Path, mut config: Config) -> anyh
             Err(err) => {
                 let reached_upstream = err.attempts() > 0;
                 Outcome {
+                    at: call.at,
                     upstream_requests: u64::from(err.attempts()),
                     cost_usd: if reached_upstream { logged_cost } else { 0.0 },
                     latency: if reached_upstream { call.latency } else { Duration::ZERO },
@@ -123,6 +185,7 @@ pub async fn replay(log_path: &Path, db_path: &Path, mut config: Config) -> anyh
             }
         });
     }
+    progress.finish_and_clear();
     engine.flush().await?;
     let lost = recorder.dropped();
     if lost > 0 {
@@ -132,13 +195,30 @@ pub async fn replay(log_path: &Path, db_path: &Path, mut config: Config) -> anyh
     debug_assert_eq!(provider.requests_served(), after.iter().map(|o| o.upstream_requests).sum::<u64>());
     store.close().await;
 
+    let mut by_component: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (index, call) in calls.iter().enumerate() {
+        by_component.entry(&call.component).or_default().push(index);
+    }
+    let components = by_component
+        .into_iter()
+        .map(|(component, indexes)| ComponentReport {
+            component: component.to_owned(),
+            replayed: indexes.len(),
+            before: figures(indexes.iter().map(|&index| &before[index])),
+            after: figures(indexes.iter().map(|&index| &after[index])),
+        })
+        .collect();
     Ok(ReplayReport {
         log: log_path.display().to_string(),
         db,
         replayed: calls.len(),
         skipped_lines: bad_lines.len(),
-        before: figures(&before),
-        after: figures(&after),
+        before: figures(before.iter()),
+        after: figures(after.iter()),
+        components,
+        semantic_pairs,
+        timeline: timeline(&before, &after),
+        html: None,
         telemetry_rows,
         seconds: started.elapsed().as_secs_f64(),
         bad_lines,
@@ -149,18 +229,99 @@ fn cost(prices: &PriceTable, model: &str, call: &LoggedCall) -> f64 {
     prices.cost(model, u64::from(call.usage.input_tokens), u64::from(call.usage.output_tokens)).unwrap_or(0.0)
 }
 
-fn figures(outcomes: &[Outcome]) -> Figures {
-    let total = outcomes.len();
+/// A bar on stderr for replays long enough to wait for; nothing when stderr is not a terminal.
+fn progress_bar(calls: usize) -> ProgressBar {
+    if calls < 1_000 {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(calls as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("replaying {bar:40} {pos}/{len} calls, {per_sec}, eta {eta}") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// The text the semantic cache compared for this call: the step's semantic field, or a chat
+/// step's last user message.
+fn semantic_text(config: &Config, call: &LoggedCall) -> Option<String> {
+    let spec = config.step(&call.step)?;
+    let text = match spec.kind {
+        StepKind::Chat => call.input["messages"]
+            .as_array()?
+            .iter()
+            .rev()
+            .find(|message| message["role"] == "user")
+            .map(|message| &message["content"])?,
+        StepKind::Structured => call.input.get(spec.semantic_field.as_deref()?)?,
+    };
+    text.as_str().map(str::to_owned)
+}
+
+/// At most this many buckets in the charts.
+const MAX_BUCKETS: u64 = 60;
+
+fn timeline(before: &[Outcome], after: &[Outcome]) -> Vec<TimeBucket> {
+    let (Some(first), Some(last)) = (before.first(), before.last()) else { return Vec::new() };
+    let span = last.at.duration_since(first.at).unwrap_or_default().as_secs_f64();
+    // Round bucket widths (a minute, five, a quarter hour, an hour, ...) keep the axis readable.
+    let width = [1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4.0 * 3600.0, 86_400.0]
+        .into_iter()
+        .find(|width| span / width < MAX_BUCKETS as f64)
+        .unwrap_or(span / MAX_BUCKETS as f64)
+        .max(1.0);
+    let count = (span / width).floor() as usize + 1;
+    let mut buckets: Vec<TimeBucket> = (0..count)
+        .map(|index| TimeBucket {
+            start_s: index as f64 * width,
+            before_calls: 0,
+            after_calls: 0,
+            before_cost_usd: 0.0,
+            after_cost_usd: 0.0,
+        })
+        .collect();
+    for (old, new) in before.iter().zip(after) {
+        let offset = old.at.duration_since(first.at).unwrap_or_default().as_secs_f64();
+        if let Some(bucket) = buckets.get_mut(((offset / width).floor() as usize).min(count - 1)) {
+            bucket.before_calls += old.upstream_requests;
+            bucket.after_calls += new.upstream_requests;
+            bucket.before_cost_usd += old.cost_usd;
+            bucket.after_cost_usd += new.cost_usd;
+        }
+    }
+    buckets
+}
+
+/// Mean time to recovery: from the first failure of a run of failed calls to the next call
+/// that got an answer, over every such run that ended.
+fn mttr<'a>(outcomes: impl Iterator<Item = &'a Outcome>) -> Option<f64> {
+    let mut failing_since = None;
+    let mut recoveries = Vec::new();
+    for outcome in outcomes {
+        match (outcome.failed, failing_since) {
+            (true, None) => failing_since = Some(outcome.at),
+            (false, Some(since)) => {
+                recoveries.push(outcome.at.duration_since(since).unwrap_or_default().as_secs_f64());
+                failing_since = None;
+            }
+            _ => {}
+        }
+    }
+    (!recoveries.is_empty()).then(|| recoveries.iter().sum::<f64>() / recoveries.len() as f64)
+}
+
+fn figures<'a>(outcomes: impl Iterator<Item = &'a Outcome> + Clone) -> Figures {
+    let total = outcomes.clone().count();
     let rate = |count: usize| if total == 0 { 0.0 } else { count as f64 / total as f64 };
-    let mut latencies: Vec<f64> = outcomes.iter().map(|o| o.latency.as_secs_f64() * 1000.0).collect();
+    let mut latencies: Vec<f64> = outcomes.clone().map(|o| o.latency.as_secs_f64() * 1000.0).collect();
     latencies.sort_by(f64::total_cmp);
     Figures {
-        calls: outcomes.iter().map(|o| o.upstream_requests).sum(),
-        cost_usd: outcomes.iter().map(|o| o.cost_usd).sum(),
+        calls: outcomes.clone().map(|o| o.upstream_requests).sum(),
+        cost_usd: outcomes.clone().map(|o| o.cost_usd).sum(),
         p50_ms: percentile(&latencies, 0.50),
         p99_ms: percentile(&latencies, 0.99),
-        error_rate: rate(outcomes.iter().filter(|o| o.failed).count()),
-        hit_rate: rate(outcomes.iter().filter(|o| o.cache_hit).count()),
+        error_rate: rate(outcomes.clone().filter(|o| o.failed).count()),
+        hit_rate: rate(outcomes.clone().filter(|o| o.cache_hit).count()),
+        mttr_s: mttr(outcomes),
     }
 }
 

@@ -31,9 +31,49 @@ pub fn table(report: &ReplayReport) -> String {
         };
         let _ = writeln!(out, "{label:<18} {:>14} {:>14} {change:>9}", format.show(before), format.show(after));
     }
+    let mttr = |figures: &Figures| figures.mttr_s.map_or("-".to_owned(), |seconds| format!("{seconds:.1} s"));
+    let _ = writeln!(out, "{:<18} {:>14} {:>14}", "recovery (mean)", mttr(b), mttr(a));
     let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<24} {:>6} {:>13} {:>22} {:>15} {:>6}",
+        "by component", "calls", "AI calls", "cost (USD)", "errors", "hits"
+    );
+    for component in &report.components {
+        let (b, a) = (&component.before, &component.after);
+        let _ = writeln!(
+            out,
+            "{:<24} {:>6} {:>13} {:>22} {:>15} {:>5.1}%",
+            truncate(&component.component, 24),
+            component.replayed,
+            format!("{} -> {}", b.calls, a.calls),
+            format!("{:.6} -> {:.6}", b.cost_usd, a.cost_usd),
+            format!("{:.1}% -> {:.1}%", b.error_rate * 100.0, a.error_rate * 100.0),
+            a.hit_rate * 100.0
+        );
+    }
+    let _ = writeln!(out);
+    let semantic = report.semantic_pairs.iter().filter(|pair| pair.source == "semantic_cache").count();
+    let _ = writeln!(
+        out,
+        "{semantic} calls served a similar request's answer (semantic cache), {} more as fallbacks; \
+         the pairs are listed in the HTML report and --json.",
+        report.semantic_pairs.len() - semantic
+    );
     let _ = writeln!(out, "telemetry: {} rows written to {}", report.telemetry_rows, report.db);
+    if let Some(html) = &report.html {
+        let _ = writeln!(out, "report: {html} (open it in a browser)");
+    }
     out
+}
+
+fn truncate(text: &str, chars: usize) -> String {
+    if text.chars().count() <= chars {
+        return text.to_owned();
+    }
+    let mut short: String = text.chars().take(chars - 1).collect();
+    short.push('~');
+    short
 }
 
 /// A table row: its label, the figure it shows and how to print it.

@@ -27,13 +27,11 @@ use pipeline_core::{
     CachePolicy, CallContext, CallOptions, Config, Engine, PipelineError, PipelineResult, Source, StepKind, StepType,
     TraceId,
 };
-use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
-/// Request fields that do not change the answer, accepted and not forwarded.
-const IGNORED_FIELDS: [&str; 3] = ["user", "metadata", "store"];
+use crate::openai::{CompletionRequest, Unsupported};
 
 /// Where `aipipe serve` listens and what it talks to.
 #[derive(Debug)]
@@ -181,48 +179,6 @@ async fn list_models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) ->
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
-/// The part of OpenAI's chat completion request the gateway understands. Anything else that
-/// would change the answer (tools, `n`, `top_p`, ...) is refused by name rather than dropped.
-#[derive(Debug, Deserialize)]
-struct CompletionRequest {
-    model: Option<String>,
-    messages: Vec<RequestMessage>,
-    temperature: Option<f32>,
-    max_tokens: Option<u32>,
-    max_completion_tokens: Option<u32>,
-    #[serde(default)]
-    stream: bool,
-    stream_options: Option<StreamOptions>,
-    #[serde(flatten)]
-    other: serde_json::Map<String, Value>,
-}
-
-#[derive(Debug, Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-#[derive(Debug, Deserialize)]
-struct RequestMessage {
-    role: String,
-    content: Option<MessageContent>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum MessageContent {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Debug, Deserialize)]
-struct ContentPart {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
-}
-
 async fn chat_completions(
     State(gateway): State<Arc<Gateway>>,
     headers: HeaderMap,
@@ -234,11 +190,8 @@ async fn chat_completions(
     })?;
     let request: CompletionRequest = serde_json::from_slice(&body)
         .map_err(|err| ApiError::invalid(None, format!("the body is not a chat completion request: {err}")))?;
-    if let Some(field) = request.other.keys().find(|field| !IGNORED_FIELDS.contains(&field.as_str())) {
-        return Err(ApiError::invalid(
-            Some(field),
-            format!("`{field}` is not supported by the aipipe gateway: leave it out of the request"),
-        ));
+    if let Some(unsupported) = request.unsupported_field() {
+        return Err(unsupported.into());
     }
     let step = match header_text(&headers, "x-aipipe-step")? {
         Some(name) => StepType::new(name).map_err(|err| ApiError::invalid(None, format!("x-aipipe-step: {err}")))?,
@@ -247,8 +200,8 @@ async fn chat_completions(
     let kind = gateway.engine.config().step(&step).map(|spec| spec.kind);
     let input = match kind {
         // An unknown step: the engine's error lists the known ones.
-        None | Some(StepKind::Chat) => chat_input(&request)?,
-        Some(StepKind::Structured) => structured_input(&request, &step)?,
+        None | Some(StepKind::Chat) => request.chat_input()?,
+        Some(StepKind::Structured) => request.structured_input(&step)?,
     };
     let component = header_text(&headers, "x-aipipe-component")?.unwrap_or(&gateway.default_component).to_owned();
     let mut context = CallContext::new(workspace, component);
@@ -294,69 +247,6 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>
             .to_str()
             .map(|text| Some(text.trim()).filter(|text| !text.is_empty()))
             .map_err(|_| ApiError::invalid(None, format!("header `{name}` is not visible ASCII"))),
-    }
-}
-
-/// The engine's chat input: the messages with their text, and the caller's sampling.
-fn chat_input(request: &CompletionRequest) -> Result<Value, ApiError> {
-    let mut messages = Vec::with_capacity(request.messages.len());
-    for (index, message) in request.messages.iter().enumerate() {
-        messages.push(json!({"role": message.role, "content": message_text(index, message)?}));
-    }
-    let mut input = json!({"messages": messages});
-    if let Some(temperature) = request.temperature {
-        input["temperature"] = json!(temperature);
-    }
-    if let Some(max_tokens) = request.max_completion_tokens.or(request.max_tokens) {
-        input["max_tokens"] = json!(max_tokens);
-    }
-    Ok(input)
-}
-
-/// A structured step's input is the JSON object in the last user message; its templates make
-/// the prompt, so the request's other messages and sampling have no say.
-fn structured_input(request: &CompletionRequest, step: &StepType) -> Result<Value, ApiError> {
-    let (index, message) = request
-        .messages
-        .iter()
-        .enumerate()
-        .rev()
-        .find(|(_, message)| message.role == "user")
-        .ok_or_else(|| ApiError::invalid(Some("messages"), format!("the `{step}` step needs a user message")))?;
-    let text = message_text(index, message)?;
-    match serde_json::from_str::<Value>(&text) {
-        Ok(input @ Value::Object(_)) => Ok(input),
-        _ => Err(ApiError::invalid(
-            Some("messages"),
-            format!("the `{step}` step takes its input as a JSON object in the last user message (messages[{index}])"),
-        )),
-    }
-}
-
-fn message_text(index: usize, message: &RequestMessage) -> Result<String, ApiError> {
-    match &message.content {
-        Some(MessageContent::Text(text)) => Ok(text.clone()),
-        Some(MessageContent::Parts(parts)) => {
-            let mut text = String::new();
-            for (part_index, part) in parts.iter().enumerate() {
-                match (part.kind.as_str(), &part.text) {
-                    ("text", Some(part_text)) => text.push_str(part_text),
-                    (kind, _) => {
-                        return Err(ApiError::invalid(
-                            Some("messages"),
-                            format!(
-                                "messages[{index}].content[{part_index}] is of type `{kind}`: only text is supported"
-                            ),
-                        ));
-                    }
-                }
-            }
-            Ok(text)
-        }
-        None => Err(ApiError::invalid(
-            Some("messages"),
-            format!("messages[{index}] has no content: tool calls are not supported by the aipipe gateway"),
-        )),
     }
 }
 
@@ -512,6 +402,12 @@ impl ApiError {
     fn retry_after(mut self, after: Option<Duration>) -> Self {
         self.retry_after = after;
         self
+    }
+}
+
+impl From<Unsupported> for ApiError {
+    fn from(unsupported: Unsupported) -> Self {
+        Self { param: unsupported.param, ..Self::invalid(None, unsupported.message) }
     }
 }
 

@@ -84,6 +84,53 @@ fn broken_lines_are_named_and_the_rest_is_replayed() {
     assert_close(&after["hit_rate"], 0.2);
     let p99 = after["p99_ms"].as_f64().unwrap();
     assert!((3000.0..3100.0).contains(&p99), "the logged 3000 ms plus engine overhead: {p99}");
+
+    // Recovery: as logged, t5 failed at 09:04 and the next call that got an answer was t8 at
+    // 09:07; after, the fallback answered t5, so nothing failed.
+    assert_close(&before["mttr_s"], 180.0);
+    assert!(after["mttr_s"].is_null(), "{after}");
+    let components = report["components"].as_array().unwrap();
+    assert_eq!(components.len(), 1);
+    assert_eq!(components[0]["component"], "ticket-router");
+    assert_eq!(components[0]["before"], report["before"]);
+    assert_eq!(components[0]["after"]["calls"], 4);
+    let timeline = report["timeline"].as_array().unwrap();
+    let calls = |side: &str| timeline.iter().map(|bucket| bucket[side].as_u64().unwrap()).sum::<u64>();
+    assert_eq!((calls("before_calls"), calls("after_calls")), (5, 4));
+    let html = std::fs::read_to_string(report["html"].as_str().unwrap()).unwrap();
+    assert_eq!(html.matches("<svg").count(), 3, "calls, cost and hit-rate charts");
+    assert!(html.contains("ticket-router"));
+}
+
+#[test]
+fn openai_request_response_logs_replay_as_chat_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let call = |ts: &str, question: &str, outcome: &str| {
+        format!(
+            r#"{{"timestamp":"{ts}","latency_ms":700,"metadata":{{"component":"docs-bot","workspace":"w"}},"request":{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{question}"}}]}},{outcome}}}"#
+        )
+    };
+    let answer = r#""response":{"choices":[{"message":{"role":"assistant","content":"Paris."}}],"usage":{"prompt_tokens":1000,"completion_tokens":100}}"#;
+    let failed = r#""error":{"status":503,"message":"overloaded"}"#;
+    let log = [
+        call("2026-07-03T09:00:00Z", "Capital of France?", answer),
+        call("2026-07-03T09:00:30Z", "Capital of France?", answer),
+        call("2026-07-03T09:01:00Z", "Capital of Spain?", failed),
+        call("2026-07-03T09:02:00Z", "Capital of Italy?", answer),
+    ]
+    .join("\n");
+    let out = replay(log.as_bytes(), dir.path(), &["--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["replayed"], 4);
+    // (1000 * 0.15 + 100 * 0.60) / 1e6 = 210e-6 per answer.
+    assert_close(&report["before"]["cost_usd"], 3.0 * 210e-6);
+    assert_close(&report["after"]["cost_usd"], 2.0 * 210e-6);
+    assert_eq!(report["after"]["calls"], 3, "the repeated question is served from the cache");
+    // A chat step has no rule-based answer: the 503 stays an error, and recovery took a minute.
+    assert_close(&report["after"]["error_rate"], 0.25);
+    assert_close(&report["after"]["mttr_s"], 60.0);
+    assert_eq!(report["components"][0]["component"], "docs-bot");
 }
 
 #[test]

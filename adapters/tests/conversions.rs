@@ -30,6 +30,7 @@ fn answered(output: Value) -> Result<PipelineResult, PipelineError> {
         attempts: 1,
         rate_limit_wait: Duration::ZERO,
         degraded_by: None,
+        similar_to: None,
     })
 }
 

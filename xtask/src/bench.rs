@@ -29,15 +29,11 @@ struct Figure {
 impl Figure {
     fn latency(name: &'static str, entries: usize, mut samples: Vec<Duration>) -> Self {
         samples.sort();
-        let at = |p: f64| {
-            let rank = ((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len().max(1));
-            samples.get(rank - 1).map_or(0.0, |d| d.as_secs_f64() * 1e6)
-        };
         Self {
             name,
             entries,
-            p50_us: Some(at(0.50)),
-            p99_us: Some(at(0.99)),
+            p50_us: Some(percentile_us(&samples, 0.50)),
+            p99_us: Some(percentile_us(&samples, 0.99)),
             per_second: None,
             bytes: None,
             hit_rate: None,
@@ -49,6 +45,12 @@ impl Figure {
         let hits = samples.iter().filter(|(_, hit)| *hit).count() as f64 / samples.len().max(1) as f64;
         Self { hit_rate: Some(hits), ..Self::latency(name, entries, samples.into_iter().map(|(d, _)| d).collect()) }
     }
+}
+
+/// The nearest-rank percentile `p` of sorted samples, in microseconds (0 for none).
+pub(crate) fn percentile_us(sorted: &[Duration], p: f64) -> f64 {
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len().max(1));
+    sorted.get(rank - 1).map_or(0.0, |d| d.as_secs_f64() * 1e6)
 }
 
 /// Short prompts of the kind components send, for the query side.

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_gateway;
 mod eval;
 mod gen_log;
 
@@ -25,7 +26,9 @@ enum Task {
     Ci,
     /// Benchmarks, on this machine. `cache`: lookups of both caches at 1k, 10k and 100k
     /// entries, embedding throughput, memory per entry. `engine`: the engine's own overhead
-    /// per call, with an in-process provider that answers at once.
+    /// per call, with an in-process provider that answers at once. `gateway`: requests per
+    /// second and added latency of `aipipe serve` against a loopback upstream, versus that
+    /// upstream called directly by the same load generator.
     Bench {
         #[arg(value_enum)]
         what: BenchTarget,
@@ -62,6 +65,9 @@ fn main() -> ExitCode {
         Task::Bench { what, json } if cfg!(debug_assertions) => release_rerun(what, json),
         Task::Bench { what: BenchTarget::Cache, json } => bench::bench_cache(json),
         Task::Bench { what: BenchTarget::Engine, json } => bench::bench_engine(json),
+        Task::Bench { what: BenchTarget::Gateway, json } => {
+            workspace_root().and_then(|root| bench_gateway::bench_gateway(json, &root))
+        }
         Task::GenLog(args) => data_folder().and_then(|data| gen_log::gen_log(&args, &data)),
         Task::EvalCache { files, dev, limit, json, threshold } => eval_cache(files, dev, limit, json, threshold),
     };
@@ -78,6 +84,7 @@ fn main() -> ExitCode {
 enum BenchTarget {
     Cache,
     Engine,
+    Gateway,
 }
 
 /// Figures from a debug build would measure the compiler's settings, not the code: benchmarks
@@ -144,7 +151,7 @@ fn ci() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cargo(root: &PathBuf, args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn cargo(root: &PathBuf, args: &[&str]) -> anyhow::Result<()> {
     eprintln!("xtask: cargo {}", args.join(" "));
     let status = Command::new(cargo_bin())
         .args(args)

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::prompt::{Rendered, Sampling, semantic_text};
 use crate::{
     CachePolicy, CallContext, CallOptions, Clock, Config, PipelineError, PipelineResult, RouteTarget, SetupError,
-    Source, StepSpec, StepType, SystemClock, TraceId,
+    SimilarRequest, Source, StepSpec, StepType, SystemClock, TraceId,
 };
 
 /// Longest error text kept in a telemetry row.
@@ -119,6 +119,8 @@ struct Served {
     saved_tokens: u64,
     /// For a semantic hit or a similar-answer stand-in, how similar the matched request was.
     similarity: Option<f32>,
+    /// ... and its text.
+    similar_to: Option<String>,
     /// Why the step's model did not answer, when a fallback did.
     degraded_by: Option<&'static str>,
 }
@@ -134,6 +136,7 @@ impl Served {
             saved_cost_usd: 0.0,
             saved_tokens: 0,
             similarity: None,
+            similar_to: None,
             degraded_by: None,
         }
     }
@@ -302,6 +305,10 @@ impl Engine {
                 attempts: spent.attempts,
                 rate_limit_wait: spent.rate_limit_wait,
                 degraded_by: served.degraded_by,
+                similar_to: served
+                    .similar_to
+                    .zip(served.similarity)
+                    .map(|(text, similarity)| SimilarRequest { text, similarity }),
             })
         }
         .instrument(span)
@@ -494,6 +501,7 @@ impl Engine {
                 saved_cost_usd: hit.value.cost_usd,
                 saved_tokens: hit.value.tokens,
                 similarity: Some(hit.similarity),
+                similar_to: Some(hit.matched_text),
                 degraded_by,
             });
         }
@@ -507,6 +515,7 @@ impl Engine {
             saved_cost_usd: 0.0,
             saved_tokens: 0,
             similarity: None,
+            similar_to: None,
             degraded_by,
         })
     }
@@ -560,6 +569,7 @@ impl Engine {
                     saved_cost_usd: hit.value.cost_usd,
                     saved_tokens: hit.value.tokens,
                     similarity: Some(hit.similarity),
+                    similar_to: Some(hit.matched_text),
                     degraded_by: None,
                 })
             }
@@ -590,6 +600,7 @@ impl Engine {
             saved_cost_usd: answer.cost_usd,
             saved_tokens: answer.tokens,
             similarity: None,
+            similar_to: None,
             degraded_by: None,
         })
     }

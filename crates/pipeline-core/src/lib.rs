@@ -27,7 +27,7 @@ pub use config::{
 pub use engine::{Engine, EngineBuilder};
 pub use error::PipelineError;
 pub use request::{CachePolicy, CallContext, CallOptions, TraceId};
-pub use result::{PipelineResult, Source};
+pub use result::{PipelineResult, SimilarRequest, Source};
 pub use step::{InvalidStepName, StepKind, StepType};
 
 /// Re-exported so that callers can build providers and recorders without naming the crates.

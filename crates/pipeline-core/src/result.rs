@@ -77,6 +77,17 @@ pub struct PipelineResult {
     pub rate_limit_wait: Duration,
     /// Why the step's model did not answer, when a fallback did (an error's metric label).
     pub degraded_by: Option<&'static str>,
+    /// For a semantic hit or a similar-answer fallback: the earlier request whose answer was
+    /// served, so that a person can judge the match.
+    pub similar_to: Option<SimilarRequest>,
+}
+
+/// The earlier request whose answer a semantic hit or a similar-answer fallback served.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SimilarRequest {
+    /// Its text, as compared (the step's semantic field).
+    pub text: String,
+    pub similarity: f32,
 }
 
 fn as_millis<S: serde::Serializer>(latency: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
