@@ -57,6 +57,10 @@ enum Command {
         /// database, named like it (`aipipe-replay.html`).
         #[arg(long)]
         html: Option<PathBuf>,
+        /// Send the calls to this live OpenAI-compatible endpoint (key from the variable named
+        /// by `provider.api_key_env`) instead of answering them from the log.
+        #[arg(long)]
+        base_url: Option<String>,
     },
     /// An OpenAI-compatible HTTP gateway in front of the engine (POST /v1/chat/completions,
     /// GET /v1/models, /metrics, /healthz, /readyz). Stops on SIGINT/SIGTERM after draining.
@@ -115,8 +119,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
         Command::Setup => {}
-        Command::Replay { log, db, json, html } => {
-            let mut report = runtime.block_on(replay::replay(&log, &db, config))?;
+        Command::Replay { log, db, json, html, base_url } => {
+            let upstream = match base_url {
+                Some(base_url) => replay::Upstream::Live { base_url },
+                None => replay::Upstream::Recorded,
+            };
+            let mut report = runtime.block_on(replay::replay(&log, &db, config, upstream))?;
             let html = html.unwrap_or_else(|| db.with_extension("html"));
             std::fs::write(&html, html::render(&report))
                 .with_context(|| format!("cannot write the HTML report `{}`", html.display()))?;

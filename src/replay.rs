@@ -94,16 +94,37 @@ struct Outcome {
     cache_hit: bool,
 }
 
-pub async fn replay(log_path: &Path, db_path: &Path, mut config: Config) -> anyhow::Result<ReplayReport> {
+/// What answers the replayed calls.
+#[derive(Debug, Clone)]
+pub enum Upstream {
+    /// The log: its answers, errors and latencies, on the log's clock.
+    Recorded,
+    /// A live OpenAI-compatible endpoint (key from `provider.api_key_env`), on the wall clock.
+    Live { base_url: String },
+}
+
+pub async fn replay(
+    log_path: &Path,
+    db_path: &Path,
+    mut config: Config,
+    upstream: Upstream,
+) -> anyhow::Result<ReplayReport> {
     let steps_config = config.clone();
     let started = Instant::now();
-    // Rate limits, breakers, Retry-After pauses and retry backoff run on wall time, while a
-    // replay runs on the log's time in a fraction of it: left on, they would judge a day of
-    // traffic as one burst and sleep for real. Each logged call is replayed as one attempt.
-    config.resilience.limits = None;
-    config.resilience.breaker = None;
-    config.resilience.pause_on_retry_after = false;
-    config.resilience.retry.max_attempts = 1;
+    match &upstream {
+        Upstream::Recorded => {
+            // Rate limits, breakers, Retry-After pauses and retry backoff run on wall time,
+            // while a recorded replay runs on the log's time in a fraction of it: left on, they
+            // would judge a day of traffic as one burst and sleep for real. Each logged call is
+            // replayed as one attempt.
+            config.resilience.limits = None;
+            config.resilience.breaker = None;
+            config.resilience.pause_on_retry_after = false;
+            config.resilience.retry.max_attempts = 1;
+        }
+        // Live calls take real time: every guard works as in production.
+        Upstream::Live { base_url } => config.provider.base_url = base_url.clone(),
+    }
     let file = std::fs::File::open(log_path)
         .with_context(|| format!("cannot open the log `{}`: check the path", log_path.display()))?;
     let (calls, bad_lines) = read_log(std::io::BufReader::new(file))
@@ -119,16 +140,17 @@ pub async fn replay(log_path: &Path, db_path: &Path, mut config: Config) -> anyh
         store.clone(),
         RecorderSettings { queue_capacity: config.telemetry.queue_capacity, batch_size: config.telemetry.batch_size },
     );
-    let provider = RecordedProvider::new(calls.iter().map(LoggedCall::recorded));
-    let clock =
-        Arc::new(ManualClock::new(calls.first().map(|call| call.at).unwrap_or_else(std::time::SystemTime::now)));
+    let recorded = matches!(upstream, Upstream::Recorded).then(|| {
+        let provider = RecordedProvider::new(calls.iter().map(LoggedCall::recorded));
+        let clock = Arc::new(ManualClock::new(calls.first().map_or_else(SystemTime::now, |call| call.at)));
+        (provider, clock)
+    });
     let prices = config.prices.clone();
-    let engine = Engine::builder(config)
-        .provider("recorded", provider.clone())
-        .recorder(recorder.clone())
-        .clock(clock.clone())
-        .build()
-        .await?;
+    let mut builder = Engine::builder(config).recorder(recorder.clone());
+    if let Some((provider, clock)) = &recorded {
+        builder = builder.provider("recorded", provider.clone()).clock(clock.clone());
+    }
+    let engine = builder.build().await?;
 
     let mut before = Vec::with_capacity(calls.len());
     let mut after = Vec::with_capacity(calls.len());
@@ -136,7 +158,9 @@ pub async fn replay(log_path: &Path, db_path: &Path, mut config: Config) -> anyh
     let progress = progress_bar(calls.len());
     for call in &calls {
         progress.inc(1);
-        clock.set(call.at);
+        if let Some((_, clock)) = &recorded {
+            clock.set(call.at);
+        }
         let logged_cost = cost(&prices, &call.model, call);
         before.push(Outcome {
             at: call.at,
@@ -148,6 +172,7 @@ pub async fn replay(log_path: &Path, db_path: &Path, mut config: Config) -> anyh
         });
         let context =
             CallContext::new(call.workspace.clone(), call.component.clone()).with_trace_id(call.trace_id.clone());
+        let call_started = Instant::now();
         let result = engine.execute(call.step.clone(), call.input.clone(), context, CallOptions::default()).await;
         if let Ok(result) = &result
             && let Some(matched) = &result.similar_to
@@ -170,15 +195,21 @@ pub async fn replay(log_path: &Path, db_path: &Path, mut config: Config) -> anyh
                 failed: false,
                 cache_hit: result.source.is_cache(),
             },
-            // A failure that reached the upstream costs and lasts what it did in the log; one
-            // stopped before it (bad input, unknown step) costs nothing.
+            // A recorded failure that reached the upstream costs and lasts what it did in the
+            // log; one stopped before it (bad input, unknown step) costs nothing. A live failure
+            // lasts what it took and costs nothing (failed requests are not billed).
             Err(err) => {
                 let reached_upstream = err.attempts() > 0;
+                let (cost_usd, latency) = match (&recorded, reached_upstream) {
+                    (Some(_), true) => (logged_cost, call.latency),
+                    (Some(_), false) => (0.0, Duration::ZERO),
+                    (None, _) => (0.0, call_started.elapsed()),
+                };
                 Outcome {
                     at: call.at,
                     upstream_requests: u64::from(err.attempts()),
-                    cost_usd: if reached_upstream { logged_cost } else { 0.0 },
-                    latency: if reached_upstream { call.latency } else { Duration::ZERO },
+                    cost_usd,
+                    latency,
                     failed: true,
                     cache_hit: false,
                 }
@@ -192,7 +223,9 @@ pub async fn replay(log_path: &Path, db_path: &Path, mut config: Config) -> anyh
         anyhow::bail!("{lost} telemetry records were lost writing to `{db}`; raise telemetry.queue_capacity");
     }
     let telemetry_rows = u64::try_from(store.count().await? - rows_before).unwrap_or(0);
-    debug_assert_eq!(provider.requests_served(), after.iter().map(|o| o.upstream_requests).sum::<u64>());
+    if let Some((provider, _)) = &recorded {
+        debug_assert_eq!(provider.requests_served(), after.iter().map(|o| o.upstream_requests).sum::<u64>());
+    }
     store.close().await;
 
     let mut by_component: BTreeMap<&str, Vec<usize>> = BTreeMap::new();

@@ -201,3 +201,39 @@ fn process_variables_are_not_config_keys_but_typos_are_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cache.ttl_seconds"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_endpoint_answers_instead_of_the_log() {
+    let upstream = scripted_upstream::ScriptedUpstream::start().await.unwrap();
+    upstream.respond_with(|_| {
+        scripted_upstream::Reply::completion_with_usage(r#"{"label": "bug", "confidence": 0.7}"#, 300, 30)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let log = [
+        line("t1", "2026-07-03T09:00:00Z", "ws-a", "charged twice", OK_SMALL, 1000),
+        line("t2", "2026-07-03T09:01:00Z", "ws-a", "charged twice", OK_SMALL, 1000),
+        line("t3", "2026-07-03T09:02:00Z", "ws-a", "app crashes", RATE_LIMITED, 50),
+    ]
+    .join("\n");
+    let log_path = dir.path().join("calls.jsonl");
+    std::fs::write(&log_path, log).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_aipipe"))
+        .arg("replay")
+        .arg(&log_path)
+        .arg("--db")
+        .arg(dir.path().join("replay.db"))
+        .args(["--json", "--base-url", &upstream.base_url()])
+        .env("OPENAI_API_KEY", "sk-test")
+        .env_remove("AIPIPE_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The live upstream answers all three (the logged 429 does not happen live); the repeat
+    // is served from the cache.
+    assert_eq!(upstream.requests(), 2);
+    assert_eq!(report["after"]["calls"], 2);
+    assert_close(&report["after"]["error_rate"], 0.0);
+    // (300 * 0.15 + 30 * 0.60) / 1e6 = 63e-6 per live answer.
+    assert_close(&report["after"]["cost_usd"], 2.0 * 63e-6);
+}

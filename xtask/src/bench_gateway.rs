@@ -41,7 +41,7 @@ struct GatewayFigure {
 }
 
 pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
-    let aipipe = build_aipipe(root)?;
+    let aipipe = crate::release_binary(root)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let figures = runtime.block_on(async {
         let upstream = start_upstream().await?;
@@ -101,16 +101,6 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn build_aipipe(root: &Path) -> anyhow::Result<std::path::PathBuf> {
-    crate::cargo(&root.to_path_buf(), &["build", "--release", "--locked", "--quiet", "--bin", "aipipe"])?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), Into::into);
-    let binary = target.join("release").join("aipipe");
-    if !binary.is_file() {
-        bail!("no release binary at `{}` after building it", binary.display());
-    }
-    Ok(binary)
 }
 
 /// An OpenAI-compatible endpoint that answers every completion at once with the same reply.

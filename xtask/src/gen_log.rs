@@ -35,6 +35,21 @@ pub struct GenLogArgs {
     pub seed: u64,
 }
 
+impl GenLogArgs {
+    /// The command line's defaults, for `calls` calls written to `out`.
+    pub fn with_defaults(out: &Path, calls: usize) -> anyhow::Result<Self> {
+        #[derive(clap::Parser)]
+        struct Command {
+            #[command(flatten)]
+            args: GenLogArgs,
+        }
+        let calls = calls.to_string();
+        let out = out.to_string_lossy();
+        let command = <Command as clap::Parser>::try_parse_from(["gen-log", "--calls", &calls, "--out", &out])?;
+        Ok(command.args)
+    }
+}
+
 /// The application's components: (component, step).
 const COMPONENTS: &[(&str, &str)] = &[
     ("ticket-classifier", "classifier"),

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_gateway;
+mod bench_replay;
 mod eval;
 mod gen_log;
 
@@ -28,7 +29,8 @@ enum Task {
     /// entries, embedding throughput, memory per entry. `engine`: the engine's own overhead
     /// per call, with an in-process provider that answers at once. `gateway`: requests per
     /// second and added latency of `aipipe serve` against a loopback upstream, versus that
-    /// upstream called directly by the same load generator.
+    /// upstream called directly by the same load generator. `replay`: `aipipe replay` of a
+    /// generated 50,000-call log, with and without the semantic cache.
     Bench {
         #[arg(value_enum)]
         what: BenchTarget,
@@ -68,6 +70,8 @@ fn main() -> ExitCode {
         Task::Bench { what: BenchTarget::Gateway, json } => {
             workspace_root().and_then(|root| bench_gateway::bench_gateway(json, &root))
         }
+        Task::Bench { what: BenchTarget::Replay, json } => workspace_root()
+            .and_then(|root| data_folder().and_then(|data| bench_replay::bench_replay(json, &root, &data))),
         Task::GenLog(args) => data_folder().and_then(|data| gen_log::gen_log(&args, &data)),
         Task::EvalCache { files, dev, limit, json, threshold } => eval_cache(files, dev, limit, json, threshold),
     };
@@ -85,6 +89,7 @@ enum BenchTarget {
     Cache,
     Engine,
     Gateway,
+    Replay,
 }
 
 /// Figures from a debug build would measure the compiler's settings, not the code: benchmarks
@@ -174,6 +179,17 @@ fn nextest_available(root: &PathBuf) -> bool {
 
 fn cargo_bin() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
+/// The `aipipe` binary, built in release mode: what a user runs.
+fn release_binary(root: &std::path::Path) -> anyhow::Result<PathBuf> {
+    cargo(&root.to_path_buf(), &["build", "--release", "--locked", "--quiet", "--bin", "aipipe"])?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let binary = target.join("release").join("aipipe");
+    if !binary.is_file() {
+        bail!("no release binary at `{}` after building it", binary.display());
+    }
+    Ok(binary)
 }
 
 fn workspace_root() -> anyhow::Result<PathBuf> {

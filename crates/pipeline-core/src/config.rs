@@ -159,6 +159,7 @@ struct RawSemantic {
     threshold: f32,
     ttl_secs: u64,
     max_entries: u64,
+    ef_search: usize,
     model_dir: String,
     onnxruntime_path: String,
     threads: usize,
@@ -279,6 +280,8 @@ pub struct SemanticSettings {
     pub threshold: f32,
     pub ttl: Duration,
     pub max_entries: u64,
+    /// HNSW search breadth (recall versus latency).
+    pub ef_search: usize,
     pub model: ModelPaths,
     /// ONNX Runtime intra-op threads; 0 = one per core.
     pub threads: usize,
@@ -438,6 +441,18 @@ impl Config {
             threshold: similarity("semantic.threshold", raw.semantic.threshold)?,
             ttl: Duration::from_secs(positive("semantic.ttl_secs", raw.semantic.ttl_secs)?),
             max_entries: positive("semantic.max_entries", raw.semantic.max_entries)?,
+            ef_search: if raw.semantic.ef_search >= semantic_cache::MIN_EF_SEARCH {
+                raw.semantic.ef_search
+            } else {
+                return Err(SetupError::invalid(
+                    "semantic.ef_search",
+                    format!(
+                        "{} is below the least useful breadth, {}",
+                        raw.semantic.ef_search,
+                        semantic_cache::MIN_EF_SEARCH
+                    ),
+                ));
+            },
             model: ModelPaths {
                 model_dir: path_or(raw.semantic.model_dir, installed.model_dir),
                 onnxruntime: path_or(raw.semantic.onnxruntime_path, installed.onnxruntime),

@@ -1084,6 +1084,7 @@ impl EngineBuilder {
                 ttl: config.semantic.ttl,
                 max_entries: config.semantic.max_entries,
                 threshold: config.semantic.threshold,
+                ef_search: config.semantic.ef_search,
             };
             let cache = SemanticCache::new(embedder, semantic_cache::ConceptNormalizer::default(), settings);
             if let Some(path) = &config.semantic.snapshot {

@@ -20,4 +20,4 @@ pub use exact::{CachedEntry, ExactCache};
 pub use key::{CacheKey, CacheKeyBuilder, canonical_json};
 pub use model::{DEFAULT_MODEL, Embedder, ModelPaths, ONNXRUNTIME_LIBRARY, normalise};
 pub use normalize::{ConceptNormalizer, DEFAULT_EQUIVALENCES, tokens};
-pub use semantic::{Lookup, Query, SemanticCache, SemanticHit, SemanticSettings};
+pub use semantic::{Lookup, MIN_EF_SEARCH, Query, SemanticCache, SemanticHit, SemanticSettings};

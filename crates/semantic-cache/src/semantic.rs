@@ -17,8 +17,10 @@ use crate::{CacheError, ConceptNormalizer, Embedder};
 /// HNSW graph degree and build/search breadth (figures: docs/benchmarks.md).
 const MAX_CONNECTIONS: usize = 16;
 const EF_CONSTRUCTION: usize = 200;
-const EF_SEARCH: usize = 64;
 const CANDIDATES: usize = 8;
+/// The least search breadth: the search asks for twice the candidates (dead points are
+/// skipped after it), and HNSW returns at most `ef` of them.
+pub const MIN_EF_SEARCH: usize = 2 * CANDIDATES;
 const MAX_LAYERS: usize = 16;
 /// A namespace's graph is rebuilt from its live entries once dead points outnumber them
 /// (hnsw_rs cannot delete) and there are enough to be worth it.
@@ -30,6 +32,9 @@ pub struct SemanticSettings {
     pub max_entries: u64,
     /// Similarity at or above which a candidate that passes the guards is served.
     pub threshold: f32,
+    /// HNSW search breadth: higher finds the true nearest entry more often, and costs time
+    /// (recall and latency per value: docs/benchmarks.md). At least [`MIN_EF_SEARCH`].
+    pub ef_search: usize,
 }
 
 /// A request text, normalised and embedded once, for a lookup and then an insert.
@@ -100,6 +105,7 @@ pub struct SemanticCache<V: Clone + Send + Sync + 'static> {
     entries: moka::sync::Cache<u64, Arc<Entry<V>>>,
     spaces: Spaces,
     next_id: AtomicU64,
+    ef_search: AtomicUsize,
 }
 
 impl<V: Clone + Send + Sync + 'static> std::fmt::Debug for SemanticCache<V> {
@@ -129,7 +135,14 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
                 }
             })
             .build();
-        Self { embedder, normalizer, settings, entries, spaces, next_id: AtomicU64::new(0) }
+        let ef_search = AtomicUsize::new(settings.ef_search.max(MIN_EF_SEARCH));
+        Self { embedder, normalizer, settings, entries, spaces, next_id: AtomicU64::new(0), ef_search }
+    }
+
+    /// Changes the search breadth of later lookups (at least [`MIN_EF_SEARCH`]): a recall
+    /// versus latency dial that needs no rebuild.
+    pub fn set_ef_search(&self, ef_search: usize) {
+        self.ef_search.store(ef_search.max(MIN_EF_SEARCH), Ordering::Relaxed);
     }
 
     pub fn settings(&self) -> &SemanticSettings {
@@ -238,7 +251,8 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
         // Dead points are skipped after the search rather than filtered inside it: hnsw_rs's
         // filtered search measured 3x slower, and a graph is rebuilt before the dead outnumber
         // the live, so twice the candidates still leaves enough live ones.
-        let neighbours = read(&space.graph).search(&query.vector, 2 * CANDIDATES, EF_SEARCH);
+        let ef_search = self.ef_search.load(Ordering::Relaxed);
+        let neighbours = read(&space.graph).search(&query.vector, 2 * CANDIDATES, ef_search);
         let mut found = Vec::with_capacity(CANDIDATES);
         for neighbour in neighbours {
             if found.len() == CANDIDATES {
