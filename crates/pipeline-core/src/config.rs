@@ -160,6 +160,7 @@ struct RawSemantic {
     ttl_secs: u64,
     max_entries: u64,
     ef_search: usize,
+    max_text_chars: usize,
     model_dir: String,
     onnxruntime_path: String,
     threads: usize,
@@ -282,6 +283,8 @@ pub struct SemanticSettings {
     pub max_entries: u64,
     /// HNSW search breadth (recall versus latency).
     pub ef_search: usize,
+    /// Longer texts are matched exactly or not at all: the model would see only their start.
+    pub max_text_chars: usize,
     pub model: ModelPaths,
     /// ONNX Runtime intra-op threads; 0 = one per core.
     pub threads: usize,
@@ -457,6 +460,7 @@ impl Config {
                 model_dir: path_or(raw.semantic.model_dir, installed.model_dir),
                 onnxruntime: path_or(raw.semantic.onnxruntime_path, installed.onnxruntime),
             },
+            max_text_chars: positive("semantic.max_text_chars", raw.semantic.max_text_chars)?,
             threads: raw.semantic.threads,
             snapshot: Some(raw.semantic.snapshot_path).filter(|path| !path.trim().is_empty()).map(PathBuf::from),
         };

@@ -529,6 +529,10 @@ impl Engine {
             return None;
         }
         let (text, rest) = semantic_text(spec, call.input)?;
+        if text.chars().count() > self.inner.config.semantic.max_text_chars {
+            tracing::debug!("text longer than semantic.max_text_chars: exact cache only");
+            return None;
+        }
         let namespace = CacheKey::builder()
             .text("workspace", &call.context.workspace)
             .text("step", spec.step.as_str())

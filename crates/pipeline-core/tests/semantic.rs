@@ -63,6 +63,22 @@ async fn negations_numbers_and_swapped_roles_are_not_served() {
 }
 
 #[tokio::test]
+async fn texts_longer_than_the_models_window_are_matched_exactly_only() {
+    let h = started("").await;
+    let preamble = "Our customer wrote a long message about the invoice for the March period, the \
+        delivery of the replacement parts, the support ticket that was closed without an answer, the \
+        phone call with the account manager, the promised discount on the next renewal, and the \
+        feedback survey that they filled in twice because the first submission failed. ";
+    let long = |ending: &str| format!("{}{ending}", preamble.repeat(2));
+    assert!(long("").chars().count() > 500);
+    assert_eq!(h.ask("ws-a", &long("They want a refund.")).await.source, Source::Upstream);
+    // The model would see only the identical beginning of both: no semantic match.
+    assert_eq!(h.ask("ws-a", &long("They want to upgrade.")).await.source, Source::Upstream);
+    assert_eq!(h.ask("ws-a", &long("They want a refund.")).await.source, Source::ExactCache);
+    assert_eq!(h.upstream.requests(), 2);
+}
+
+#[tokio::test]
 async fn another_workspace_or_other_fields_never_share_an_entry() {
     let h = started("").await;
     h.ask("ws-a", "I was charged twice").await;
