@@ -35,9 +35,9 @@ pub fn render(report: &ReplayReport) -> String {
          <span style=\"color:{AFTER_COLOUR}\">&#9632; after (through aipipe)</span></p>"
     );
     page.push_str("<h2>AI calls over time</h2>\n");
-    page.push_str(&line_chart(&report.timeline, |b| (b.before_calls as f64, b.after_calls as f64), "calls"));
+    page.push_str(&line_chart(&report.timeline, |b| (b.before_calls as f64, b.after_calls as f64), 0, "calls"));
     page.push_str("<h2>Cost over time (USD)</h2>\n");
-    page.push_str(&line_chart(&report.timeline, |b| (b.before_cost_usd, b.after_cost_usd), "USD"));
+    page.push_str(&line_chart(&report.timeline, |b| (b.before_cost_usd, b.after_cost_usd), 6, "USD"));
     page.push_str("<h2>Cache hit rate by component (after)</h2>\n");
     page.push_str(&hit_rate_bars(report));
     page.push_str(
@@ -116,8 +116,14 @@ const WIDTH: f64 = 900.0;
 const HEIGHT: f64 = 240.0;
 const MARGIN: f64 = 50.0;
 
-/// Two polylines, before and after, over the timeline's buckets.
-fn line_chart(buckets: &[TimeBucket], values: impl Fn(&TimeBucket) -> (f64, f64), unit: &str) -> String {
+/// Two polylines, before and after, over the timeline's buckets; the peak is labelled with
+/// `decimals` digits.
+fn line_chart(
+    buckets: &[TimeBucket],
+    values: impl Fn(&TimeBucket) -> (f64, f64),
+    decimals: usize,
+    unit: &str,
+) -> String {
     let mut svg = format!(
         "<svg width=\"{WIDTH}\" height=\"{HEIGHT}\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" \
          xmlns=\"http://www.w3.org/2000/svg\" role=\"img\">\n"
@@ -131,10 +137,12 @@ fn line_chart(buckets: &[TimeBucket], values: impl Fn(&TimeBucket) -> (f64, f64)
         svg,
         "<line x1=\"{MARGIN}\" y1=\"{bottom}\" x2=\"{right}\" y2=\"{bottom}\" stroke=\"#888\"/>\
          <line x1=\"{MARGIN}\" y1=\"10\" x2=\"{MARGIN}\" y2=\"{bottom}\" stroke=\"#888\"/>\
-         <text x=\"4\" y=\"20\" font-size=\"11\">{top:.4} {unit}</text>\
+         <text x=\"{label_x}\" y=\"12\" font-size=\"11\">{top:.decimals$} {unit} per {slice}</text>\
          <text x=\"4\" y=\"{bottom}\" font-size=\"11\">0</text>\
          <text x=\"{right}\" y=\"{label}\" font-size=\"11\" text-anchor=\"end\">{hours:.1} h of log time</text>",
         bottom = y(0.0),
+        label_x = MARGIN + 6.0,
+        slice = slice_name(buckets),
         right = WIDTH - MARGIN,
         label = y(0.0) + 16.0,
         hours = span / 3600.0,
@@ -155,6 +163,18 @@ fn line_chart(buckets: &[TimeBucket], values: impl Fn(&TimeBucket) -> (f64, f64)
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+/// How long one bucket of the timeline is, in words.
+fn slice_name(buckets: &[TimeBucket]) -> String {
+    match buckets {
+        [first, second, ..] => match second.start_s - first.start_s {
+            seconds if seconds >= 3600.0 => format!("{:.0} h", seconds / 3600.0),
+            seconds if seconds >= 60.0 => format!("{:.0} min", seconds / 60.0),
+            seconds => format!("{seconds:.0} s"),
+        },
+        _ => "slice".to_owned(),
+    }
 }
 
 fn hit_rate_bars(report: &ReplayReport) -> String {
