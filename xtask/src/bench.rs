@@ -72,7 +72,7 @@ const PROMPTS: &[&str] = &[
     "Translate the onboarding email into a friendlier tone",
 ];
 
-pub fn bench_cache(json: bool) -> anyhow::Result<()> {
+pub fn bench_cache(json: bool, root: &std::path::Path) -> anyhow::Result<()> {
     let embedder = Arc::new(Embedder::load(&ModelPaths::installed(), 0)?);
     let dimensions = embedder.dimensions();
     let mut figures = Vec::new();
@@ -179,6 +179,7 @@ pub fn bench_cache(json: bool) -> anyhow::Result<()> {
         }
     }
 
+    crate::record::record(root, "cache", &figures)?;
     print_figures(&figures, json)
 }
 
@@ -316,7 +317,7 @@ const ENGINE_CALLS: usize = 20_000;
 /// limits, breaker, Retry-After pause, retry bookkeeping, contract check, cache store, the
 /// telemetry record) around an in-process provider that answers at once. No embedding: the
 /// semantic cache has its own figures.
-pub fn bench_engine(json: bool) -> anyhow::Result<()> {
+pub fn bench_engine(json: bool, root: &std::path::Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let guards_on = "[semantic]\nenabled = false\n[limits]\nworkspace_requests_per_minute = 4000000000\n\
                      workspace_request_burst = 1000000\nworkspace_tokens_per_minute = 4000000000\n\
@@ -339,6 +340,7 @@ pub fn bench_engine(json: bool) -> anyhow::Result<()> {
         figures.push(Figure::latency("engine_exact_hit", 0, samples));
         anyhow::Ok(figures)
     })?;
+    crate::record::record(root, "engine", &figures)?;
     print_figures(&figures, json)
 }
 

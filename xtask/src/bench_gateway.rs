@@ -86,6 +86,7 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
             },
         ])
     })?;
+    crate::record::record(root, "gateway", &figures)?;
     for figure in &figures {
         if json {
             println!("{}", serde_json::to_string(figure)?);

@@ -48,6 +48,7 @@ pub fn bench_replay(json: bool, root: &Path, data: &Path) -> anyhow::Result<()> 
         let calls = report["replayed"].as_u64().context("no `replayed` in the replay's JSON")?;
         figures.push(ReplayFigure { name, calls, seconds, calls_per_second: calls as f64 / seconds });
     }
+    crate::record::record(root, "replay", &figures)?;
     for figure in &figures {
         if json {
             println!("{}", serde_json::to_string(figure)?);

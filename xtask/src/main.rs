@@ -13,6 +13,7 @@ mod bench_gateway;
 mod bench_replay;
 mod eval;
 mod gen_log;
+mod record;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "aipipe's project tasks")]
@@ -25,7 +26,7 @@ struct Cli {
 enum Task {
     /// What CI runs: formatting check, clippy with warnings as errors, the whole test suite.
     Ci,
-    /// Benchmarks, on this machine. `cache`: lookups of both caches at 1k, 10k and 100k
+    /// Benchmarks, on this machine; each writes its figures into docs/benchmarks.md. `cache`: lookups of both caches at 1k, 10k and 100k
     /// entries, embedding throughput, memory per entry. `engine`: the engine's own overhead
     /// per call, with an in-process provider that answers at once. `gateway`: requests per
     /// second and added latency of `aipipe serve` against a loopback upstream, versus that
@@ -65,8 +66,12 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Task::Ci => ci(),
         Task::Bench { what, json } if cfg!(debug_assertions) => release_rerun(what, json),
-        Task::Bench { what: BenchTarget::Cache, json } => bench::bench_cache(json),
-        Task::Bench { what: BenchTarget::Engine, json } => bench::bench_engine(json),
+        Task::Bench { what: BenchTarget::Cache, json } => {
+            workspace_root().and_then(|root| bench::bench_cache(json, &root))
+        }
+        Task::Bench { what: BenchTarget::Engine, json } => {
+            workspace_root().and_then(|root| bench::bench_engine(json, &root))
+        }
         Task::Bench { what: BenchTarget::Gateway, json } => {
             workspace_root().and_then(|root| bench_gateway::bench_gateway(json, &root))
         }
