@@ -109,7 +109,6 @@ pub async fn replay(
     mut config: Config,
     upstream: Upstream,
 ) -> anyhow::Result<ReplayReport> {
-    let steps_config = config.clone();
     let started = Instant::now();
     match &upstream {
         Upstream::Recorded => {
@@ -180,7 +179,7 @@ pub async fn replay(
             semantic_pairs.push(SemanticPair {
                 trace_id: call.trace_id.clone(),
                 component: call.component.clone(),
-                text: semantic_text(&steps_config, call).unwrap_or_default(),
+                text: semantic_text(engine.config(), call).unwrap_or_default(),
                 served_answer_of: matched.text.clone(),
                 similarity: f64::from(matched.similarity),
                 source: result.source.label(),

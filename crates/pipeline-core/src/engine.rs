@@ -117,10 +117,8 @@ struct Served {
     provider: String,
     saved_cost_usd: f64,
     saved_tokens: u64,
-    /// For a semantic hit or a similar-answer stand-in, how similar the matched request was.
-    similarity: Option<f32>,
-    /// ... and its text.
-    similar_to: Option<String>,
+    /// For a semantic hit or a similar-answer stand-in: the matched request.
+    similar: Option<SimilarRequest>,
     /// Why the step's model did not answer, when a fallback did.
     degraded_by: Option<&'static str>,
 }
@@ -135,8 +133,7 @@ impl Served {
             provider,
             saved_cost_usd: 0.0,
             saved_tokens: 0,
-            similarity: None,
-            similar_to: None,
+            similar: None,
             degraded_by: None,
         }
     }
@@ -305,10 +302,7 @@ impl Engine {
                 attempts: spent.attempts,
                 rate_limit_wait: spent.rate_limit_wait,
                 degraded_by: served.degraded_by,
-                similar_to: served
-                    .similar_to
-                    .zip(served.similarity)
-                    .map(|(text, similarity)| SimilarRequest { text, similarity }),
+                similar_to: served.similar,
             })
         }
         .instrument(span)
@@ -500,8 +494,7 @@ impl Engine {
                 provider: hit.value.provider,
                 saved_cost_usd: hit.value.cost_usd,
                 saved_tokens: hit.value.tokens,
-                similarity: Some(hit.similarity),
-                similar_to: Some(hit.matched_text),
+                similar: Some(SimilarRequest { text: hit.matched_text, similarity: hit.similarity }),
                 degraded_by,
             });
         }
@@ -514,8 +507,7 @@ impl Engine {
             provider: "aipipe".into(),
             saved_cost_usd: 0.0,
             saved_tokens: 0,
-            similarity: None,
-            similar_to: None,
+            similar: None,
             degraded_by,
         })
     }
@@ -572,8 +564,7 @@ impl Engine {
                     provider: hit.value.provider,
                     saved_cost_usd: hit.value.cost_usd,
                     saved_tokens: hit.value.tokens,
-                    similarity: Some(hit.similarity),
-                    similar_to: Some(hit.matched_text),
+                    similar: Some(SimilarRequest { text: hit.matched_text, similarity: hit.similarity }),
                     degraded_by: None,
                 })
             }
@@ -603,8 +594,7 @@ impl Engine {
             provider: answer.provider.clone(),
             saved_cost_usd: answer.cost_usd,
             saved_tokens: answer.tokens,
-            similarity: None,
-            similar_to: None,
+            similar: None,
             degraded_by: None,
         })
     }
@@ -940,7 +930,7 @@ impl Engine {
             source: source.to_owned(),
             cache_hit: outcome.as_ref().is_ok_and(|served| served.source.is_cache()),
             confidence,
-            similarity: served.and_then(|served| served.similarity).map(f64::from),
+            similarity: served.and_then(|served| served.similar.as_ref()).map(|similar| f64::from(similar.similarity)),
             status,
             error_class,
             error_message,

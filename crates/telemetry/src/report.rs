@@ -56,12 +56,7 @@ struct Call {
 impl TelemetryStore {
     /// The figures of the calls with `from_ms <= ts_ms < to_ms` (Unix milliseconds).
     pub async fn report(&self, from_ms: i64, to_ms: i64) -> Result<Report, TelemetryError> {
-        let rows = sqlx::query(REPORT_ROWS)
-            .bind(from_ms)
-            .bind(to_ms)
-            .fetch_all(self.pool())
-            .await
-            .map_err(TelemetryError::Query)?;
+        let rows = self.rows_in_window(REPORT_ROWS, from_ms, to_ms).await?;
         let rows = rows
             .iter()
             .map(|row| {

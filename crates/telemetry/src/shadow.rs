@@ -68,16 +68,15 @@ impl TelemetryStore {
     /// Every comparison of the window, oldest first, for a person to go through the
     /// disagreements.
     pub async fn shadow_records(&self, from_ms: i64, to_ms: i64) -> Result<Vec<ShadowRecord>, TelemetryError> {
-        let rows = sqlx::query(
-            "SELECT ts_ms, component, step, trace_id, agreed, similarity, legacy_ok, engine_ok, legacy_answer, \
-             engine_answer, legacy_latency_ms, engine_latency_ms FROM shadow_comparisons \
-             WHERE ts_ms >= $1 AND ts_ms < $2 ORDER BY ts_ms, id",
-        )
-        .bind(from_ms)
-        .bind(to_ms)
-        .fetch_all(self.pool())
-        .await
-        .map_err(TelemetryError::Query)?;
+        let rows = self
+            .rows_in_window(
+                "SELECT ts_ms, component, step, trace_id, agreed, similarity, legacy_ok, engine_ok, legacy_answer, \
+                 engine_answer, legacy_latency_ms, engine_latency_ms FROM shadow_comparisons \
+                 WHERE ts_ms >= $1 AND ts_ms < $2 ORDER BY ts_ms, id",
+                from_ms,
+                to_ms,
+            )
+            .await?;
         rows.iter()
             .map(|row| {
                 Ok(ShadowRecord {
@@ -105,15 +104,14 @@ impl TelemetryStore {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<BTreeMap<String, ShadowFigures>, TelemetryError> {
-        let rows = sqlx::query(
-            "SELECT component, COUNT(*) AS comparisons, CAST(SUM(agreed) AS BIGINT) AS agreed FROM shadow_comparisons \
-             WHERE ts_ms >= $1 AND ts_ms < $2 GROUP BY component",
-        )
-        .bind(from_ms)
-        .bind(to_ms)
-        .fetch_all(self.pool())
-        .await
-        .map_err(TelemetryError::Query)?;
+        let rows = self
+            .rows_in_window(
+                "SELECT component, COUNT(*) AS comparisons, CAST(SUM(agreed) AS BIGINT) AS agreed \
+                 FROM shadow_comparisons WHERE ts_ms >= $1 AND ts_ms < $2 GROUP BY component",
+                from_ms,
+                to_ms,
+            )
+            .await?;
         rows.iter()
             .map(|row| {
                 let comparisons: i64 = row.try_get("comparisons")?;

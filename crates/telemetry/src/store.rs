@@ -1,7 +1,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions, install_default_drivers};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow, install_default_drivers};
 use sqlx::{AnyPool, Row};
 
 use crate::{CallRecord, CallStatus, TelemetryError};
@@ -76,6 +76,16 @@ impl TelemetryStore {
         &self.pool
     }
 
+    /// The rows of `sql`, whose `$1` and `$2` bound a window `from_ms <= ts_ms < to_ms`.
+    pub(crate) async fn rows_in_window(
+        &self,
+        sql: &'static str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<AnyRow>, TelemetryError> {
+        sqlx::query(sql).bind(from_ms).bind(to_ms).fetch_all(&self.pool).await.map_err(TelemetryError::Query)
+    }
+
     /// Writes the records in one transaction: all of them or, on error, none.
     pub async fn insert_batch(&self, records: &[CallRecord]) -> Result<(), TelemetryError> {
         let mut tx = self.pool.begin().await.map_err(TelemetryError::Write)?;
@@ -134,7 +144,7 @@ impl TelemetryStore {
     }
 }
 
-fn record_from_row(row: &sqlx::any::AnyRow) -> Result<CallRecord, sqlx::Error> {
+fn record_from_row(row: &AnyRow) -> Result<CallRecord, sqlx::Error> {
     let status: String = row.try_get("status")?;
     Ok(CallRecord {
         ts_ms: row.try_get("ts_ms")?,
