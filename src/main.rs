@@ -124,7 +124,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(base_url) => replay::Upstream::Live { base_url },
                 None => replay::Upstream::Recorded,
             };
-            let mut report = runtime.block_on(replay::replay(&log, &db, config, upstream))?;
+            let mut report = replay::run(&log, &db, config, upstream, &runtime)?;
             let html = html.unwrap_or_else(|| db.with_extension("html"));
             std::fs::write(&html, html::render(&report))
                 .with_context(|| format!("cannot write the HTML report `{}`", html.display()))?;

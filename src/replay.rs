@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pipeline_core::providers::RecordedProvider;
 use pipeline_core::telemetry::{PriceTable, Recorder, RecorderSettings, TelemetryStore};
-use pipeline_core::{CallContext, CallOptions, Config, Engine, ManualClock, StepKind};
+use pipeline_core::{CallContext, CallOptions, Config, Engine, ManualClock, StepKind, StepType};
 use serde::Serialize;
 
 use crate::log::{BadLine, LoggedCall, read_log};
@@ -103,22 +104,38 @@ pub enum Upstream {
     Live { base_url: String },
 }
 
-pub async fn replay(
+/// Replays a log. A recorded replay runs the engine on a runtime of its own whose clock is
+/// paused and moved to each call's logged time (`tokio::time::pause`): rate limits, breakers,
+/// Retry-After pauses and deadlines, which all read tokio's clock, see the log's times, and a
+/// wait costs no real time. Telemetry is written on `runtime`, whose clock is real: the
+/// database's own timeouts and retries must not jump ahead with the log.
+pub fn run(
+    log_path: &Path,
+    db_path: &Path,
+    config: Config,
+    upstream: Upstream,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<ReplayReport> {
+    let engine_runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(matches!(upstream, Upstream::Recorded))
+        .build()
+        .context("cannot start the replay's runtime")?;
+    engine_runtime.block_on(replay(log_path, db_path, config, upstream, runtime.handle().clone()))
+}
+
+async fn replay(
     log_path: &Path,
     db_path: &Path,
     mut config: Config,
     upstream: Upstream,
+    telemetry: tokio::runtime::Handle,
 ) -> anyhow::Result<ReplayReport> {
     let started = Instant::now();
     match &upstream {
         Upstream::Recorded => {
-            // Rate limits, breakers, Retry-After pauses and retry backoff run on wall time,
-            // while a recorded replay runs on the log's time in a fraction of it: left on, they
-            // would judge a day of traffic as one burst and sleep for real. Each logged call is
-            // replayed as one attempt.
-            config.resilience.limits = None;
-            config.resilience.breaker = None;
-            config.resilience.pause_on_retry_after = false;
+            // The log holds one answer per call: what a retry would have got is unknown, so
+            // each logged call is replayed as one attempt.
             config.resilience.retry.max_attempts = 1;
         }
         // Live calls take real time: every guard works as in production.
@@ -133,12 +150,21 @@ pub async fn replay(
     }
 
     let db = db_path.to_string_lossy().into_owned();
-    let store = TelemetryStore::connect(&db).await?;
-    let rows_before = store.count().await?;
-    let recorder = Recorder::spawn(
-        store.clone(),
-        RecorderSettings { queue_capacity: config.telemetry.queue_capacity, batch_size: config.telemetry.batch_size },
-    );
+    let store = {
+        let db = db.clone();
+        telemetry.spawn(async move { TelemetryStore::connect(&db).await }).await??
+    };
+    let rows_before = count_rows(&telemetry, &store).await?;
+    let recorder = {
+        let _on_telemetry_runtime = telemetry.enter();
+        Recorder::spawn(
+            store.clone(),
+            RecorderSettings {
+                queue_capacity: config.telemetry.queue_capacity,
+                batch_size: config.telemetry.batch_size,
+            },
+        )
+    };
     let recorded = matches!(upstream, Upstream::Recorded).then(|| {
         let provider = RecordedProvider::new(calls.iter().map(LoggedCall::recorded));
         let clock = Arc::new(ManualClock::new(calls.first().map_or_else(SystemTime::now, |call| call.at)));
@@ -155,10 +181,18 @@ pub async fn replay(
     let mut after = Vec::with_capacity(calls.len());
     let mut semantic_pairs = Vec::new();
     let progress = progress_bar(calls.len());
-    for call in &calls {
+    let embed_ahead = EmbedAhead::start(&engine, &calls);
+    let log_origin = (tokio::time::Instant::now(), calls.first().map_or(SystemTime::UNIX_EPOCH, |call| call.at));
+    for (index, call) in calls.iter().enumerate() {
         progress.inc(1);
+        embed_ahead.reached(index);
         if let Some((_, clock)) = &recorded {
             clock.set(call.at);
+            // The paused clock auto-advances to this call's time at once. A call that waited
+            // (a limit, a pause) may have taken the clock past the next one's time: that call
+            // then starts late, as it would have queued behind the wait.
+            let (origin, first_at) = log_origin;
+            tokio::time::sleep_until(origin + call.at.duration_since(first_at).unwrap_or_default()).await;
         }
         let logged_cost = cost(&prices, &call.model, call);
         before.push(Outcome {
@@ -221,11 +255,11 @@ pub async fn replay(
     if lost > 0 {
         anyhow::bail!("{lost} telemetry records were lost writing to `{db}`; raise telemetry.queue_capacity");
     }
-    let telemetry_rows = u64::try_from(store.count().await? - rows_before).unwrap_or(0);
+    let telemetry_rows = u64::try_from(count_rows(&telemetry, &store).await? - rows_before).unwrap_or(0);
     if let Some((provider, _)) = &recorded {
         debug_assert_eq!(provider.requests_served(), after.iter().map(|o| o.upstream_requests).sum::<u64>());
     }
-    store.close().await;
+    telemetry.spawn(async move { store.close().await }).await?;
 
     let mut by_component: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (index, call) in calls.iter().enumerate() {
@@ -257,8 +291,62 @@ pub async fn replay(
     })
 }
 
+async fn count_rows(telemetry: &tokio::runtime::Handle, store: &TelemetryStore) -> anyhow::Result<i64> {
+    let store = store.clone();
+    Ok(telemetry.spawn(async move { store.count().await }).await??)
+}
+
 fn cost(prices: &PriceTable, model: &str, call: &LoggedCall) -> f64 {
     prices.cost(model, u64::from(call.usage.input_tokens), u64::from(call.usage.output_tokens)).unwrap_or(0.0)
+}
+
+/// Embeds the semantic texts of the calls a little ahead of the replay, on every embedding
+/// session, while the replay runs the calls in order: embedding is most of a replay's work, and
+/// the calls themselves must stay sequential to keep the log's order and clock.
+struct EmbedAhead {
+    /// The index of the call the replay has reached; `usize::MAX` tells the thread to stop.
+    reached: Arc<AtomicUsize>,
+}
+
+impl EmbedAhead {
+    /// Calls per batch handed to the embedder.
+    const CHUNK: usize = 256;
+    /// How far ahead it may run: the vectors wait among the embedder's recent ones, which
+    /// must not forget them before their calls come.
+    const MAX_AHEAD: usize = 4 * Self::CHUNK;
+
+    fn start(engine: &Engine, calls: &[LoggedCall]) -> Self {
+        let reached = Arc::new(AtomicUsize::new(0));
+        let requests: Vec<(StepType, serde_json::Value)> =
+            calls.iter().map(|call| (call.step.clone(), call.input.clone())).collect();
+        let (engine, position) = (engine.clone(), reached.clone());
+        std::thread::spawn(move || {
+            for (index, chunk) in requests.chunks(Self::CHUNK).enumerate() {
+                loop {
+                    match position.load(Ordering::Relaxed) {
+                        usize::MAX => return,
+                        at if index * Self::CHUNK <= at + Self::MAX_AHEAD => break,
+                        _ => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+                if let Err(error) = engine.embed_ahead(chunk.iter().map(|(step, input)| (step, input))) {
+                    tracing::warn!(%error, "embedding ahead stopped; calls embed their own texts");
+                    return;
+                }
+            }
+        });
+        Self { reached }
+    }
+
+    fn reached(&self, index: usize) {
+        self.reached.store(index, Ordering::Relaxed);
+    }
+}
+
+impl Drop for EmbedAhead {
+    fn drop(&mut self) {
+        self.reached.store(usize::MAX, Ordering::Relaxed);
+    }
 }
 
 /// A bar on stderr for replays long enough to wait for; nothing when stderr is not a terminal.

@@ -237,3 +237,48 @@ async fn a_live_endpoint_answers_instead_of_the_log() {
     // (300 * 0.15 + 30 * 0.60) / 1e6 = 63e-6 per live answer.
     assert_close(&report["after"]["cost_usd"], 2.0 * 63e-6);
 }
+
+#[test]
+fn breakers_and_retry_after_pauses_run_on_the_logs_clock() {
+    const OUTAGE: &str = r#""error":{"class":"server_error","status":503,"message":"upstream down"}"#;
+    let at = |seconds: u32| format!("2026-07-03T09:{:02}:{:02}Z", seconds / 60, seconds % 60);
+    let mut log = String::new();
+    // Five 503s open the breaker at 09:00:40 for `breaker.open_for_ms` (60 s); the three calls
+    // logged inside that minute never reach the provider; the one after it is the probe.
+    let calls = [
+        (0, OUTAGE, 300),
+        (10, OUTAGE, 300),
+        (20, OUTAGE, 300),
+        (30, OUTAGE, 300),
+        (40, OUTAGE, 300),
+        (50, OUTAGE, 300),
+        (60, OUTAGE, 300),
+        (80, OUTAGE, 300),
+        (105, OK_SMALL, 400),
+        (120, OK_SMALL, 400),
+        // A 429 asks for 2 s; the call logged 1 s later waits the second that is left.
+        (180, RATE_LIMITED, 50),
+        (181, OK_SMALL, 100),
+    ];
+    for (index, (seconds, outcome, latency_ms)) in calls.into_iter().enumerate() {
+        // Each text has its own number: the number guard keeps the caches out of it.
+        let text = format!("order {} was charged twice", 100 + index);
+        log.push_str(&line(&format!("t{index}"), &at(seconds), "ws-a", &text, outcome, latency_ms));
+        log.push('\n');
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let out = replay(log.as_bytes(), dir.path(), &["--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "a replay does not wait in real time");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["before"]["calls"], 12);
+    assert_eq!(report["after"]["calls"], 9, "three calls refused by the open breaker: {report}");
+    let before_p99 = report["before"]["p99_ms"].as_f64().unwrap();
+    let after_p99 = report["after"]["p99_ms"].as_f64().unwrap();
+    assert_close(&report["before"]["p99_ms"], 400.0);
+    assert!(
+        (1100.0..1300.0).contains(&after_p99),
+        "1 s of pause plus the logged 100 ms: {after_p99} (before {before_p99})"
+    );
+}

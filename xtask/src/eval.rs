@@ -172,11 +172,12 @@ fn score<'a>(
         .collect())
 }
 
-/// Embeddings of these exact texts from an earlier run, else fresh ones (then kept in
+/// Embeddings of these exact texts by this model from an earlier run, else fresh ones (then kept in
 /// `target/eval-embeddings`): evaluating and calibrating re-read the same 150,000 sentences.
 pub(crate) fn embed_cached(embedder: &Embedder, texts: &[&str]) -> anyhow::Result<Vec<Vec<f32>>> {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
+    hasher.update(embedder.model_id().as_bytes());
     for text in texts {
         hasher.update((text.len() as u64).to_le_bytes());
         hasher.update(text.as_bytes());

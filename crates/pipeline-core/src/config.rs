@@ -286,7 +286,7 @@ pub struct SemanticSettings {
     /// Longer texts are matched exactly or not at all: the model would see only their start.
     pub max_text_chars: usize,
     pub model: ModelPaths,
-    /// ONNX Runtime intra-op threads; 0 = one per core.
+    /// Embedding sessions, one ONNX Runtime thread each; 0 = one per core.
     pub threads: usize,
     /// Where the cache is saved on shutdown and loaded on start; `None`: it lives in memory only.
     pub snapshot: Option<PathBuf>,

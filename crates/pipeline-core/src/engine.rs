@@ -1,16 +1,17 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use providers::{
-    ChatMessage, ChatRequest, ChatResponse, OpenAiCompatible, OpenAiSettings, ProviderError, ProviderService, Role,
-    Usage,
+    ChatMessage, ChatRequest, ChatResponse, ErrorClass, OpenAiCompatible, OpenAiSettings, ProviderError,
+    ProviderService, Role, Usage,
 };
 use resilience::{BreakerState, BreakerStatus, Breakers, Deadline, Outcome, Pauses, RateLimits, Refusal, RetryPolicy};
 use semantic_cache::{CacheKey, Embedder, ExactCache, Lookup, Query, SemanticCache};
 use serde_json::Value;
 use telemetry::{CallRecord, CallStatus, Recorder, RecorderSettings, TelemetryError, TelemetryStore};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tower::ServiceExt;
 use tracing::Instrument;
 
@@ -512,6 +513,35 @@ impl Engine {
         })
     }
 
+    /// The step's free-text field and the rest of the input, if the semantic cache may
+    /// compare this text.
+    fn semantic_text(&self, spec: &StepSpec, input: &Value) -> Option<(String, Value)> {
+        let (text, rest) = semantic_text(spec, input)?;
+        if text.chars().count() > self.inner.config.semantic.max_text_chars {
+            tracing::debug!("text longer than semantic.max_text_chars: exact cache only");
+            return None;
+        }
+        Some((text, rest))
+    }
+
+    /// Embeds the texts that these calls will look up in the semantic cache, over all of the
+    /// embedder's sessions, so that the calls find their vectors ready. It blocks: run it on a
+    /// thread of its own, ahead of the calls (a replay does). Returns how many texts it saw.
+    pub fn embed_ahead<'a>(
+        &self,
+        calls: impl IntoIterator<Item = (&'a StepType, &'a Value)>,
+    ) -> Result<usize, semantic_cache::CacheError> {
+        let Some(cache) = &self.inner.semantic else { return Ok(0) };
+        let texts: Vec<String> = calls
+            .into_iter()
+            .filter_map(|(step, input)| self.inner.config.step(step).and_then(|spec| self.semantic_text(spec, input)))
+            .map(|(text, _)| text)
+            .collect();
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        cache.warm(&texts)?;
+        Ok(texts.len())
+    }
+
     /// The semantic side of a call: the step's free-text field, embedded, in a namespace made
     /// of everything else that must match exactly. `None` when the step or call has no such
     /// field, or embedding fails (logged: the call then goes on without the semantic cache).
@@ -520,11 +550,7 @@ impl Engine {
         if !call.options.cache.writes() {
             return None;
         }
-        let (text, rest) = semantic_text(spec, call.input)?;
-        if text.chars().count() > self.inner.config.semantic.max_text_chars {
-            tracing::debug!("text longer than semantic.max_text_chars: exact cache only");
-            return None;
-        }
+        let (text, rest) = self.semantic_text(spec, call.input)?;
         let namespace = CacheKey::builder()
             .text("workspace", &call.context.workspace)
             .text("step", spec.step.as_str())
@@ -533,6 +559,9 @@ impl Engine {
             .json("other_fields", &rest)
             .build()
             .to_string();
+        if let Some(query) = cache.prepare_remembered(&text) {
+            return Some(SemanticRequest { namespace, query, threshold: spec.semantic_threshold });
+        }
         let cache = cache.clone();
         let span = tracing::info_span!("cache.embed");
         // Embedding is a few milliseconds of CPU: off the async workers.
@@ -828,6 +857,7 @@ impl Engine {
         spent.upstream_wall += wall;
         let outcome = match &result {
             Ok(_) => Outcome::Success,
+            Err(err) if err.class() == ErrorClass::RateLimited => Outcome::Throttled { retry_after: err.retry_after() },
             Err(err) if err.class().is_upstream_fault() => Outcome::Fault { retry_after: err.retry_after() },
             Err(_) => Outcome::NotCounted,
         };

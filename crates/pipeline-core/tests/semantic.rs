@@ -139,6 +139,27 @@ async fn the_cache_survives_a_restart() {
 }
 
 #[tokio::test]
+async fn a_snapshot_of_another_model_is_not_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("semantic.jsonl");
+    let snapshot = format!("snapshot_path = '{}'", path.display());
+    let before = started(&snapshot).await;
+    before.ask("ws-a", "I was charged twice").await;
+    before.engine.shutdown().await.unwrap();
+    drop(before);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let (header, entries) = text.split_once('\n').unwrap();
+    let mut header: serde_json::Value = serde_json::from_str(header).unwrap();
+    assert!(header["model_id"].is_string(), "{header}");
+    header["model_id"] = "0123456789abcdef".into();
+    std::fs::write(&path, format!("{header}\n{entries}")).unwrap();
+
+    let after = started(&snapshot).await;
+    let result = after.ask("ws-a", "I was charged two times").await;
+    assert_eq!(result.source, Source::Upstream, "vectors of another model are not comparable");
+}
+
+#[tokio::test]
 async fn a_corrupt_snapshot_means_an_empty_cache_not_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("semantic.jsonl");

@@ -1,11 +1,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use failsafe::StateMachine;
 use failsafe::backoff::Constant;
 use failsafe::failure_policy::ConsecutiveFailures;
+use tokio::time::Instant;
 
 use crate::{Outcome, Refusal};
 
@@ -126,9 +127,13 @@ impl Breakers {
             since_instant: Instant::now(),
             times_opened: 0,
         })));
+        // failsafe counts the failures and keeps the state, but it reads the wall clock itself;
+        // the open period is timed in `admit` on tokio's clock instead, which a recorded replay
+        // runs on the log's time. With no backoff of its own, failsafe goes half-open as soon
+        // as `admit` asks it after that period.
         let policy = failsafe::failure_policy::consecutive_failures(
             self.settings.failures_to_open,
-            failsafe::backoff::constant(self.settings.open_for),
+            failsafe::backoff::constant(Duration::ZERO),
         );
         let machine = failsafe::Config::new().failure_policy(policy).instrument(tracker.clone()).build();
         let breaker = Arc::new(Breaker { key: key.to_owned(), machine, tracker, probing: AtomicBool::new(false) });
@@ -140,13 +145,18 @@ impl Breakers {
     /// and while half-open if another call is already probing.
     pub fn admit(&self, key: &str) -> Result<BreakerPermit, Refusal> {
         let breaker = self.breaker(key);
-        let permitted = breaker.machine.is_call_permitted();
         let tracked = *breaker.tracker.lock();
-        if !permitted {
+        if tracked.state == BreakerState::Open {
             let retry_after =
                 (tracked.since_instant + self.settings.open_for).saturating_duration_since(Instant::now());
-            return Err(Refusal::CircuitOpen { key: key.to_owned(), retry_after });
+            if !retry_after.is_zero() {
+                return Err(Refusal::CircuitOpen { key: key.to_owned(), retry_after });
+            }
         }
+        if !breaker.machine.is_call_permitted() {
+            return Err(Refusal::CircuitOpen { key: key.to_owned(), retry_after: Duration::ZERO });
+        }
+        let tracked = *breaker.tracker.lock();
         let probe = tracked.state == BreakerState::HalfOpen;
         if probe && breaker.probing.swap(true, Ordering::AcqRel) {
             // A probe is out; the others learn its verdict from the breaker's next state.
@@ -198,7 +208,7 @@ impl BreakerPermit {
         match outcome {
             Outcome::Success => self.breaker.machine.on_success(),
             Outcome::Fault { .. } => self.breaker.machine.on_error(),
-            Outcome::NotCounted => {}
+            Outcome::Throttled { .. } | Outcome::NotCounted => {}
         }
         self.breaker.tracker.lock().state
     }
@@ -245,6 +255,15 @@ mod tests {
         let statuses = breakers.statuses();
         assert_eq!(statuses[0].key, "p/m");
         assert_eq!((statuses[0].state, statuses[0].times_opened), (BreakerState::Open, 1));
+    }
+
+    #[test]
+    fn a_burst_of_429s_does_not_open_it() {
+        let breakers = breakers(Duration::from_secs(60));
+        for _ in 0..20 {
+            let throttled = Outcome::Throttled { retry_after: Some(Duration::from_secs(2)) };
+            assert_eq!(breakers.admit("p/m").unwrap().record(throttled), BreakerState::Closed);
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Keeping calls alive and bounded when the upstream is not.
 //!
-//! Every guard here spends from one [`Deadline`] per call and none of them knows what a
-//! provider is: the engine classifies each upstream outcome once (an [`Outcome`]) and hands
+//! Every guard here spends from one [`Deadline`] per call and reads tokio's clock (so that a
+//! replay under `tokio::time::pause` drives them on the log's time), and none of them knows
+//! what a provider is: the engine classifies each upstream outcome once (an [`Outcome`]) and hands
 //! that verdict to the breaker, the Retry-After pause and the retry policy alike.
 //!
 //! - [`RateLimits`]: requests (governor) and tokens (a reconcilable budget) per workspace and
@@ -22,7 +23,7 @@ mod retry;
 pub use breaker::{BreakerPermit, BreakerSettings, BreakerState, BreakerStatus, Breakers};
 pub use deadline::{Deadline, DeadlineExceeded};
 pub use error::{Refusal, Scope};
-pub use limit::{LimitSettings, Quota, RateLimits, TokenReservation};
+pub use limit::{LimitSettings, Quota, RateLimits, TokenReservation, TokioClock};
 pub use pause::{PausePermit, Pauses};
 pub use retry::{GiveUp, Retries, RetryPolicy, RetrySettings};
 
@@ -32,9 +33,16 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Success,
-    /// The upstream is unwell (5xx, timeout, connection, 429 rate limit): the breaker counts it.
-    /// `retry_after` is what the upstream asked for, if it did.
+    /// The upstream is unwell (5xx, timeout, connection): the breaker counts it. `retry_after`
+    /// is what the upstream asked for, if it did.
     Fault {
+        retry_after: Option<Duration>,
+    },
+    /// The upstream is up but told us to slow down (a 429 rate limit): its Retry-After holds
+    /// back every call, but the breaker does not count it. Backpressure is not ill health, and
+    /// a breaker opened by one burst of 429s would refuse every workspace for its whole open
+    /// period (a replay of a generated day refused 5,400 calls that way).
+    Throttled {
         retry_after: Option<Duration>,
     },
     /// The request's fault or the account's (400, 401, quota): says nothing of the upstream's

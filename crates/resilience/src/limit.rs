@@ -3,8 +3,9 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
 use governor::state::keyed::DefaultKeyedStateStore;
 use tokio::time::Instant;
 
@@ -35,13 +36,35 @@ pub struct LimitSettings {
     pub model_tokens: Quota,
 }
 
+/// Governor's clock on tokio's time, like every other wait in this crate: under
+/// `tokio::time::pause` (a recorded replay, which runs on the log's time) request limits see
+/// that time too.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    origin: Instant,
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        Self { origin: Instant::now() }
+    }
+}
+
+impl Clock for TokioClock {
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        self.origin.elapsed().into()
+    }
+}
+
 type KeyedRequests<C> =
     governor::RateLimiter<String, DefaultKeyedStateStore<String>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
 /// Requests and tokens per minute, per workspace and per provider/model. Requests are counted
 /// by governor. Tokens are not: a call's tokens are known only after it, and governor cannot
 /// give back what an estimate over-reserved, so they go through [`TokenBudgets`], which can.
-pub struct RateLimits<C: Clock = DefaultClock> {
+pub struct RateLimits<C: Clock = TokioClock> {
     clock: C,
     workspace_requests: KeyedRequests<C>,
     model_requests: KeyedRequests<C>,
@@ -54,15 +77,14 @@ impl<C: Clock> std::fmt::Debug for RateLimits<C> {
     }
 }
 
-impl RateLimits<DefaultClock> {
+impl RateLimits<TokioClock> {
     pub fn new(settings: LimitSettings) -> Self {
-        Self::with_clock(settings, DefaultClock::default())
+        Self::with_clock(settings, TokioClock::default())
     }
 }
 
 impl<C: Clock + Clone> RateLimits<C> {
-    /// Governor's own clock, so tests can use its `FakeRelativeClock`: governor's waits do not
-    /// follow `tokio::time::pause`.
+    /// Another governor clock, such as its `FakeRelativeClock` in tests.
     pub fn with_clock(settings: LimitSettings, clock: C) -> Self {
         Self {
             workspace_requests: governor::RateLimiter::dashmap_with_clock(

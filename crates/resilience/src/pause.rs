@@ -109,7 +109,7 @@ pub struct PausePermit {
 
 impl PausePermit {
     pub fn record(self, outcome: Outcome) {
-        if let Outcome::Fault { retry_after: Some(wait) } = outcome {
+        if let Outcome::Fault { retry_after: Some(wait) } | Outcome::Throttled { retry_after: Some(wait) } = outcome {
             let until = Instant::now() + wait;
             let mut state = self.pause.lock();
             *state = match *state {

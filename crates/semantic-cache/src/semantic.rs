@@ -16,7 +16,7 @@ use crate::{CacheError, ConceptNormalizer, Embedder};
 
 /// HNSW graph degree and build/search breadth (figures: docs/benchmarks.md).
 const MAX_CONNECTIONS: usize = 16;
-const EF_CONSTRUCTION: usize = 200;
+const EF_CONSTRUCTION: usize = 100;
 const CANDIDATES: usize = 8;
 /// The least search breadth: the search asks for twice the candidates (dead points are
 /// skipped after it), and HNSW returns at most `ef` of them.
@@ -158,6 +158,24 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
         let prepared = Prepared::new(text, &self.normalizer);
         let vector = self.embedder.embed_one(&prepared.normalized)?;
         Ok(Query { text: text.to_owned(), prepared, vector })
+    }
+
+    /// [`SemanticCache::prepare`] for a text embedded lately: no model run, so callers on an
+    /// async worker need not move to a blocking thread. `None` when the model must run.
+    pub fn prepare_remembered(&self, text: &str) -> Option<Query> {
+        let prepared = Prepared::new(text, &self.normalizer);
+        let vector = self.embedder.remembered(&prepared.normalized)?;
+        Some(Query { text: text.to_owned(), prepared, vector })
+    }
+
+    /// Embeds texts ahead of the calls that will ask for them, over all of the embedder's
+    /// sessions; those calls then find their vectors among the embedder's recent ones.
+    pub fn warm(&self, texts: &[&str]) -> Result<(), CacheError> {
+        let normalized: Vec<String> =
+            texts.iter().map(|text| Prepared::new(text, &self.normalizer).normalized).collect();
+        let mut seen = std::collections::HashSet::new();
+        let normalized: Vec<&str> = normalized.iter().map(String::as_str).filter(|text| seen.insert(*text)).collect();
+        self.embedder.embed(&normalized).map(drop)
     }
 
     /// A text whose embedding is already known (snapshots, benchmarks): normalised, not
@@ -316,6 +334,9 @@ struct SnapshotHeader {
     format: String,
     version: u32,
     dimensions: usize,
+    /// [`Embedder::model_id`]; snapshots written before it was recorded have none.
+    #[serde(default)]
+    model_id: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -342,6 +363,7 @@ impl<V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static> SemanticCa
             format: SNAPSHOT_FORMAT.into(),
             version: SNAPSHOT_VERSION,
             dimensions: self.embedder.dimensions(),
+            model_id: Some(self.embedder.model_id().to_owned()),
         };
         let mut write_line = |line: Result<String, serde_json::Error>| -> Result<(), CacheError> {
             let line = line.map_err(|err| failed(err.to_string()))?;
@@ -391,6 +413,14 @@ impl<V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static> SemanticCa
                 "vectors have {} dimensions, the model makes {}: was it written with another model?",
                 header.dimensions,
                 self.embedder.dimensions()
+            )));
+        }
+        if let Some(model_id) = &header.model_id
+            && model_id != self.embedder.model_id()
+        {
+            return Err(failed(format!(
+                "written with model {model_id}, the loaded model is {}: its vectors cannot be compared",
+                self.embedder.model_id()
             )));
         }
         // Read everything before inserting anything: a corrupt snapshot loads nothing.
