@@ -69,6 +69,8 @@ pub struct EvalOptions {
     pub json: bool,
     pub limit: Option<usize>,
     pub threshold: f32,
+    /// Print every pair's similarity and decision.
+    pub each: bool,
 }
 
 pub fn eval_cache(options: &EvalOptions) -> anyhow::Result<()> {
@@ -85,6 +87,16 @@ pub fn eval_cache(options: &EvalOptions) -> anyhow::Result<()> {
                 (served, pair.same)
             })
         };
+        if options.each {
+            for (pair, a, b, similarity) in &scored {
+                let decision = match verify(a, b, *similarity, options.threshold) {
+                    Ok(()) => "served".to_owned(),
+                    Err(rejection) => format!("not served: {}", rejection.label()),
+                };
+                let label = if pair.same { "same" } else { "different" };
+                println!("{similarity:.3}  {decision:<28} ({label})  {:?} / {:?}", pair.a, pair.b);
+            }
+        }
         let sweep = (0..=9)
             .map(|step| {
                 let threshold = 0.80 + 0.02 * step as f32;

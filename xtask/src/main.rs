@@ -59,6 +59,9 @@ enum Task {
         /// Evaluate at this threshold instead of the shipped default.
         #[arg(long)]
         threshold: Option<f32>,
+        /// Also print every pair with its similarity and the decision (for small files).
+        #[arg(long, conflicts_with = "json")]
+        each: bool,
     },
 }
 
@@ -78,7 +81,9 @@ fn main() -> ExitCode {
         Task::Bench { what: BenchTarget::Replay, json } => workspace_root()
             .and_then(|root| data_folder().and_then(|data| bench_replay::bench_replay(json, &root, &data))),
         Task::GenLog(args) => data_folder().and_then(|data| gen_log::gen_log(&args, &data)),
-        Task::EvalCache { files, dev, limit, json, threshold } => eval_cache(files, dev, limit, json, threshold),
+        Task::EvalCache { files, dev, limit, json, threshold, each } => {
+            eval_cache(files, dev, limit, json, threshold, each)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -115,6 +120,7 @@ fn eval_cache(
     limit: Option<usize>,
     json: bool,
     threshold: Option<f32>,
+    each: bool,
 ) -> anyhow::Result<()> {
     let files = if files.is_empty() {
         let folder = data_folder()?.join("pairs");
@@ -127,7 +133,7 @@ fn eval_cache(
         Some(threshold) => threshold,
         None => pipeline_core::Config::defaults()?.semantic.threshold,
     };
-    eval::eval_cache(&eval::EvalOptions { files, json, limit, threshold })
+    eval::eval_cache(&eval::EvalOptions { files, json, limit, threshold, each })
 }
 
 /// The labelled data lives beside the repository (`../shared/data`), never inside it;
