@@ -4,7 +4,7 @@
 //! packages, checked against pinned hashes), and a missing file is an error that says so.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use fastembed::{InitOptionsUserDefined, Pooling, TextEmbedding, TokenizerFiles, UserDefinedEmbeddingModel};
@@ -67,7 +67,6 @@ pub struct Embedder {
     recent: Option<moka::sync::Cache<String, Arc<[f32]>>>,
     dimensions: usize,
     model_id: String,
-    embedded: AtomicU64,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -116,16 +115,9 @@ impl Embedder {
                 })?;
             loaded.push(Mutex::new(session));
         }
-        let mut embedder = Self {
-            sessions: loaded,
-            next_session: AtomicUsize::new(0),
-            recent: None,
-            dimensions: 0,
-            model_id,
-            embedded: AtomicU64::new(0),
-        };
+        let mut embedder =
+            Self { sessions: loaded, next_session: AtomicUsize::new(0), recent: None, dimensions: 0, model_id };
         embedder.dimensions = embedder.run_model("dimension probe")?.len();
-        embedder.embedded.store(0, Ordering::Relaxed);
         Ok(embedder.remembering(RECENT_EMBEDDINGS))
     }
 
@@ -150,11 +142,6 @@ impl Embedder {
     /// never be compared (snapshots and stored embeddings check it).
     pub fn model_id(&self) -> &str {
         &self.model_id
-    }
-
-    /// How many texts went through the model (not answered from the recent ones).
-    pub fn embedded(&self) -> u64 {
-        self.embedded.load(Ordering::Relaxed)
     }
 
     /// Unit-length vectors, in the order of `texts`, spread over the sessions. Each text is
@@ -216,7 +203,6 @@ impl Embedder {
             .pop()
             .ok_or_else(|| CacheError::Embedding("the model returned no vector".into()))?;
         drop(session);
-        self.embedded.fetch_add(1, Ordering::Relaxed);
         normalise(&mut vector);
         Ok(vector)
     }
