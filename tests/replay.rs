@@ -1,4 +1,5 @@
-//! `aipipe replay` as a user runs it: a log with broken lines, figures checked by hand.
+//! `aipipe replay` as a user runs it: hand-built logs (broken lines, outages, pauses) and a log from
+//! `cargo xtask gen-log`, each checked against figures worked out independently of the engine.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -281,4 +282,80 @@ fn breakers_and_retry_after_pauses_run_on_the_logs_clock() {
         (1100.0..1300.0).contains(&after_p99),
         "1 s of pause plus the logged 100 ms: {after_p99} (before {before_p99})"
     );
+}
+
+#[test]
+fn a_generated_log_replays_to_the_figures_worked_out_from_it() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("generated.jsonl");
+    // The generator as users run it, on a small hand-written stand-in for ../shared/data.
+    let generated = Command::new(env!("CARGO"))
+        .args(["xtask", "gen-log", "--calls", "2000", "--out"])
+        .arg(&log_path)
+        .env("AIPIPE_DATA", root.join("tests/fixtures/gen-data"))
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(generated.status.success(), "{}", String::from_utf8_lossy(&generated.stderr));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let calls: Vec<Value> = log.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(calls.len(), 2000);
+
+    // With the semantic cache and the breaker off, every figure follows from the log by the
+    // exact cache's rules: a call is served from the cache when the same workspace, step and
+    // input got an upstream answer less than `cache.ttl_secs` (3,600 s) before; everything else
+    // reaches the provider and gets what the log says; a failure is then answered by the rule
+    // of the classifier, validator and prioritizer, and is an error for the other steps.
+    let price = |call: &Value| {
+        let tokens = |field: &str| call["usage"][field].as_f64().unwrap_or(0.0);
+        (tokens("input_tokens") * 0.15 + tokens("output_tokens") * 0.60) / 1e6
+    };
+    let mut stored: Vec<(&Value, &Value, &Value, i64)> = Vec::new();
+    let (mut before_cost, mut before_errors) = (0.0, 0);
+    let (mut after_calls, mut after_cost, mut after_errors, mut hits) = (0, 0.0, 0, 0);
+    for call in &calls {
+        let at = call["ts"].as_str().unwrap().parse::<jiff::Timestamp>().unwrap().as_millisecond();
+        let failed = call.get("error").is_some();
+        before_cost += price(call);
+        before_errors += usize::from(failed);
+        let key = (&call["workspace"], &call["step"], &call["input"]);
+        let cached = stored.iter().rev().find(|(w, s, i, _)| (*w, *s, *i) == key).map(|entry| entry.3);
+        if cached.is_some_and(|stored_at| at - stored_at < 3_600_000) {
+            hits += 1;
+            continue;
+        }
+        after_calls += 1;
+        after_cost += price(call);
+        if failed {
+            let has_rule = ["classifier", "validator", "prioritizer"].contains(&call["step"].as_str().unwrap());
+            after_errors += usize::from(!has_rule);
+        } else {
+            stored.push((key.0, key.1, key.2, at));
+        }
+    }
+    assert!(hits > 200 && before_errors > 50 && after_errors > 0, "a log that exercises the figures");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_aipipe"))
+        .arg("replay")
+        .arg(&log_path)
+        .arg("--db")
+        .arg(dir.path().join("replay.db"))
+        .arg("--json")
+        .env("AIPIPE_SEMANTIC__ENABLED", "false")
+        .env("AIPIPE_BREAKER__ENABLED", "false")
+        .env_remove("AIPIPE_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["replayed"], 2000);
+    assert_eq!(report["telemetry_rows"], 2000);
+    assert_eq!(report["before"]["calls"], 2000);
+    assert_close(&report["before"]["cost_usd"], before_cost);
+    assert_close(&report["before"]["error_rate"], before_errors as f64 / 2000.0);
+    assert_eq!(report["after"]["calls"], after_calls);
+    assert_close(&report["after"]["cost_usd"], after_cost);
+    assert_close(&report["after"]["error_rate"], after_errors as f64 / 2000.0);
+    assert_close(&report["after"]["hit_rate"], hits as f64 / 2000.0);
 }
