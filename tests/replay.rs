@@ -289,15 +289,9 @@ fn a_generated_log_replays_to_the_figures_worked_out_from_it() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("generated.jsonl");
-    // The generator as users run it, on a small hand-written stand-in for ../shared/data.
-    let generated = Command::new(env!("CARGO"))
-        .args(["xtask", "gen-log", "--calls", "2000", "--out"])
-        .arg(&log_path)
-        .env("AIPIPE_DATA", root.join("tests/fixtures/gen-data"))
-        .current_dir(root)
-        .output()
-        .unwrap();
-    assert!(generated.status.success(), "{}", String::from_utf8_lossy(&generated.stderr));
+    // `cargo xtask gen-log --calls 2000`, on a small hand-written stand-in for ../shared/data.
+    let args = xtask::gen_log::GenLogArgs::with_defaults(&log_path, 2000).unwrap();
+    xtask::gen_log::gen_log(&args, &root.join("tests/fixtures/gen-data")).unwrap();
     let log = std::fs::read_to_string(&log_path).unwrap();
     let calls: Vec<Value> = log.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
     assert_eq!(calls.len(), 2000);

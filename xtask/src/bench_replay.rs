@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::gen_log::{GenLogArgs, gen_log};
+use xtask::gen_log::{GenLogArgs, gen_log};
 
 const CALLS: usize = 50_000;
 

@@ -8,11 +8,12 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+use xtask::gen_log;
+
 mod bench;
 mod bench_gateway;
 mod bench_replay;
 mod eval;
-mod gen_log;
 mod record;
 
 #[derive(Debug, Parser)]
