@@ -316,7 +316,7 @@ fn completion(result: &PipelineResult, content: &str) -> Value {
             "index": 0,
             "message": {"role": "assistant", "content": content},
             "logprobs": null,
-            "finish_reason": "stop",
+            "finish_reason": result.finish_reason.as_str(),
         }],
         "usage": usage(result),
     })
@@ -340,7 +340,7 @@ fn streamed(result: &PipelineResult, content: &str, include_usage: bool) -> Resp
         |delta: Value, finish: Value| json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]);
     let mut events = chunk(delta(json!({"role": "assistant", "content": ""}), Value::Null), None);
     events.push_str(&chunk(delta(json!({"content": content}), Value::Null), None));
-    events.push_str(&chunk(delta(json!({}), json!("stop")), None));
+    events.push_str(&chunk(delta(json!({}), json!(result.finish_reason.as_str())), None));
     if include_usage {
         events.push_str(&chunk(json!([]), Some(usage(result))));
     }

@@ -265,3 +265,23 @@ async fn shutdown_drains_calls_in_flight_and_flushes_telemetry() {
     let store = TelemetryStore::connect(dir.path().join("telemetry.db").to_str().unwrap()).await.unwrap();
     assert_eq!(store.count().await.unwrap(), 1, "the drained call's row was written before exit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cut_off_at_max_tokens_says_so_when_served_again_too() {
+    let upstream = ScriptedUpstream::start().await.unwrap();
+    upstream.respond_with(|_| Reply::Truncated("The capital of France is".into()));
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start(dir.path(), &upstream, "");
+    let mut request = chat("Capital of France?");
+    request["max_tokens"] = json!(5);
+
+    let first = json_body(gateway.post(Some(KEY_A), &[], &request).await).await;
+    assert_eq!(first["choices"][0]["finish_reason"], "length", "{first}");
+    let cached = gateway.post(Some(KEY_A), &[], &request).await;
+    assert_eq!(cached.headers()["x-aipipe-source"], "exact");
+    assert_eq!(json_body(cached).await["choices"][0]["finish_reason"], "length");
+    request["stream"] = json!(true);
+    let text = gateway.post(Some(KEY_A), &[], &request).await.text().await.unwrap();
+    assert!(text.contains(r#""finish_reason":"length""#), "{text}");
+    assert_eq!(upstream.requests(), 1);
+}

@@ -10,7 +10,7 @@ use adapters::legacy::classifier::ClassifierError;
 use adapters::legacy::prioritizer::{Level, Priority, PriorityOptions};
 use adapters::legacy::validator::{ValidationError, Verdict};
 use adapters::shims::{classifier, enhancer, extractor, prioritizer, summarizer, validator};
-use pipeline_core::providers::ProviderError;
+use pipeline_core::providers::{FinishReason, ProviderError};
 use pipeline_core::{PipelineError, PipelineResult, Source, StepType, TraceId};
 use serde_json::{Value, json};
 
@@ -31,6 +31,7 @@ fn answered(output: Value) -> Result<PipelineResult, PipelineError> {
         rate_limit_wait: Duration::ZERO,
         degraded_by: None,
         similar_to: None,
+        finish_reason: FinishReason::Stop,
     })
 }
 

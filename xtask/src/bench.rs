@@ -346,7 +346,7 @@ pub fn bench_engine(json: bool, root: &std::path::Path) -> anyhow::Result<()> {
 }
 
 async fn bench_engine_with(toml: &str) -> anyhow::Result<pipeline_core::Engine> {
-    use pipeline_core::providers::{ChatRequest, ChatResponse, ProviderError, Usage};
+    use pipeline_core::providers::{ChatRequest, ChatResponse, FinishReason, ProviderError, Usage};
     use pipeline_core::telemetry::{Recorder, RecorderSettings, TelemetryStore};
 
     let answer_at_once = tower::service_fn(|request: ChatRequest| async move {
@@ -355,6 +355,7 @@ async fn bench_engine_with(toml: &str) -> anyhow::Result<pipeline_core::Engine> 
             model: request.model,
             provider: "in-process".to_owned(),
             usage: Usage { input_tokens: 120, output_tokens: 12 },
+            finish_reason: FinishReason::Stop,
             latency: Duration::ZERO,
         })
     });

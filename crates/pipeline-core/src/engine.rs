@@ -3,7 +3,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use providers::{
-    ChatMessage, ChatRequest, ChatResponse, ErrorClass, OpenAiCompatible, OpenAiSettings, ProviderError,
+    ChatMessage, ChatRequest, ChatResponse, ErrorClass, FinishReason, OpenAiCompatible, OpenAiSettings, ProviderError,
     ProviderService, Role, Usage,
 };
 use resilience::{BreakerState, BreakerStatus, Breakers, Deadline, Outcome, Pauses, RateLimits, Refusal, RetryPolicy};
@@ -78,6 +78,14 @@ struct CachedAnswer {
     /// Input plus output tokens the answer took (0 in snapshots from before it was kept).
     #[serde(default)]
     tokens: u64,
+    #[serde(default)]
+    finish_reason: FinishReason,
+}
+
+/// A validated reply: the step's output and why the model stopped.
+struct Answer {
+    output: Value,
+    finish_reason: FinishReason,
 }
 
 /// Everything a call consumed, kept up to date while it runs so that a failed or cut-off call
@@ -122,12 +130,13 @@ struct Served {
     similar: Option<SimilarRequest>,
     /// Why the step's model did not answer, when a fallback did.
     degraded_by: Option<&'static str>,
+    finish_reason: FinishReason,
 }
 
 impl Served {
-    fn upstream(output: Value, source: Source, model: String, provider: String) -> Self {
+    fn upstream(answer: Answer, source: Source, model: String, provider: String) -> Self {
         Self {
-            output,
+            output: answer.output,
             source,
             confidence: 1.0,
             model,
@@ -136,6 +145,7 @@ impl Served {
             saved_tokens: 0,
             similar: None,
             degraded_by: None,
+            finish_reason: answer.finish_reason,
         }
     }
 
@@ -304,6 +314,7 @@ impl Engine {
                 rate_limit_wait: spent.rate_limit_wait,
                 degraded_by: served.degraded_by,
                 similar_to: served.similar,
+                finish_reason: served.finish_reason,
             })
         }
         .instrument(span)
@@ -431,11 +442,11 @@ impl Engine {
         let estimated_tokens = prompt.chars.div_ceil(CHARS_PER_TOKEN) as u64 + u64::from(max_output_tokens);
         let ask = Ask { spec, call, deadline, sampling: prompt.sampling, estimated_tokens };
         match self.ask_and_validate(&ask, &route, prompt.messages, spent).await {
-            Ok((output, answered_by)) => {
+            Ok((answer, answered_by)) => {
                 let target = &route[answered_by];
                 let source = if answered_by == 0 { Source::Upstream } else { Source::FallbackModel };
                 let served = Served::upstream(
-                    output,
+                    answer,
                     source,
                     spent.model.clone().unwrap_or_else(|| target.model.clone()),
                     spent.provider.clone().unwrap_or_else(|| target.provider.clone()),
@@ -497,6 +508,7 @@ impl Engine {
                 saved_tokens: hit.value.tokens,
                 similar: Some(SimilarRequest { text: hit.matched_text, similarity: hit.similarity }),
                 degraded_by,
+                finish_reason: hit.value.finish_reason,
             });
         }
         let output = spec.fallback_answer.clone()?;
@@ -510,6 +522,7 @@ impl Engine {
             saved_tokens: 0,
             similar: None,
             degraded_by,
+            finish_reason: FinishReason::Stop,
         })
     }
 
@@ -595,6 +608,7 @@ impl Engine {
                     saved_tokens: hit.value.tokens,
                     similar: Some(SimilarRequest { text: hit.matched_text, similarity: hit.similarity }),
                     degraded_by: None,
+                    finish_reason: hit.value.finish_reason,
                 })
             }
             Lookup::Miss { best } => {
@@ -625,6 +639,7 @@ impl Engine {
             saved_tokens: answer.tokens,
             similar: None,
             degraded_by: None,
+            finish_reason: answer.finish_reason,
         })
     }
 
@@ -647,6 +662,7 @@ impl Engine {
             provider: served.provider.clone(),
             cost_usd: spend.cost_usd,
             tokens: spend.tokens,
+            finish_reason: served.finish_reason,
         };
         if let (Some(cache), Some(similar)) = (&self.inner.semantic, similar) {
             cache.insert(&similar.namespace, similar.query, answer.clone(), at);
@@ -686,7 +702,7 @@ impl Engine {
     }
 
     /// One answer from the route, and if it breaks the output contract, one repair request
-    /// to the same model that shows it its reply and what is wrong with it. Returns the output
+    /// to the same model that shows it its reply and what is wrong with it. Returns the answer
     /// and the index in the route of the model that gave it.
     async fn ask_and_validate(
         &self,
@@ -694,10 +710,10 @@ impl Engine {
         route: &[Target],
         messages: Vec<ChatMessage>,
         spent: &mut Spent,
-    ) -> Result<(Value, usize), PipelineError> {
+    ) -> Result<(Answer, usize), PipelineError> {
         let (reply, answered_by) = self.ask_route(ask, route, &messages, spent).await?;
         let violations = match validate(ask.spec, &reply.content) {
-            Ok(output) => return Ok((output, answered_by)),
+            Ok(output) => return Ok((Answer { output, finish_reason: reply.finish_reason }, answered_by)),
             Err(violations) => violations,
         };
         tracing::warn!(%violations, "reply broke the output contract; asking once for a repair");
@@ -713,7 +729,7 @@ impl Engine {
             attempts: spent.attempts,
             violations,
         })?;
-        Ok((output, answered_by))
+        Ok((Answer { output, finish_reason: repaired.finish_reason }, answered_by))
     }
 
     /// The route's models in order, each with its retries, until one answers. A model that

@@ -3,6 +3,8 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
+use providers::FinishReason;
+
 use crate::TraceId;
 
 /// What served a call. Fallbacks and the semantic cache join as they land; a fallback never
@@ -80,6 +82,8 @@ pub struct PipelineResult {
     /// For a semantic hit or a similar-answer fallback: the earlier request whose answer was
     /// served, so that a person can judge the match.
     pub similar_to: Option<SimilarRequest>,
+    /// Why the model stopped writing this answer (`Stop` for a stand-in).
+    pub finish_reason: FinishReason,
 }
 
 /// The earlier request whose answer a semantic hit or a similar-answer fallback served.

@@ -15,7 +15,7 @@ pub use classify::{classify_http_failure, parse_retry_after};
 pub use error::{ErrorClass, ProviderError};
 pub use openai::{OpenAiCompatible, OpenAiSettings};
 pub use recorded::{RecordedCall, RecordedProvider, RecordedReply};
-pub use types::{ChatMessage, ChatRequest, ChatResponse, Role, Usage};
+pub use types::{ChatMessage, ChatRequest, ChatResponse, FinishReason, Role, Usage};
 
 /// The shape the engine holds a provider in: cloneable per call, type-erased, `Sync` so that
 /// an engine can be shared across tasks.

@@ -10,14 +10,14 @@ use async_openai::error::OpenAIError;
 use async_openai::middleware::{HttpRequestFactory, ReqwestService};
 use async_openai::traits::RequestOptionsBuilder;
 use async_openai::types::chat::{
-    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
+    self, ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
     ChatCompletionRequestUserMessage, CreateChatCompletionRequest, CreateChatCompletionResponse, ResponseFormat,
 };
 
 use tower::Service;
 
 use crate::classify::{classify_http_failure, truncate};
-use crate::{ChatMessage, ChatRequest, ChatResponse, ProviderError, Role, Usage};
+use crate::{ChatMessage, ChatRequest, ChatResponse, FinishReason, ProviderError, Role, Usage};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -153,6 +153,12 @@ fn from_openai_reply(
     let Some(choice) = reply.choices.into_iter().next() else {
         return Err(ProviderError::MalformedReply { message: "the reply has no choices".into() });
     };
+    let finish_reason = match choice.finish_reason {
+        Some(chat::FinishReason::Length) => FinishReason::Length,
+        Some(chat::FinishReason::ContentFilter) => FinishReason::ContentFilter,
+        // Tool and function calls are refused before a request goes out.
+        _ => FinishReason::Stop,
+    };
     let content = match (choice.message.content, choice.message.refusal) {
         (Some(content), _) => content,
         (None, Some(refusal)) => {
@@ -164,7 +170,7 @@ fn from_openai_reply(
             return Err(ProviderError::MalformedReply { message: "the reply has no content".into() });
         }
     };
-    Ok(ChatResponse { content, model: reply.model, provider: provider.to_owned(), usage, latency })
+    Ok(ChatResponse { content, model: reply.model, provider: provider.to_owned(), usage, finish_reason, latency })
 }
 
 fn from_openai_error(err: OpenAIError, timeout: Duration) -> ProviderError {

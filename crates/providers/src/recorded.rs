@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tower::Service;
 
-use crate::{ChatRequest, ChatResponse, ProviderError, Usage};
+use crate::{ChatRequest, ChatResponse, FinishReason, ProviderError, Usage};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordedReply {
@@ -60,6 +60,8 @@ impl RecordedProvider {
             model: reply.model,
             provider: "recorded".into(),
             usage: reply.usage,
+            // Call logs do not keep why a reply ended.
+            finish_reason: FinishReason::Stop,
             latency: call.latency,
         })
     }

@@ -2,6 +2,29 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// Why the model stopped writing, in OpenAI's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A natural end (also what a reply without a reason counts as).
+    #[default]
+    Stop,
+    /// Cut off at the request's `max_tokens`.
+    Length,
+    /// Cut by the provider's content filter.
+    ContentFilter,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::ContentFilter => "content_filter",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -55,6 +78,7 @@ pub struct ChatResponse {
     pub model: String,
     pub provider: String,
     pub usage: Usage,
+    pub finish_reason: FinishReason,
     /// How long the upstream took. Measured for live providers; as logged for the recorded one,
     /// which answers at once but must report the latency the call really had.
     pub latency: Duration,

@@ -24,6 +24,8 @@ use serde_json::{Value, json};
 pub enum Reply {
     /// A chat completion with this content. Usage `None` derives it from the text lengths.
     Completion { content: String, usage: Option<(u32, u32)> },
+    /// A chat completion cut off at the request's `max_tokens` (`finish_reason: "length"`).
+    Truncated(String),
     /// Any status with a body and extra headers (429 with Retry-After, 500, 503, 400...).
     Status { status: u16, body: String, headers: Vec<(String, String)> },
     /// A 200 whose body is not a chat completion.
@@ -86,7 +88,7 @@ impl Reply {
     /// The HTTP status this reply ends in (504 for a stall, as a proxy would say).
     pub fn status(&self) -> u16 {
         match self {
-            Self::Completion { .. } | Self::Malformed(_) => 200,
+            Self::Completion { .. } | Self::Truncated(_) | Self::Malformed(_) => 200,
             Self::Status { status, .. } => *status,
             Self::Stall => 504,
             Self::Delayed(_, then) => then.status(),
@@ -246,7 +248,10 @@ async fn answer(mut reply: Reply, request: &Value, sequence: u64) -> Response {
                 return StatusCode::GATEWAY_TIMEOUT.into_response();
             }
             Reply::Completion { content, usage } => {
-                return completion(request, &content, usage, sequence);
+                return completion(request, &content, usage, "stop", sequence);
+            }
+            Reply::Truncated(content) => {
+                return completion(request, &content, None, "length", sequence);
             }
             Reply::Malformed(body) => {
                 return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
@@ -266,7 +271,13 @@ async fn answer(mut reply: Reply, request: &Value, sequence: u64) -> Response {
     }
 }
 
-fn completion(request: &Value, content: &str, usage: Option<(u32, u32)>, sequence: u64) -> Response {
+fn completion(
+    request: &Value,
+    content: &str,
+    usage: Option<(u32, u32)>,
+    finish_reason: &str,
+    sequence: u64,
+) -> Response {
     let (input_tokens, output_tokens) = usage.unwrap_or_else(|| {
         let prompt_chars: usize = request["messages"]
             .as_array()
@@ -283,7 +294,7 @@ fn completion(request: &Value, content: &str, usage: Option<(u32, u32)>, sequenc
         "choices": [{
             "index": 0,
             "message": { "role": "assistant", "content": content },
-            "finish_reason": "stop"
+            "finish_reason": finish_reason
         }],
         "usage": {
             "prompt_tokens": input_tokens,
