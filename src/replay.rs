@@ -317,6 +317,9 @@ impl EmbedAhead {
 
     fn start(engine: &Engine, calls: &[LoggedCall]) -> Self {
         let reached = Arc::new(AtomicUsize::new(0));
+        if !engine.config().semantic.enabled {
+            return Self { reached };
+        }
         let requests: Vec<(StepType, serde_json::Value)> =
             calls.iter().map(|call| (call.step.clone(), call.input.clone())).collect();
         let (engine, position) = (engine.clone(), reached.clone());
