@@ -11,7 +11,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pipeline_core::providers::RecordedProvider;
 use pipeline_core::telemetry::{PriceTable, Recorder, RecorderSettings, TelemetryStore};
-use pipeline_core::{CallContext, CallOptions, Config, Engine, ManualClock, StepKind, StepType};
+use pipeline_core::{CallContext, CallOptions, Config, Engine, StepKind, StepType, TokioSystemClock};
 use serde::Serialize;
 
 use crate::log::{BadLine, LoggedCall, read_log};
@@ -167,7 +167,7 @@ async fn replay(
     };
     let recorded = matches!(upstream, Upstream::Recorded).then(|| {
         let provider = RecordedProvider::new(calls.iter().map(LoggedCall::recorded));
-        let clock = Arc::new(ManualClock::new(calls.first().map_or_else(SystemTime::now, |call| call.at)));
+        let clock = Arc::new(TokioSystemClock::starting_at(calls.first().map_or_else(SystemTime::now, |call| call.at)));
         (provider, clock)
     });
     let prices = config.prices.clone();
@@ -182,17 +182,14 @@ async fn replay(
     let mut semantic_pairs = Vec::new();
     let progress = progress_bar(calls.len());
     let embed_ahead = EmbedAhead::start(&engine, &calls);
-    let log_origin = (tokio::time::Instant::now(), calls.first().map_or(SystemTime::UNIX_EPOCH, |call| call.at));
     for (index, call) in calls.iter().enumerate() {
         progress.inc(1);
         embed_ahead.reached(index);
         if let Some((_, clock)) = &recorded {
-            clock.set(call.at);
             // The paused clock auto-advances to this call's time at once. A call that waited
             // (a limit, a pause) may have taken the clock past the next one's time: that call
             // then starts late, as it would have queued behind the wait.
-            let (origin, first_at) = log_origin;
-            tokio::time::sleep_until(origin + call.at.duration_since(first_at).unwrap_or_default()).await;
+            tokio::time::sleep_until(clock.instant_at(call.at)).await;
         }
         let logged_cost = cost(&prices, &call.model, call);
         before.push(Outcome {

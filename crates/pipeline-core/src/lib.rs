@@ -19,7 +19,7 @@ mod request;
 mod result;
 mod step;
 
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, ManualClock, SystemClock, TokioSystemClock};
 pub use config::{
     CacheSettings, Config, EngineSettings, FallbackSettings, GatewaySettings, ProviderSettings, ResilienceSettings,
     RouteTarget, SetupError, StepSpec, TelemetrySettings,
