@@ -4,8 +4,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use semantic_cache::learned::Side;
+use semantic_cache::verify::Prepared;
 use semantic_cache::{
-    CacheKey, ConceptNormalizer, Embedder, ExactCache, Lookup, ModelPaths, SemanticCache, SemanticSettings, normalise,
+    CacheKey, ConceptNormalizer, Embedder, ExactCache, Lookup, ModelPaths, SemanticCache, SemanticSettings, ServeBar,
+    Verifier, normalise,
 };
 use serde::Serialize;
 
@@ -99,6 +102,31 @@ pub fn bench_cache(json: bool, root: &std::path::Path) -> anyhow::Result<()> {
         ef_search: None,
         recall: None,
     });
+
+    // The learned verifier on a paraphrase (an identical text never reaches it): the features
+    // and the forest, what a semantic hit adds to embedding and search.
+    if let Some(verifier) = Verifier::for_model(embedder.model_id()) {
+        let normalizer = ConceptNormalizer::default();
+        let (asked, cached) =
+            ("I was charged twice for my March invoice", "I was charged two times for the March invoice");
+        let (asked, cached) = (Prepared::new(asked, &normalizer), Prepared::new(cached, &normalizer));
+        let (u, v) = (embedder.embed_one(&asked.normalized)?, embedder.embed_one(&cached.normalized)?);
+        let cosine = u.iter().zip(&v).map(|(x, y)| x * y).sum::<f32>();
+        let samples = (0..20_000)
+            .map(|_| {
+                time(|| {
+                    let confidence = verifier.confidence(
+                        Side { prepared: &asked, vector: &u },
+                        Side { prepared: &cached, vector: &v },
+                        cosine,
+                    );
+                    std::hint::black_box(confidence).is_finite().then_some(()).ok_or(())
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|()| anyhow::anyhow!("the verifier returned no probability"))?;
+        figures.push(Figure::latency("learned_verifier", 0, samples));
+    }
 
     let now = SystemTime::now();
     for entries in [1_000, 10_000, 100_000] {
@@ -221,7 +249,13 @@ fn real_sentences(embedder: &Embedder, count: usize) -> anyhow::Result<Option<Ve
 /// The semantic cache's settings as shipped, with room for `max_entries`.
 fn shipped_settings(max_entries: u64) -> anyhow::Result<SemanticSettings> {
     let shipped = pipeline_core::Config::defaults()?.semantic;
-    Ok(SemanticSettings { ttl: shipped.ttl, max_entries, threshold: shipped.threshold, ef_search: shipped.ef_search })
+    Ok(SemanticSettings {
+        ttl: shipped.ttl,
+        max_entries,
+        threshold: shipped.threshold,
+        min_confidence: shipped.min_confidence,
+        ef_search: shipped.ef_search,
+    })
 }
 
 /// Search breadths compared on the largest real index.
@@ -258,14 +292,14 @@ fn index_search_real(embedder: &Arc<Embedder>, sentences: &[Embedded], now: Syst
                 (started.elapsed(), hit)
             })
             .collect();
-        // A threshold no candidate reaches turns every lookup into a miss that reports its
-        // nearest candidate's similarity.
+        // A bar no candidate reaches turns every lookup into a miss that reports its nearest
+        // candidate's similarity.
         let found = held_out
             .iter()
             .zip(&truths)
             .filter(|((text, vector), truth)| {
                 let query = cache.prepare_embedded(text, vector.clone());
-                match cache.lookup("bench", &query, Some(2.0), None, now) {
+                match cache.lookup("bench", &query, Some(ServeBar { threshold: 2.0, min_confidence: 2.0 }), None, now) {
                     Lookup::Miss { best: Some((similarity, _)) } => similarity >= **truth - 1e-5,
                     _ => false,
                 }

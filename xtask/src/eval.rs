@@ -4,18 +4,21 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use semantic_cache::verify::{Prepared, verify};
+use semantic_cache::learned::{Side, decide};
+use semantic_cache::verify::{Prepared, Rejection};
 use semantic_cache::{ConceptNormalizer, Embedder, ModelPaths};
+use semantic_cache::{ServeBar, Verifier};
 use serde::Serialize;
 
 /// A pair with a verdict: 1 = the cache should serve one for the other, 0 = it must not.
-struct Pair {
-    a: String,
-    b: String,
-    same: bool,
+pub(crate) struct Pair {
+    pub(crate) a: String,
+    pub(crate) b: String,
+    pub(crate) same: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -49,26 +52,34 @@ impl Scores {
 
 #[derive(Debug, Serialize)]
 struct SweepRow {
-    threshold: f32,
-    cosine: Scores,
-    shipped: Scores,
+    /// A cosine threshold (plain decision) or a probability cut (learned verifier).
+    at: f32,
+    #[serde(flatten)]
+    scores: Scores,
 }
 
 #[derive(Debug, Serialize)]
 struct FileReport {
     file: String,
     pairs: usize,
+    /// "learned" (the verifier applies to this model) or "cosine".
+    decision: &'static str,
     threshold: f32,
+    min_confidence: f32,
     #[serde(flatten)]
     shipped: Scores,
-    sweep: Vec<SweepRow>,
+    /// Cosine alone, at thresholds 0.80 to 0.98.
+    cosine_sweep: Vec<SweepRow>,
+    /// The shipped decision with its bar moved: probability cuts for the learned verifier,
+    /// cosine thresholds for the plain decision.
+    shipped_sweep: Vec<SweepRow>,
 }
 
 pub struct EvalOptions {
     pub files: Vec<PathBuf>,
     pub json: bool,
     pub limit: Option<usize>,
-    pub threshold: f32,
+    pub bar: ServeBar,
     /// Print every pair's similarity and decision.
     pub each: bool,
 }
@@ -76,43 +87,56 @@ pub struct EvalOptions {
 pub fn eval_cache(options: &EvalOptions) -> anyhow::Result<()> {
     let embedder = Embedder::load(&ModelPaths::installed(), 0)?;
     let normalizer = ConceptNormalizer::default();
+    let verifier = Verifier::for_model(embedder.model_id());
+    if verifier.is_none() {
+        eprintln!("eval-cache: the learned verifier was trained for another model; evaluating the plain decision");
+    }
+    let bar = options.bar;
     for file in &options.files {
         let started = Instant::now();
         let pairs = read_pairs(file, options.limit)?;
         let scored = score(&pairs, &embedder, &normalizer)?;
-        let decide = |threshold: f32, guarded: bool| {
-            scored.iter().map(move |(pair, a, b, similarity)| {
-                let served =
-                    if guarded { verify(a, b, *similarity, threshold).is_ok() } else { *similarity >= threshold };
-                (served, pair.same)
-            })
+        let shipped = |bar: ServeBar| {
+            let verifier = verifier.as_ref();
+            scored.iter().map(move |scored| (scored.decide(verifier, bar).is_ok(), scored.pair.same))
         };
         if options.each {
-            for (pair, a, b, similarity) in &scored {
-                let decision = match verify(a, b, *similarity, options.threshold) {
-                    Ok(()) => "served".to_owned(),
+            for scored in &scored {
+                let (pair, cosine) = (scored.pair, scored.cosine);
+                let decision = match scored.decide(verifier.as_ref(), bar) {
+                    Ok(confidence) => format!("served at {confidence:.3}"),
                     Err(rejection) => format!("not served: {}", rejection.label()),
                 };
                 let label = if pair.same { "same" } else { "different" };
-                println!("{similarity:.3}  {decision:<28} ({label})  {:?} / {:?}", pair.a, pair.b);
+                println!("{cosine:.3}  {decision:<28} ({label})  {:?} / {:?}", pair.a, pair.b);
             }
         }
-        let sweep = (0..=9)
+        let cosine_sweep = (0..=9)
             .map(|step| {
-                let threshold = 0.80 + 0.02 * step as f32;
-                SweepRow {
-                    threshold,
-                    cosine: Scores::of(decide(threshold, false)),
-                    shipped: Scores::of(decide(threshold, true)),
-                }
+                let at = 0.80 + 0.02 * step as f32;
+                SweepRow { at, scores: Scores::of(scored.iter().map(|scored| (scored.cosine >= at, scored.pair.same))) }
+            })
+            .collect();
+        let shipped_sweep = (0..=9)
+            .map(|step| {
+                let (at, moved) = match verifier {
+                    Some(_) => {
+                        (0.50 + 0.05 * step as f32, ServeBar { min_confidence: 0.50 + 0.05 * step as f32, ..bar })
+                    }
+                    None => (0.80 + 0.02 * step as f32, ServeBar { threshold: 0.80 + 0.02 * step as f32, ..bar }),
+                };
+                SweepRow { at, scores: Scores::of(shipped(moved)) }
             })
             .collect();
         let report = FileReport {
             file: file.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default(),
             pairs: pairs.len(),
-            threshold: options.threshold,
-            shipped: Scores::of(decide(options.threshold, true)),
-            sweep,
+            decision: if verifier.is_some() { "learned" } else { "cosine" },
+            threshold: bar.threshold,
+            min_confidence: bar.min_confidence,
+            shipped: Scores::of(shipped(bar)),
+            cosine_sweep,
+            shipped_sweep,
         };
         if options.json {
             println!("{}", serde_json::to_string(&report)?);
@@ -127,59 +151,92 @@ fn table(report: &FileReport, seconds: f64) -> String {
     let mut out = String::new();
     let s = &report.shipped;
     let _ = writeln!(out, "{}: {} pairs ({seconds:.1} s)", report.file, report.pairs);
+    let bar = match report.decision {
+        "learned" => format!("learned verifier at min_confidence {:.3}", report.min_confidence),
+        _ => format!("cosine threshold {:.2} and guards", report.threshold),
+    };
     let _ = writeln!(
         out,
-        "  shipped decision at {:.2}: hit {:.1}%  precision {:.3}  recall {:.3}  fpr {:.3}",
-        report.threshold,
+        "  shipped decision ({bar}): hit {:.1}%  precision {:.3}  recall {:.3}  fpr {:.3}",
         s.hit_rate * 100.0,
         s.precision,
         s.recall,
         s.fpr
     );
+    let heading = if report.decision == "learned" { "min_confidence" } else { "threshold" };
     let _ = writeln!(
         out,
-        "  {:>9} | {:>28} | {:>28}",
-        "threshold", "cosine only: prec  recall fpr", "shipped: prec  recall fpr"
+        "  {:>9} | {:>22} || {:>14} | {:>22}",
+        "cosine", "prec  recall   fpr", heading, "prec  recall   fpr"
     );
-    for row in &report.sweep {
+    for (cosine, shipped) in report.cosine_sweep.iter().zip(&report.shipped_sweep) {
         let _ = writeln!(
             out,
-            "  {:>9.2} | {:>14.3} {:>6.3} {:>6.3} | {:>14.3} {:>6.3} {:>6.3}",
-            row.threshold,
-            row.cosine.precision,
-            row.cosine.recall,
-            row.cosine.fpr,
-            row.shipped.precision,
-            row.shipped.recall,
-            row.shipped.fpr
+            "  {:>9.2} | {:>6.3} {:>7.3} {:>7.3} || {:>14.2} | {:>6.3} {:>7.3} {:>7.3}",
+            cosine.at,
+            cosine.scores.precision,
+            cosine.scores.recall,
+            cosine.scores.fpr,
+            shipped.at,
+            shipped.scores.precision,
+            shipped.scores.recall,
+            shipped.scores.fpr
         );
     }
     out
 }
 
-type Scored<'a> = (&'a Pair, Prepared, Prepared, f32);
+/// A pair as the cache sees it: both texts prepared and embedded, and their cosine.
+pub(crate) struct Scored<'a> {
+    pub(crate) pair: &'a Pair,
+    pub(crate) a: Rc<Prepared>,
+    pub(crate) b: Rc<Prepared>,
+    pub(crate) a_vector: Rc<[f32]>,
+    pub(crate) b_vector: Rc<[f32]>,
+    pub(crate) cosine: f32,
+}
 
-fn score<'a>(
+impl Scored<'_> {
+    pub(crate) fn sides(&self) -> (Side<'_>, Side<'_>) {
+        (Side { prepared: &self.a, vector: &self.a_vector }, Side { prepared: &self.b, vector: &self.b_vector })
+    }
+
+    /// The cache's own decision for this pair at `bar`.
+    pub(crate) fn decide(&self, verifier: Option<&Verifier>, bar: ServeBar) -> Result<f32, Rejection> {
+        let (a, b) = self.sides();
+        decide(verifier, a, b, self.cosine, bar)
+    }
+}
+
+pub(crate) fn score<'a>(
     pairs: &'a [Pair],
     embedder: &Embedder,
     normalizer: &ConceptNormalizer,
 ) -> anyhow::Result<Vec<Scored<'a>>> {
-    let mut prepared: HashMap<&str, Prepared> = HashMap::new();
+    let mut prepared: HashMap<&str, Rc<Prepared>> = HashMap::new();
     for pair in pairs {
         for text in [&pair.a, &pair.b] {
-            prepared.entry(text.as_str()).or_insert_with(|| Prepared::new(text, normalizer));
+            prepared.entry(text.as_str()).or_insert_with(|| Rc::new(Prepared::new(text, normalizer)));
         }
     }
     let mut texts: Vec<&str> = prepared.keys().copied().collect();
     texts.sort_unstable();
     let normalized: Vec<&str> = texts.iter().map(|text| prepared[text].normalized.as_str()).collect();
     let embedded = embed_cached(embedder, &normalized)?;
-    let vectors: HashMap<&str, Vec<f32>> = texts.into_iter().zip(embedded).collect();
+    let vectors: HashMap<&str, Rc<[f32]>> =
+        texts.into_iter().zip(embedded).map(|(text, vector)| (text, Rc::from(vector))).collect();
     Ok(pairs
         .iter()
         .map(|pair| {
-            let similarity = dot(&vectors[pair.a.as_str()], &vectors[pair.b.as_str()]);
-            (pair, prepared[pair.a.as_str()].clone(), prepared[pair.b.as_str()].clone(), similarity)
+            let (a_vector, b_vector) = (vectors[pair.a.as_str()].clone(), vectors[pair.b.as_str()].clone());
+            Scored {
+                pair,
+                a: prepared[pair.a.as_str()].clone(),
+                b: prepared[pair.b.as_str()].clone(),
+                cosine: dot(&a_vector, &b_vector),
+                a_vector,
+                b_vector,
+            }
         })
         .collect())
 }
@@ -219,7 +276,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// JSON lines with `a`, `b` and `label` (1 same, 0 different) or `score` (0-5: >= 4 same,
 /// <= 2 different, between: left out).
-fn read_pairs(path: &Path, limit: Option<usize>) -> anyhow::Result<Vec<Pair>> {
+pub(crate) fn read_pairs(path: &Path, limit: Option<usize>) -> anyhow::Result<Vec<Pair>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read `{}`", path.display()))?;
     let mut pairs = Vec::new();
     for (index, line) in text.lines().enumerate() {

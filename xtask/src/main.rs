@@ -13,6 +13,8 @@ use xtask::gen_log;
 mod bench;
 mod bench_gateway;
 mod bench_replay;
+mod boost;
+mod calibrate;
 mod eval;
 mod record;
 
@@ -43,6 +45,16 @@ enum Task {
     /// Writes a seed-like call log from the real text in ../shared/data (never into the
     /// repository), for `aipipe replay`.
     GenLog(gen_log::GenLogArgs),
+    /// Trains the semantic cache's learned verifier on the dev pairs and writes
+    /// crates/semantic-cache/verifier.json (reruns itself from a release build).
+    Calibrate {
+        /// Precision the probability cut must reach on held-out dev pairs.
+        #[arg(long, default_value_t = 0.90)]
+        target_precision: f64,
+        /// Print one JSON object per dev file.
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs the semantic cache's served decision over labelled pairs and reports precision,
     /// recall and false-positive rate per file, with a threshold sweep.
     EvalCache {
@@ -57,9 +69,12 @@ enum Task {
         /// Print one JSON object per file.
         #[arg(long)]
         json: bool,
-        /// Evaluate at this threshold instead of the shipped default.
+        /// Evaluate at this cosine threshold (the plain decision's) instead of the shipped one.
         #[arg(long)]
         threshold: Option<f32>,
+        /// Evaluate at this probability cut (the learned verifier's) instead of the shipped one.
+        #[arg(long)]
+        min_confidence: Option<f32>,
         /// Also print every pair with its similarity and the decision (for small files).
         #[arg(long, conflicts_with = "json")]
         each: bool,
@@ -69,7 +84,10 @@ enum Task {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Task::Ci => ci(),
-        Task::Bench { what, json } if cfg!(debug_assertions) => release_rerun(what, json),
+        Task::Bench { what, json } if cfg!(debug_assertions) => {
+            let what = clap::ValueEnum::to_possible_value(&what).map(|value| value.get_name().to_owned());
+            release_rerun(&["bench", what.unwrap_or_default().as_str()], json)
+        }
         Task::Bench { what: BenchTarget::Cache, json } => {
             workspace_root().and_then(|root| bench::bench_cache(json, &root))
         }
@@ -81,9 +99,18 @@ fn main() -> ExitCode {
         }
         Task::Bench { what: BenchTarget::Replay, json } => workspace_root()
             .and_then(|root| data_folder().and_then(|data| bench_replay::bench_replay(json, &root, &data))),
+        Task::Calibrate { target_precision, json } if cfg!(debug_assertions) => {
+            let target = target_precision.to_string();
+            release_rerun(&["calibrate", "--target-precision", target.as_str()], json)
+        }
+        Task::Calibrate { target_precision, json } => workspace_root().and_then(|root| {
+            data_folder().and_then(|data| {
+                calibrate::calibrate(&root, &data, &calibrate::CalibrateOptions { target_precision, json })
+            })
+        }),
         Task::GenLog(args) => data_folder().and_then(|data| gen_log::gen_log(&args, &data)),
-        Task::EvalCache { files, dev, limit, json, threshold, each } => {
-            eval_cache(files, dev, limit, json, threshold, each)
+        Task::EvalCache { files, dev, limit, json, threshold, min_confidence, each } => {
+            eval_cache(files, dev, limit, json, threshold, min_confidence, each)
         }
     };
     match result {
@@ -103,12 +130,12 @@ enum BenchTarget {
     Replay,
 }
 
-/// Figures from a debug build would measure the compiler's settings, not the code: benchmarks
-/// always run from a release build of this same command.
-fn release_rerun(what: BenchTarget, json: bool) -> anyhow::Result<()> {
+/// Figures from a debug build would measure the compiler's settings, not the code, and training
+/// would crawl: benchmarks and calibration always run from a release build of this same command.
+fn release_rerun(task: &[&str], json: bool) -> anyhow::Result<()> {
     let root = workspace_root()?;
-    let what = clap::ValueEnum::to_possible_value(&what).map(|value| value.get_name().to_owned()).unwrap_or_default();
-    let mut args = vec!["run", "--release", "--locked", "--quiet", "--package", "xtask", "--", "bench", what.as_str()];
+    let mut args = vec!["run", "--release", "--locked", "--quiet", "--package", "xtask", "--"];
+    args.extend(task);
     if json {
         args.push("--json");
     }
@@ -121,6 +148,7 @@ fn eval_cache(
     limit: Option<usize>,
     json: bool,
     threshold: Option<f32>,
+    min_confidence: Option<f32>,
     each: bool,
 ) -> anyhow::Result<()> {
     let files = if files.is_empty() {
@@ -130,11 +158,12 @@ fn eval_cache(
     } else {
         files
     };
-    let threshold = match threshold {
-        Some(threshold) => threshold,
-        None => pipeline_core::Config::defaults()?.semantic.threshold,
+    let semantic = pipeline_core::Config::defaults()?.semantic;
+    let bar = semantic_cache::ServeBar {
+        threshold: threshold.unwrap_or(semantic.threshold),
+        min_confidence: min_confidence.unwrap_or(semantic.min_confidence),
     };
-    eval::eval_cache(&eval::EvalOptions { files, json, limit, threshold, each })
+    eval::eval_cache(&eval::EvalOptions { files, json, limit, bar, each })
 }
 
 /// The labelled data lives beside the repository (`../shared/data`), never inside it;

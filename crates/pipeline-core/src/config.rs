@@ -157,6 +157,7 @@ struct RawCache {
 struct RawSemantic {
     enabled: bool,
     threshold: f32,
+    min_confidence: f32,
     ttl_secs: u64,
     max_entries: u64,
     ef_search: usize,
@@ -216,6 +217,7 @@ pub(crate) struct RawStep {
     max_prompt_chars: Option<usize>,
     semantic_field: Option<String>,
     semantic_threshold: Option<f32>,
+    semantic_min_confidence: Option<f32>,
     #[serde(default)]
     fallbacks: Vec<RawRouteTarget>,
     fallback_answer: Option<String>,
@@ -278,7 +280,11 @@ pub struct CacheSettings {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SemanticSettings {
     pub enabled: bool,
+    /// Cosine at or above which the plain decision serves (a model the learned verifier was
+    /// not trained for).
     pub threshold: f32,
+    /// The learned verifier's probability at or above which it serves.
+    pub min_confidence: f32,
     pub ttl: Duration,
     pub max_entries: u64,
     /// HNSW search breadth (recall versus latency).
@@ -331,6 +337,7 @@ pub struct StepSpec {
     /// be `messages`: the last user message is compared, the rest of the conversation must match.
     pub semantic_field: Option<String>,
     pub semantic_threshold: f32,
+    pub semantic_min_confidence: f32,
     /// Tried in order when the step's model cannot answer.
     pub fallbacks: Vec<RouteTarget>,
     /// The rule-based reply when no model can answer; valid against the output schema (a
@@ -340,6 +347,13 @@ pub struct StepSpec {
     /// Changes whenever anything that shapes the answer changes (templates, schema, sampling),
     /// so that editing a prompt retires its cached answers.
     pub(crate) fingerprint: String,
+}
+
+impl StepSpec {
+    /// What a similar request must clear for this step's cached answer to serve it.
+    pub fn serve_bar(&self) -> semantic_cache::ServeBar {
+        semantic_cache::ServeBar { threshold: self.semantic_threshold, min_confidence: self.semantic_min_confidence }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -442,6 +456,7 @@ impl Config {
         let semantic = SemanticSettings {
             enabled: raw.semantic.enabled,
             threshold: similarity("semantic.threshold", raw.semantic.threshold)?,
+            min_confidence: similarity("semantic.min_confidence", raw.semantic.min_confidence)?,
             ttl: Duration::from_secs(positive("semantic.ttl_secs", raw.semantic.ttl_secs)?),
             max_entries: positive("semantic.max_entries", raw.semantic.max_entries)?,
             ef_search: if raw.semantic.ef_search >= semantic_cache::MIN_EF_SEARCH {
@@ -710,6 +725,10 @@ fn validate_step(
         Some(threshold) => similarity(&key("semantic_threshold"), threshold)?,
         None => semantic.threshold,
     };
+    let semantic_min_confidence = match raw.semantic_min_confidence {
+        Some(min_confidence) => similarity(&key("semantic_min_confidence"), min_confidence)?,
+        None => semantic.min_confidence,
+    };
     let model = match raw.model {
         Some(model) => non_empty(&key("model"), model)?,
         None => engine.default_model.clone(),
@@ -764,6 +783,7 @@ fn validate_step(
         max_prompt_chars,
         semantic_field,
         semantic_threshold,
+        semantic_min_confidence,
         fallbacks,
         fallback_answer,
         contract,
@@ -828,6 +848,16 @@ mod tests {
         }
         assert_eq!(config.cache.ttl, Duration::from_secs(3600));
         assert!(config.prices.price("gpt-4o-mini").is_some());
+    }
+
+    #[test]
+    fn the_default_min_confidence_is_the_shipped_verifiers_calibrated_cut() {
+        let config = Config::defaults().unwrap();
+        assert_eq!(
+            config.semantic.min_confidence,
+            semantic_cache::Verifier::shipped().min_confidence,
+            "run `cargo xtask calibrate`: it writes both"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use providers::{
     ProviderService, Role, Usage,
 };
 use resilience::{BreakerState, BreakerStatus, Breakers, Deadline, Outcome, Pauses, RateLimits, Refusal, RetryPolicy};
-use semantic_cache::{CacheKey, Embedder, ExactCache, Lookup, Query, SemanticCache};
+use semantic_cache::{CacheKey, Embedder, ExactCache, Lookup, Query, SemanticCache, ServeBar};
 use serde_json::Value;
 use telemetry::{CallRecord, CallStatus, Recorder, RecorderSettings, TelemetryError, TelemetryStore};
 use tokio::sync::watch;
@@ -193,7 +193,7 @@ impl Drop for Leader {
 struct SemanticRequest {
     namespace: String,
     query: Query,
-    threshold: f32,
+    bar: ServeBar,
 }
 
 struct Call<'a> {
@@ -573,7 +573,7 @@ impl Engine {
             .build()
             .to_string();
         if let Some(query) = cache.prepare_remembered(&text) {
-            return Some(SemanticRequest { namespace, query, threshold: spec.semantic_threshold });
+            return Some(SemanticRequest { namespace, query, bar: spec.serve_bar() });
         }
         let cache = cache.clone();
         let span = tracing::info_span!("cache.embed");
@@ -583,7 +583,7 @@ impl Engine {
             .map_err(|err| err.to_string())
             .and_then(|prepared| prepared.map_err(|err| err.to_string()));
         match prepared {
-            Ok(query) => Some(SemanticRequest { namespace, query, threshold: spec.semantic_threshold }),
+            Ok(query) => Some(SemanticRequest { namespace, query, bar: spec.serve_bar() }),
             Err(error) => {
                 tracing::warn!(%error, "semantic cache skipped for this call");
                 None
@@ -595,13 +595,18 @@ impl Engine {
         let cache = self.inner.semantic.as_ref()?;
         let max_age = policy.readable_age()?;
         let _span = tracing::info_span!("cache.semantic").entered();
-        match cache.lookup(&similar.namespace, &similar.query, Some(similar.threshold), max_age, at) {
+        match cache.lookup(&similar.namespace, &similar.query, Some(similar.bar), max_age, at) {
             Lookup::Hit(hit) => {
-                tracing::debug!(similarity = hit.similarity, matched = %hit.matched_text, "semantic hit");
+                tracing::debug!(
+                    similarity = hit.similarity,
+                    confidence = hit.confidence,
+                    matched = %hit.matched_text,
+                    "semantic hit"
+                );
                 Some(Served {
                     output: hit.value.output,
                     source: Source::SemanticCache,
-                    confidence: f64::from(hit.similarity),
+                    confidence: f64::from(hit.confidence),
                     model: hit.value.model,
                     provider: hit.value.provider,
                     saved_cost_usd: hit.value.cost_usd,
@@ -1124,6 +1129,7 @@ impl EngineBuilder {
                 ttl: config.semantic.ttl,
                 max_entries: config.semantic.max_entries,
                 threshold: config.semantic.threshold,
+                min_confidence: config.semantic.min_confidence,
                 ef_search: config.semantic.ef_search,
             };
             let cache = SemanticCache::new(embedder, semantic_cache::ConceptNormalizer::default(), settings);

@@ -36,7 +36,9 @@ async fn a_paraphrase_is_served_from_the_semantic_cache() {
     let second = h.ask("ws-a", "I was charged two times").await;
     assert_eq!(second.source, Source::SemanticCache);
     assert_eq!(second.output, first.output);
-    assert!(second.confidence > 0.93 && second.confidence < 1.0, "{}", second.confidence);
+    // The learned verifier's probability that the two are the same request.
+    let bar = f64::from(Config::defaults().unwrap().semantic.min_confidence);
+    assert!(second.confidence >= bar && second.confidence < 1.0, "{}", second.confidence);
     assert_eq!((second.attempts, second.cost_usd), (0, 0.0));
     assert!(second.saved_cost_usd > 0.0);
     assert_eq!(h.upstream.requests(), 1);
@@ -45,6 +47,27 @@ async fn a_paraphrase_is_served_from_the_semantic_cache() {
     assert_eq!(rows[1].source, "semantic_cache");
     assert!(rows[1].cache_hit);
     assert!((rows[1].confidence - second.confidence).abs() < 1e-6);
+}
+
+/// The seed's example: a request for generated content, asked again in other words. Its
+/// confidence (0.70) is below the default bar, which is calibrated for 0.90 precision on Quora
+/// questions, where one changed word usually means another question; a step whose answers fit
+/// a wider range of requests chooses the bar calibrated for 0.80 precision.
+#[tokio::test]
+async fn the_seeds_kpi_pair_is_served_by_a_step_that_takes_the_looser_calibrated_bar() {
+    let (cached, asked) =
+        ("Create a list of KPIs for B2B SaaS startup", "Generate KPI for business-to-business software company");
+    let looser = semantic_cache::Verifier::shipped().cut_for(0.80).expect("a cut for 0.80 precision");
+    let h = started(&format!("[steps.classifier]\nsemantic_min_confidence = {looser}\n")).await;
+    assert_eq!(h.ask("ws-a", cached).await.source, Source::Upstream);
+    let result = h.ask("ws-a", asked).await;
+    assert_eq!(result.source, Source::SemanticCache, "confidence {}", result.confidence);
+    assert!(result.confidence >= f64::from(looser));
+    assert_eq!(h.upstream.requests(), 1);
+
+    let strict = started("").await;
+    strict.ask("ws-a", cached).await;
+    assert_eq!(strict.ask("ws-a", asked).await.source, Source::Upstream, "not at the default bar");
 }
 
 #[tokio::test]

@@ -9,7 +9,9 @@
 
 mod error;
 mod exact;
+mod forest;
 mod key;
+pub mod learned;
 mod model;
 mod normalize;
 mod semantic;
@@ -17,7 +19,9 @@ pub mod verify;
 
 pub use error::CacheError;
 pub use exact::{CachedEntry, ExactCache};
+pub use forest::{Forest, Node, Tree};
 pub use key::{CacheKey, CacheKeyBuilder, canonical_json};
+pub use learned::{ServeBar, Verifier};
 pub use model::{DEFAULT_MODEL, Embedder, ModelPaths, ONNXRUNTIME_LIBRARY, normalise};
 pub use normalize::{ConceptNormalizer, DEFAULT_EQUIVALENCES, tokens};
 pub use semantic::{Lookup, MIN_EF_SEARCH, Query, SemanticCache, SemanticHit, SemanticSettings};

@@ -11,7 +11,8 @@ use moka::policy::EvictionPolicy;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::verify::{Prepared, Rejection, guards, verify};
+use crate::learned::{ServeBar, Side, Verifier, decide};
+use crate::verify::{Prepared, Rejection, guards};
 use crate::{CacheError, ConceptNormalizer, Embedder};
 
 /// HNSW graph degree and build/search breadth (figures: docs/benchmarks.md).
@@ -30,8 +31,11 @@ const REBUILD_MIN_DEAD: usize = 1024;
 pub struct SemanticSettings {
     pub ttl: Duration,
     pub max_entries: u64,
-    /// Similarity at or above which a candidate that passes the guards is served.
+    /// Cosine at or above which a candidate that passes the guards is served, when the learned
+    /// verifier does not apply (it was trained for another model).
     pub threshold: f32,
+    /// The learned verifier's probability at or above which a candidate is served.
+    pub min_confidence: f32,
     /// HNSW search breadth: higher finds the true nearest entry more often, and costs time
     /// (recall and latency per value: docs/benchmarks.md). At least [`MIN_EF_SEARCH`].
     pub ef_search: usize,
@@ -56,6 +60,9 @@ impl Query {
 pub struct SemanticHit<V> {
     pub value: V,
     pub similarity: f32,
+    /// How sure the decision is that the answer fits: the learned verifier's probability, or
+    /// the cosine under the plain decision.
+    pub confidence: f32,
     /// The request the answer was made for, so a person can judge the match.
     pub matched_text: String,
     pub stored_at: SystemTime,
@@ -102,6 +109,8 @@ pub struct SemanticCache<V: Clone + Send + Sync + 'static> {
     embedder: Arc<Embedder>,
     normalizer: ConceptNormalizer,
     settings: SemanticSettings,
+    /// `None`: the loaded model is not the one the shipped verifier was trained for.
+    verifier: Option<Verifier>,
     entries: moka::sync::Cache<u64, Arc<Entry<V>>>,
     spaces: Spaces,
     next_id: AtomicU64,
@@ -136,7 +145,16 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
             })
             .build();
         let ef_search = AtomicUsize::new(settings.ef_search.max(MIN_EF_SEARCH));
-        Self { embedder, normalizer, settings, entries, spaces, next_id: AtomicU64::new(0), ef_search }
+        let verifier = Verifier::for_model(embedder.model_id());
+        if verifier.is_none() {
+            tracing::warn!(
+                model_id = embedder.model_id(),
+                threshold = settings.threshold,
+                "the learned verifier was trained for another model: semantic hits are decided by cosine \
+                 threshold and guards alone"
+            );
+        }
+        Self { embedder, normalizer, settings, verifier, entries, spaces, next_id: AtomicU64::new(0), ef_search }
     }
 
     /// Changes the search breadth of later lookups (at least [`MIN_EF_SEARCH`]): a recall
@@ -147,6 +165,11 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
 
     pub fn settings(&self) -> &SemanticSettings {
         &self.settings
+    }
+
+    /// Whether hits are decided by the learned verifier (else by the cosine threshold).
+    pub fn is_learned(&self) -> bool {
+        self.verifier.is_some()
     }
 
     pub fn embedder(&self) -> &Embedder {
@@ -185,21 +208,24 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
     }
 
     /// The served decision: the most similar live entry of `namespace`, younger than the TTL
-    /// (and `max_age`) at `now`, that clears `threshold` (the configured one when `None`) and
-    /// every guard.
+    /// (and `max_age`) at `now`, that clears `bar` (the configured one when `None`): the
+    /// learned verifier's confidence, or for another model the cosine threshold and guards.
     pub fn lookup(
         &self,
         namespace: &str,
         query: &Query,
-        threshold: Option<f32>,
+        bar: Option<ServeBar>,
         max_age: Option<Duration>,
         now: SystemTime,
     ) -> Lookup<V> {
-        let threshold = threshold.unwrap_or(self.settings.threshold);
+        let bar = bar
+            .unwrap_or(ServeBar { threshold: self.settings.threshold, min_confidence: self.settings.min_confidence });
         let mut best = None;
         for (entry, similarity) in self.candidates(namespace, query, max_age, now) {
-            match verify(&query.prepared, &entry.prepared, similarity, threshold) {
-                Ok(()) => return Lookup::Hit(hit(&entry, similarity)),
+            let asked = Side { prepared: &query.prepared, vector: &query.vector };
+            let cached = Side { prepared: &entry.prepared, vector: &entry.vector };
+            match decide(self.verifier.as_ref(), asked, cached, similarity, bar) {
+                Ok(confidence) => return Lookup::Hit(hit(&entry, similarity, confidence)),
                 Err(rejection) => {
                     if best.is_none() {
                         best = Some((similarity, rejection));
@@ -223,7 +249,7 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
             .into_iter()
             .filter(|(_, similarity)| *similarity >= min_similarity)
             .find(|(entry, _)| guards(&query.prepared, &entry.prepared).is_ok())
-            .map(|(entry, similarity)| hit(&entry, similarity))
+            .map(|(entry, similarity)| hit(&entry, similarity, similarity))
     }
 
     pub fn insert(&self, namespace: &str, query: Query, value: V, now: SystemTime) {
@@ -448,8 +474,14 @@ impl<V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static> SemanticCa
     }
 }
 
-fn hit<V: Clone>(entry: &Entry<V>, similarity: f32) -> SemanticHit<V> {
-    SemanticHit { value: entry.value.clone(), similarity, matched_text: entry.text.clone(), stored_at: entry.stored_at }
+fn hit<V: Clone>(entry: &Entry<V>, similarity: f32, confidence: f32) -> SemanticHit<V> {
+    SemanticHit {
+        value: entry.value.clone(),
+        similarity,
+        confidence,
+        matched_text: entry.text.clone(),
+        stored_at: entry.stored_at,
+    }
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
