@@ -3,8 +3,9 @@
 //! [`ExactCache`] serves a stored answer for a request whose canonical form hashes to the same
 //! [`CacheKey`]. [`SemanticCache`] serves one for a request that means the same: the text is
 //! normalised ([`ConceptNormalizer`]), embedded by a local ONNX model ([`Embedder`]), searched
-//! in an HNSW index per namespace, and a candidate is served only if it clears a similarity
-//! threshold and the guards of [`verify`]. Neither cache knows what a step, a model or a
+//! in an HNSW index per namespace, and a candidate is served only if it passes the guards of
+//! [`verify`] and convinces the [`learned`] verifier (or, for a model the verifier was not
+//! trained for, clears a cosine threshold). Neither cache knows what a step, a model or a
 //! workspace is: callers put those into keys and namespaces.
 
 mod error;
