@@ -14,7 +14,7 @@ use semantic_cache::{ConceptNormalizer, Embedder, ModelPaths};
 use serde::Serialize;
 
 use crate::boost::{BoostParams, train};
-use crate::eval::{read_pairs, score};
+use crate::eval::{Scores, read_pairs, score};
 
 /// Candidates below this cosine are never served (and not trained on): at 0.80 plain cosine
 /// serves wrong answers a third of the time on the dev pairs, and the recall the verifier buys
@@ -108,16 +108,16 @@ pub fn calibrate(root: &Path, data: &Path, options: &CalibrateOptions) -> anyhow
         .iter()
         .map(|&precision| {
             let min_confidence = cut_at(precision)?;
-            let (_, recall, _) = figures_at(&rows, &held_out, min_confidence, None);
-            Ok(Cut { precision, min_confidence, recall })
+            let (scores, _) = figures_at(&rows, &held_out, min_confidence, None);
+            Ok(Cut { precision, min_confidence, recall: scores.recall })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let figures: Vec<FileFigures> = DEV_FILES
         .iter()
         .enumerate()
         .map(|(file, name)| {
-            let (precision, recall, pairs) = figures_at(&rows, &held_out, min_confidence, Some(file));
-            FileFigures { file: (*name).to_owned(), pairs, precision, recall }
+            let (scores, pairs) = figures_at(&rows, &held_out, min_confidence, Some(file));
+            FileFigures { file: (*name).to_owned(), pairs, precision: scores.precision, recall: scores.recall }
         })
         .collect();
 
@@ -191,20 +191,15 @@ fn served(row: &Row, confidence: Option<f32>, cut: f32) -> bool {
     row.identical || confidence.is_some_and(|confidence| confidence >= cut)
 }
 
-fn figures_at(rows: &[Row], held_out: &[Option<f32>], cut: f32, file: Option<usize>) -> (f64, f64, usize) {
-    let (mut tp, mut fp, mut positives, mut pairs) = (0u64, 0u64, 0u64, 0usize);
-    for (row, confidence) in rows.iter().zip(held_out) {
-        if file.is_some_and(|file| file != row.file) {
-            continue;
-        }
-        pairs += 1;
-        positives += u64::from(row.same);
-        if served(row, *confidence, cut) {
-            if row.same { tp += 1 } else { fp += 1 }
-        }
-    }
-    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
-    (ratio(tp, tp + fp), ratio(tp, positives), pairs)
+/// The decisions at `cut` for one dev file's pairs (all files' when `None`), and how many.
+fn figures_at(rows: &[Row], held_out: &[Option<f32>], cut: f32, file: Option<usize>) -> (Scores, usize) {
+    let decisions: Vec<(bool, bool)> = rows
+        .iter()
+        .zip(held_out)
+        .filter(|(row, _)| file.is_none_or(|file| file == row.file))
+        .map(|(row, confidence)| (served(row, *confidence, cut), row.same))
+        .collect();
+    (Scores::of(decisions.iter().copied()), decisions.len())
 }
 
 /// The lowest held-out probability at which everything served, over all dev files, is still at

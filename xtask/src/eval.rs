@@ -30,7 +30,8 @@ pub struct Scores {
 }
 
 impl Scores {
-    fn of(decisions: impl Iterator<Item = (bool, bool)>) -> Self {
+    /// From (served, same) decisions.
+    pub(crate) fn of(decisions: impl Iterator<Item = (bool, bool)>) -> Self {
         let (mut tp, mut fp, mut fn_, mut tn) = (0u64, 0u64, 0u64, 0u64);
         for (served, same) in decisions {
             match (served, same) {
