@@ -8,8 +8,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use semantic_cache::learned::{Cut, Verifier, feature_names, features};
-use semantic_cache::verify::strict_guards;
+use semantic_cache::learned::{Cut, Verifier, feature_names, features, settled_before_the_forest};
 use semantic_cache::{ConceptNormalizer, Embedder, ModelPaths};
 use serde::Serialize;
 
@@ -59,13 +58,12 @@ pub fn calibrate(root: &Path, data: &Path, options: &CalibrateOptions) -> anyhow
         let pairs = read_pairs(&path, None)?;
         for scored in score(&pairs, &embedder, &normalizer)? {
             let (a, b) = scored.sides();
-            let identical = a.prepared.normalized == b.prepared.normalized;
-            let eligible = scored.cosine >= FLOOR && strict_guards(a.prepared, b.prepared).is_ok() && !identical;
+            let settled = settled_before_the_forest(a.prepared, b.prepared, scored.cosine, FLOOR);
             rows.push(Row {
                 file,
                 same: scored.pair.same,
-                identical,
-                features: eligible.then(|| features(a, b, scored.cosine)),
+                identical: matches!(settled, Some(Ok(_))),
+                features: settled.is_none().then(|| features(a, b, scored.cosine)),
                 fold: fnv(&scored.pair.a, &scored.pair.b) % FOLDS,
             });
         }

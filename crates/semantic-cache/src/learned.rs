@@ -195,12 +195,8 @@ impl Verifier {
         cosine: f32,
         min_confidence: f32,
     ) -> Result<f32, Rejection> {
-        if cosine < self.floor {
-            return Err(Rejection::BelowThreshold);
-        }
-        strict_guards(query.prepared, candidate.prepared)?;
-        if query.prepared.normalized == candidate.prepared.normalized {
-            return Ok(1.0);
+        if let Some(settled) = settled_before_the_forest(query.prepared, candidate.prepared, cosine, self.floor) {
+            return settled;
         }
         let confidence = self.confidence(query, candidate, cosine);
         if confidence < min_confidence {
@@ -208,6 +204,24 @@ impl Verifier {
         }
         Ok(confidence)
     }
+}
+
+/// What is decided before the forest is asked: below `floor` or stopped by a strict guard (an
+/// `Err`), or the same text after normalisation (served, confidence 1). `None`: the forest
+/// decides. Training asks the same question, so the forest learns exactly the pairs it judges.
+pub fn settled_before_the_forest(
+    query: &Prepared,
+    candidate: &Prepared,
+    cosine: f32,
+    floor: f32,
+) -> Option<Result<f32, Rejection>> {
+    if cosine < floor {
+        return Some(Err(Rejection::BelowThreshold));
+    }
+    if let Err(rejection) = strict_guards(query, candidate) {
+        return Some(Err(rejection));
+    }
+    (query.normalized == candidate.normalized).then_some(Ok(1.0))
 }
 
 /// The served decision for one candidate, `Ok` with its confidence: the learned verifier's

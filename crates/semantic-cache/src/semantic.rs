@@ -167,11 +167,6 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
         &self.settings
     }
 
-    /// Whether hits are decided by the learned verifier (else by the cosine threshold).
-    pub fn is_learned(&self) -> bool {
-        self.verifier.is_some()
-    }
-
     pub fn embedder(&self) -> &Embedder {
         &self.embedder
     }
@@ -221,8 +216,8 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
         let bar = bar
             .unwrap_or(ServeBar { threshold: self.settings.threshold, min_confidence: self.settings.min_confidence });
         let mut best = None;
+        let asked = Side { prepared: &query.prepared, vector: &query.vector };
         for (entry, similarity) in self.candidates(namespace, query, max_age, now) {
-            let asked = Side { prepared: &query.prepared, vector: &query.vector };
             let cached = Side { prepared: &entry.prepared, vector: &entry.vector };
             match decide(self.verifier.as_ref(), asked, cached, similarity, bar) {
                 Ok(confidence) => return Lookup::Hit(hit(&entry, similarity, confidence)),
