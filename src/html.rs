@@ -1,168 +1,168 @@
 //! The replay's report as one self-contained HTML file: the before/after tables, SVG charts
 //! (calls and cost over the log's time, hit rate by component) and the semantic pairs served.
-//! No scripts and nothing fetched: it opens from disk in any browser.
+//! No scripts and nothing fetched: it opens from disk in any browser. The page is
+//! `report.html`, a minijinja template whose auto-escaping keeps text from the log text;
+//! this module only works out what goes in it.
 
-use std::fmt::Write;
+use anyhow::Context;
+use minijinja::value::Serde;
+use minijinja::{Environment, context};
+use serde::Serialize;
 
 use crate::replay::{Figures, ReplayReport, TimeBucket};
 
+const TEMPLATE: &str = include_str!("report.html");
 const BEFORE_COLOUR: &str = "#c0504d";
 const AFTER_COLOUR: &str = "#2e75b6";
 /// Pairs listed in the page; the JSON output has them all.
 const MAX_PAIRS: usize = 500;
-
-pub fn render(report: &ReplayReport) -> String {
-    let mut page = String::new();
-    let _ = write!(
-        page,
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>aipipe replay: {log}</title>\n\
-         <style>body{{font-family:system-ui,sans-serif;margin:2em auto;max-width:980px;color:#222}}\
-         table{{border-collapse:collapse;margin:1em 0}}td,th{{border-bottom:1px solid #ddd;padding:4px 10px;\
-         text-align:right}}td:first-child,th:first-child{{text-align:left}}.pairs td{{text-align:left;\
-         vertical-align:top}}svg{{display:block;margin:1em 0}}.legend span{{margin-right:1.5em}}</style>\
-         </head><body>\n<h1>aipipe replay</h1>\n<p>{log}: {replayed} calls replayed, {skipped} lines skipped, \
-         {seconds:.2} s.</p>\n",
-        log = escape(&report.log),
-        replayed = report.replayed,
-        skipped = report.skipped_lines,
-        seconds = report.seconds,
-    );
-    page.push_str("<h2>Before and after</h2>\n");
-    page.push_str(&figures_table(&report.before, &report.after));
-    let _ = writeln!(
-        page,
-        "<p class=\"legend\"><span style=\"color:{BEFORE_COLOUR}\">&#9632; before (as logged)</span>\
-         <span style=\"color:{AFTER_COLOUR}\">&#9632; after (through aipipe)</span></p>"
-    );
-    page.push_str("<h2>AI calls over time</h2>\n");
-    page.push_str(&line_chart(&report.timeline, |b| (b.before_calls as f64, b.after_calls as f64), 0, "calls"));
-    page.push_str("<h2>Cost over time (USD)</h2>\n");
-    page.push_str(&line_chart(&report.timeline, |b| (b.before_cost_usd, b.after_cost_usd), 6, "USD"));
-    page.push_str("<h2>Cache hit rate by component (after)</h2>\n");
-    page.push_str(&hit_rate_bars(report));
-    page.push_str(
-        "<h2>By component</h2>\n<table><tr><th>component</th><th>calls</th><th>AI calls before</th>\
-                   <th>after</th><th>cost before</th><th>after</th><th>p99 ms before</th><th>after</th>\
-                   <th>errors before</th><th>after</th><th>hit rate</th></tr>\n",
-    );
-    for component in &report.components {
-        let (b, a) = (&component.before, &component.after);
-        let _ = writeln!(
-            page,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.6}</td><td>{:.6}</td><td>{:.0}</td>\
-             <td>{:.0}</td><td>{:.1}%</td><td>{:.1}%</td><td>{:.1}%</td></tr>",
-            escape(&component.component),
-            component.replayed,
-            b.calls,
-            a.calls,
-            b.cost_usd,
-            a.cost_usd,
-            b.p99_ms,
-            a.p99_ms,
-            b.error_rate * 100.0,
-            a.error_rate * 100.0,
-            a.hit_rate * 100.0
-        );
-    }
-    page.push_str("</table>\n");
-    let _ = writeln!(
-        page,
-        "<h2>Answers served for a similar request ({})</h2>\n<p>Each row: the text of a call, the earlier \
-         text whose answer it got, and how similar the two were. Judge whether they mean the same.</p>",
-        report.semantic_pairs.len()
-    );
-    page.push_str(
-        "<table class=\"pairs\"><tr><th>similarity</th><th>call</th><th>served the answer of</th>\
-                   <th>source</th></tr>\n",
-    );
-    for pair in report.semantic_pairs.iter().take(MAX_PAIRS) {
-        let _ = writeln!(
-            page,
-            "<tr><td>{:.3}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            pair.similarity,
-            escape(&pair.text),
-            escape(&pair.served_answer_of),
-            pair.source
-        );
-    }
-    page.push_str("</table>\n");
-    if report.semantic_pairs.len() > MAX_PAIRS {
-        let _ = writeln!(page, "<p>The first {MAX_PAIRS} shown; `--json` lists them all.</p>");
-    }
-    page.push_str("</body></html>\n");
-    page
-}
-
-fn figures_table(before: &Figures, after: &Figures) -> String {
-    let mttr = |figures: &Figures| figures.mttr_s.map_or("-".to_owned(), |seconds| format!("{seconds:.1} s"));
-    let rows = [
-        ("AI calls", before.calls.to_string(), after.calls.to_string()),
-        ("cost (USD)", format!("{:.6}", before.cost_usd), format!("{:.6}", after.cost_usd)),
-        ("p50 latency (ms)", format!("{:.0}", before.p50_ms), format!("{:.0}", after.p50_ms)),
-        ("p99 latency (ms)", format!("{:.0}", before.p99_ms), format!("{:.0}", after.p99_ms)),
-        ("error rate", format!("{:.1}%", before.error_rate * 100.0), format!("{:.1}%", after.error_rate * 100.0)),
-        ("cache hit rate", format!("{:.1}%", before.hit_rate * 100.0), format!("{:.1}%", after.hit_rate * 100.0)),
-        ("mean time to recovery", mttr(before), mttr(after)),
-    ];
-    let mut table = String::from("<table><tr><th></th><th>before</th><th>after</th></tr>\n");
-    for (label, old, new) in rows {
-        let _ = writeln!(table, "<tr><td>{label}</td><td>{old}</td><td>{new}</td></tr>");
-    }
-    table.push_str("</table>\n");
-    table
-}
-
 const WIDTH: f64 = 900.0;
 const HEIGHT: f64 = 240.0;
 const MARGIN: f64 = 50.0;
 
-/// Two polylines, before and after, over the timeline's buckets; the peak is labelled with
-/// `decimals` digits.
+pub fn render(report: &ReplayReport) -> anyhow::Result<String> {
+    let mut environment = Environment::new();
+    // Named `.html`, the template escapes every value it prints.
+    environment.add_template("report.html", TEMPLATE).context("the report template does not parse")?;
+    let components: Vec<[String; 11]> = report
+        .components
+        .iter()
+        .map(|component| {
+            let (b, a) = (&component.before, &component.after);
+            [
+                component.component.clone(),
+                component.replayed.to_string(),
+                b.calls.to_string(),
+                a.calls.to_string(),
+                format!("{:.6}", b.cost_usd),
+                format!("{:.6}", a.cost_usd),
+                format!("{:.0}", b.p99_ms),
+                format!("{:.0}", a.p99_ms),
+                percent(b.error_rate),
+                percent(a.error_rate),
+                percent(a.hit_rate),
+            ]
+        })
+        .collect();
+    let pairs: Vec<_> = report
+        .semantic_pairs
+        .iter()
+        .take(MAX_PAIRS)
+        .map(|pair| {
+            context! {
+                similarity => format!("{:.3}", pair.similarity),
+                text => &pair.text,
+                served_answer_of => &pair.served_answer_of,
+                source => pair.source.label(),
+            }
+        })
+        .collect();
+    let charts = [
+        line_chart(
+            "AI calls over time",
+            &report.timeline,
+            |b| (b.before_calls as f64, b.after_calls as f64),
+            0,
+            "calls",
+        ),
+        line_chart("Cost over time (USD)", &report.timeline, |b| (b.before_cost_usd, b.after_cost_usd), 6, "USD"),
+    ];
+    let bars = hit_rate_bars(report);
+    let page = environment.get_template("report.html").and_then(|template| {
+        template.render(context! {
+            log => &report.log,
+            replayed => report.replayed,
+            skipped => report.skipped_lines,
+            seconds => format!("{:.2}", report.seconds),
+            figures => Serde(figure_rows(&report.before, &report.after)),
+            before_colour => BEFORE_COLOUR,
+            after_colour => AFTER_COLOUR,
+            width => WIDTH,
+            height => HEIGHT,
+            margin => MARGIN,
+            charts => Serde(charts),
+            bars_height => 22.0 * report.components.len() as f64 + 10.0,
+            bars => Serde(bars),
+            components => Serde(components),
+            pairs => pairs,
+            pairs_total => report.semantic_pairs.len(),
+        })
+    });
+    page.context("the report could not be rendered")
+}
+
+/// A row of the before/after table: a label and the two sides, formatted.
+#[derive(Debug, Serialize)]
+struct FigureRow {
+    label: &'static str,
+    before: String,
+    after: String,
+}
+
+fn figure_rows(before: &Figures, after: &Figures) -> Vec<FigureRow> {
+    let mttr = |figures: &Figures| figures.mttr_s.map_or("-".to_owned(), |seconds| format!("{seconds:.1} s"));
+    let row = |label, before, after| FigureRow { label, before, after };
+    vec![
+        row("AI calls", before.calls.to_string(), after.calls.to_string()),
+        row("cost (USD)", format!("{:.6}", before.cost_usd), format!("{:.6}", after.cost_usd)),
+        row("p50 latency (ms)", format!("{:.0}", before.p50_ms), format!("{:.0}", after.p50_ms)),
+        row("p99 latency (ms)", format!("{:.0}", before.p99_ms), format!("{:.0}", after.p99_ms)),
+        row("error rate", percent(before.error_rate), percent(after.error_rate)),
+        row("cache hit rate", percent(before.hit_rate), percent(after.hit_rate)),
+        row("mean time to recovery", mttr(before), mttr(after)),
+    ]
+}
+
+fn percent(share: f64) -> String {
+    format!("{:.1}%", share * 100.0)
+}
+
+/// Two polylines, before and after, over the timeline's buckets.
+#[derive(Debug, Serialize)]
+struct LineChart {
+    title: &'static str,
+    /// The peak, with its unit (`decimals` digits).
+    peak: String,
+    slice: String,
+    hours: String,
+    bottom: f64,
+    right: f64,
+    before: String,
+    after: String,
+}
+
 fn line_chart(
+    title: &'static str,
     buckets: &[TimeBucket],
     values: impl Fn(&TimeBucket) -> (f64, f64),
     decimals: usize,
     unit: &str,
-) -> String {
-    let mut svg = format!(
-        "<svg width=\"{WIDTH}\" height=\"{HEIGHT}\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" \
-         xmlns=\"http://www.w3.org/2000/svg\" role=\"img\">\n"
-    );
+) -> LineChart {
     let top = buckets.iter().map(|bucket| values(bucket).0.max(values(bucket).1)).fold(0.0, f64::max);
     let top = if top > 0.0 { top } else { 1.0 };
     let span = buckets.last().map_or(1.0, |bucket| bucket.start_s.max(1.0));
     let x = |seconds: f64| MARGIN + (seconds / span) * (WIDTH - 2.0 * MARGIN);
     let y = |value: f64| HEIGHT - MARGIN + 20.0 - (value / top) * (HEIGHT - MARGIN - 10.0);
-    let _ = writeln!(
-        svg,
-        "<line x1=\"{MARGIN}\" y1=\"{bottom}\" x2=\"{right}\" y2=\"{bottom}\" stroke=\"#888\"/>\
-         <line x1=\"{MARGIN}\" y1=\"10\" x2=\"{MARGIN}\" y2=\"{bottom}\" stroke=\"#888\"/>\
-         <text x=\"{label_x}\" y=\"12\" font-size=\"11\">{top:.decimals$} {unit} per {slice}</text>\
-         <text x=\"4\" y=\"{bottom}\" font-size=\"11\">0</text>\
-         <text x=\"{right}\" y=\"{label}\" font-size=\"11\" text-anchor=\"end\">{hours:.1} h of log time</text>",
-        bottom = y(0.0),
-        label_x = MARGIN + 6.0,
-        slice = slice_name(buckets),
-        right = WIDTH - MARGIN,
-        label = y(0.0) + 16.0,
-        hours = span / 3600.0,
-    );
-    for (colour, pick) in [(BEFORE_COLOUR, true), (AFTER_COLOUR, false)] {
+    let points = |pick_before: bool| {
         let points: Vec<String> = buckets
             .iter()
             .map(|bucket| {
                 let (old, new) = values(bucket);
-                format!("{:.1},{:.1}", x(bucket.start_s), y(if pick { old } else { new }))
+                format!("{:.1},{:.1}", x(bucket.start_s), y(if pick_before { old } else { new }))
             })
             .collect();
-        let _ = writeln!(
-            svg,
-            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
-            points.join(" ")
-        );
+        points.join(" ")
+    };
+    LineChart {
+        title,
+        peak: format!("{top:.decimals$} {unit}"),
+        slice: slice_name(buckets),
+        hours: format!("{:.1}", span / 3600.0),
+        bottom: y(0.0),
+        right: WIDTH - MARGIN,
+        before: points(true),
+        after: points(false),
     }
-    svg.push_str("</svg>\n");
-    svg
 }
 
 /// How long one bucket of the timeline is, in words.
@@ -177,59 +177,60 @@ fn slice_name(buckets: &[TimeBucket]) -> String {
     }
 }
 
-fn hit_rate_bars(report: &ReplayReport) -> String {
-    const ROW: f64 = 22.0;
-    const LABEL: f64 = 220.0;
-    let height = ROW * report.components.len() as f64 + 10.0;
-    let mut svg = format!(
-        "<svg width=\"{WIDTH}\" height=\"{height}\" viewBox=\"0 0 {WIDTH} {height}\" \
-         xmlns=\"http://www.w3.org/2000/svg\" role=\"img\">\n"
-    );
-    for (index, component) in report.components.iter().enumerate() {
-        let top = index as f64 * ROW + 5.0;
-        let rate = component.after.hit_rate;
-        let length = rate * (WIDTH - LABEL - 80.0);
-        let _ = writeln!(
-            svg,
-            "<text x=\"{x}\" y=\"{text_y}\" font-size=\"12\" text-anchor=\"end\">{name}</text>\
-             <rect x=\"{LABEL}\" y=\"{top}\" width=\"{length:.1}\" height=\"{bar}\" fill=\"{AFTER_COLOUR}\"/>\
-             <text x=\"{value_x:.1}\" y=\"{text_y}\" font-size=\"12\">{percent:.1}%</text>",
-            x = LABEL - 8.0,
-            text_y = top + 13.0,
-            name = escape(&component.component),
-            bar = ROW - 6.0,
-            value_x = LABEL + length + 6.0,
-            percent = rate * 100.0,
-        );
-    }
-    svg.push_str("</svg>\n");
-    svg
+/// One component's bar in the hit-rate chart.
+#[derive(Debug, Serialize)]
+struct Bar {
+    name: String,
+    percent: String,
+    label_x: f64,
+    x: f64,
+    top: f64,
+    text_y: f64,
+    length: String,
+    thickness: f64,
+    value_x: String,
 }
 
-fn escape(text: &str) -> String {
-    let mut escaped = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => escaped.push_str("&amp;"),
-            '<' => escaped.push_str("&lt;"),
-            '>' => escaped.push_str("&gt;"),
-            '"' => escaped.push_str("&quot;"),
-            '\'' => escaped.push_str("&#39;"),
-            _ => escaped.push(c),
-        }
-    }
-    escaped
+fn hit_rate_bars(report: &ReplayReport) -> Vec<Bar> {
+    const ROW: f64 = 22.0;
+    const LABEL: f64 = 220.0;
+    report
+        .components
+        .iter()
+        .enumerate()
+        .map(|(index, component)| {
+            let top = index as f64 * ROW + 5.0;
+            let rate = component.after.hit_rate;
+            let length = rate * (WIDTH - LABEL - 80.0);
+            Bar {
+                name: component.component.clone(),
+                percent: percent(rate),
+                label_x: LABEL - 8.0,
+                x: LABEL,
+                top,
+                text_y: top + 13.0,
+                length: format!("{length:.1}"),
+                thickness: ROW - 6.0,
+                value_x: format!("{:.1}", LABEL + length + 6.0),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::escape;
+    use minijinja::{Environment, context};
 
     #[test]
     fn text_from_the_log_cannot_become_markup() {
-        assert_eq!(
-            escape("<script>alert('x') & \"y\"</script>"),
-            "&lt;script&gt;alert(&#39;x&#39;) &amp; &quot;y&quot;&lt;/script&gt;"
-        );
+        let mut environment = Environment::new();
+        environment.add_template("report.html", super::TEMPLATE).unwrap();
+        let page = environment
+            .get_template("report.html")
+            .unwrap()
+            .render(context! { log => "<script>alert('x') & \"y\"</script>", pairs => Vec::<i32>::new() })
+            .unwrap();
+        assert!(!page.contains("<script>"), "{page}");
+        assert!(page.contains("&lt;script&gt;alert(&#x27;x&#x27;) &amp; &quot;y&quot;&lt;&#x2f;script&gt;"), "{page}");
     }
 }

@@ -1,12 +1,12 @@
 //! `aipipe`: the command line of the aipipe engine.
 
+mod gateway;
 mod html;
 mod log;
 mod migrate;
 mod openai;
 mod replay;
 mod report;
-mod serve;
 mod setup;
 
 use std::io::Write;
@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use pipeline_core::Config;
+use pipeline_core::ConfigSource;
 use pipeline_core::semantic_cache::ModelPaths;
 use tracing_subscriber::EnvFilter;
 
@@ -115,7 +115,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Setup = cli.command {
         return setup::setup(&ModelPaths::installed());
     }
-    let config = Config::load(cli.config.as_deref())?;
+    // One config file serves every command: the gateway's table is read (and so accepted)
+    // whichever command runs, and validated by the one that uses it.
+    let mut source = ConfigSource::load(cli.config.as_deref())?;
+    let gateway = gateway::RawGateway::read(&mut source)?;
+    let config = source.engine()?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
         Command::Setup => {}
@@ -126,7 +130,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let mut report = replay::run(&log, &db, config, upstream, &runtime)?;
             let html = html.unwrap_or_else(|| db.with_extension("html"));
-            std::fs::write(&html, html::render(&report))
+            std::fs::write(&html, html::render(&report)?)
                 .with_context(|| format!("cannot write the HTML report `{}`", html.display()))?;
             report.html = Some(html.display().to_string());
             let text = if json {
@@ -139,7 +143,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::io::stdout().write_all(text.as_bytes()).context("cannot write to stdout")?;
         }
         Command::Serve { listen, base_url } => {
-            runtime.block_on(serve::serve(config, serve::ServeOptions { listen, base_url }))?;
+            let settings = gateway.validate(&config)?;
+            runtime.block_on(gateway::serve(config, settings, gateway::ServeOptions { listen, base_url }))?;
         }
         Command::Migrate { what: MigrateCommand::Status { plan, db, hours, json } } => {
             let db = db.unwrap_or_else(|| config.telemetry.database_url.clone());

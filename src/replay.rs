@@ -10,8 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pipeline_core::providers::RecordedProvider;
-use pipeline_core::telemetry::{PriceTable, Recorder, RecorderSettings, TelemetryStore};
-use pipeline_core::{CallContext, CallOptions, Config, Engine, StepKind, StepType, TokioSystemClock};
+use pipeline_core::telemetry::{PriceTable, Recorder, RecorderSettings, TelemetryStore, percentile};
+use pipeline_core::{CallContext, CallOptions, Config, Engine, Source, StepKind, StepType, TokioSystemClock};
 use serde::Serialize;
 
 use crate::log::{BadLine, LoggedCall, read_log};
@@ -51,7 +51,7 @@ pub struct SemanticPair {
     pub text: String,
     pub served_answer_of: String,
     pub similarity: f64,
-    pub source: &'static str,
+    pub source: Source,
 }
 
 /// Calls and cost in one slice of the log's time, for the charts.
@@ -213,7 +213,7 @@ async fn replay(
                 text: semantic_text(engine.config(), call).unwrap_or_default(),
                 served_answer_of: matched.text.clone(),
                 similarity: f64::from(matched.similarity),
-                source: result.source.label(),
+                source: result.source,
             });
         }
         after.push(match result {
@@ -442,30 +442,5 @@ fn figures<'a>(outcomes: impl Iterator<Item = &'a Outcome> + Clone) -> Figures {
         error_rate: rate(outcomes.clone().filter(|o| o.failed).count()),
         hit_rate: rate(outcomes.clone().filter(|o| o.cache_hit).count()),
         mttr_s: mttr(outcomes),
-    }
-}
-
-/// Nearest-rank percentile of sorted values: the smallest value with at least `p` of the
-/// values at or below it.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nearest_rank() {
-        let values: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&values, 0.99), 99.0);
-        assert_eq!(percentile(&values, 0.50), 50.0);
-        assert_eq!(percentile(&[5.0], 0.99), 5.0);
-        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0, 5.0], 0.99), 5.0);
-        assert_eq!(percentile(&[], 0.5), 0.0);
     }
 }

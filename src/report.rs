@@ -2,6 +2,8 @@
 
 use std::fmt::Write;
 
+use pipeline_core::Source;
+
 use crate::replay::{Figures, ReplayReport};
 
 pub fn table(report: &ReplayReport) -> String {
@@ -53,7 +55,7 @@ pub fn table(report: &ReplayReport) -> String {
         );
     }
     let _ = writeln!(out);
-    let semantic = report.semantic_pairs.iter().filter(|pair| pair.source == "semantic_cache").count();
+    let semantic = report.semantic_pairs.iter().filter(|pair| pair.source == Source::SemanticCache).count();
     let _ = writeln!(
         out,
         "{semantic} calls served a similar request's answer (semantic cache), {} more as fallbacks; \

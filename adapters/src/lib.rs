@@ -6,11 +6,12 @@
 //! the old return and error types. Which path serves a component is its [`Mode`], read from a
 //! [`MigrationPlan`] that can be replaced at run time ([`Modes::reload`]). In shadow mode the
 //! old path serves the caller while the engine answers alongside; the two answers are compared
-//! per step ([`Comparison`]) and recorded in telemetry's `shadow_comparisons`.
+//! per step ([`Comparison`]) and recorded in a [`ShadowLog`] beside the telemetry.
 
 mod compare;
 pub mod legacy;
 mod modes;
+mod shadow;
 pub mod shims;
 mod status;
 
@@ -21,9 +22,9 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 pub use compare::Comparison;
 pub use modes::{CutoverRule, MigrationPlan, Mode, Modes, PlanError};
-use pipeline_core::telemetry::ShadowRecord;
 use pipeline_core::{CallContext, CallOptions, Engine, PipelineError, PipelineResult, StepType, TraceId};
 use serde_json::Value;
+pub use shadow::{ShadowComparison, ShadowFigures, ShadowLog};
 pub use status::{ComponentStatus, migration_status};
 use tokio::sync::Notify;
 
@@ -52,6 +53,7 @@ pub struct Adapter {
     modes: Modes,
     workspace: String,
     runtime: tokio::runtime::Handle,
+    shadows: ShadowLog,
     shadows_pending: Arc<(AtomicUsize, Notify)>,
 }
 
@@ -59,11 +61,14 @@ impl Adapter {
     /// Must be called within a Tokio runtime: synchronous shims block on it from their own
     /// threads.
     pub fn new(engine: Engine, modes: Modes, workspace: impl Into<String>) -> Self {
+        // The comparisons go to the database the engine's own rows go to.
+        let shadows = ShadowLog::new(engine.recorder().store().clone());
         Self {
             engine,
             modes,
             workspace: workspace.into(),
             runtime: tokio::runtime::Handle::current(),
+            shadows,
             shadows_pending: Arc::default(),
         }
     }
@@ -183,7 +188,7 @@ impl Adapter {
                         (None, None) => (1.0, true),
                         _ => (0.0, false),
                     };
-                    Some(ShadowRecord {
+                    Some(ShadowComparison {
                         ts_ms: adapter.engine.now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
                         component: C::COMPONENT.to_owned(),
                         step: C::step().to_string(),
@@ -204,7 +209,7 @@ impl Adapter {
                 }
             };
             if let Some(record) = record
-                && let Err(err) = adapter.engine.recorder().store().insert_shadow(&record).await
+                && let Err(err) = adapter.shadows.insert(&record).await
             {
                 tracing::error!(component = C::COMPONENT, error = %err, "shadow comparison not recorded");
             }

@@ -3,7 +3,7 @@ use std::collections::BTreeSet;
 use pipeline_core::telemetry::{TelemetryError, TelemetryStore};
 use serde::Serialize;
 
-use crate::{MigrationPlan, Mode};
+use crate::{MigrationPlan, Mode, ShadowLog};
 
 /// The components this crate has shims for.
 pub const COMPONENTS: [&str; 6] = ["classifier", "enhancer", "extractor", "prioritizer", "summarizer", "validator"];
@@ -36,7 +36,7 @@ pub async fn migration_status(
     to_ms: i64,
 ) -> Result<Vec<ComponentStatus>, TelemetryError> {
     let report = store.report(from_ms, to_ms).await?;
-    let shadows = store.shadow_figures(from_ms, to_ms).await?;
+    let shadows = ShadowLog::new(store.clone()).figures(from_ms, to_ms).await?;
     let names: BTreeSet<String> = COMPONENTS
         .iter()
         .map(|name| (*name).to_owned())

@@ -57,10 +57,11 @@ impl Figure {
     }
 }
 
-/// The nearest-rank percentile `p` of sorted samples, in microseconds (0 for none).
+/// The nearest-rank percentile `p` of sorted samples, in microseconds (0 for none): the
+/// same percentile as every other figure.
 pub(crate) fn percentile_us(sorted: &[Duration], p: f64) -> f64 {
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len().max(1));
-    sorted.get(rank - 1).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    let micros: Vec<f64> = sorted.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+    pipeline_core::telemetry::percentile(&micros, p)
 }
 
 /// Short prompts of the kind components send, for the query side.

@@ -3,15 +3,14 @@
 //! through the gateway, in the same run, on this machine (load generator, upstream and
 //! gateway share its cores).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
+use testkit::GatewayProcess;
 
 use crate::bench::percentile_us;
 
@@ -46,7 +45,7 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
     let figures = runtime.block_on(async {
         let upstream = start_upstream().await?;
         let dir = tempfile::tempdir()?;
-        let gateway = GatewayProcess::start(&aipipe, dir.path(), &format!("http://{upstream}/v1"))?;
+        let gateway = start_gateway(&aipipe, dir.path(), &format!("http://{upstream}/v1"))?;
         let direct_url = format!("http://{upstream}/v1/chat/completions");
         let gateway_url = format!("{}/chat/completions", gateway.base_url);
         let client = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build()?;
@@ -123,51 +122,19 @@ async fn start_upstream() -> anyhow::Result<std::net::SocketAddr> {
 /// `aipipe serve` with the engine's whole call path on (exact cache, limits far above the
 /// load, breaker, telemetry into a SQLite file); each request is new, so every call misses
 /// the cache and goes upstream.
-struct GatewayProcess {
-    child: Child,
-    base_url: String,
-}
-
-impl GatewayProcess {
-    fn start(aipipe: &Path, dir: &Path, upstream: &str) -> anyhow::Result<Self> {
-        let config = dir.join("gateway.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[semantic]\nenabled = false\n[cache]\nmax_entries = 1000000\n\
-                 [limits]\nworkspace_requests_per_minute = 4000000000\nworkspace_request_burst = 1000000\n\
-                 workspace_tokens_per_minute = 4000000000\nworkspace_token_burst = 100000000\n\
-                 model_requests_per_minute = 4000000000\nmodel_request_burst = 1000000\n\
-                 model_tokens_per_minute = 4000000000\nmodel_token_burst = 100000000\n\
-                 [telemetry]\ndatabase_url = \"sqlite://{}\"\n[gateway.api_keys]\nbench = \"{API_KEY_VARIABLE}\"\n",
-                dir.join("telemetry.db").display()
-            ),
-        )?;
-        let mut child = Command::new(aipipe)
-            .args(["serve", "--listen", "127.0.0.1:0", "--base-url", upstream, "--config"])
-            .arg(&config)
-            .env(API_KEY_VARIABLE, API_KEY)
-            .env("OPENAI_API_KEY", "sk-bench-upstream")
-            .env_remove("AIPIPE_CONFIG")
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start `{}`", aipipe.display()))?;
-        let mut first_line = String::new();
-        let stdout = child.stdout.take().context("no stdout from aipipe serve")?;
-        BufReader::new(stdout).read_line(&mut first_line)?;
-        let Some(base_url) = first_line.trim().strip_prefix("aipipe serve: listening on ") else {
-            let _ = child.kill();
-            bail!("aipipe serve did not start: {first_line:?}");
-        };
-        Ok(Self { base_url: base_url.to_owned(), child })
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start_gateway(aipipe: &Path, dir: &Path, upstream: &str) -> anyhow::Result<GatewayProcess> {
+    let config = format!(
+        "[semantic]\nenabled = false\n[cache]\nmax_entries = 1000000\n\
+         [limits]\nworkspace_requests_per_minute = 4000000000\nworkspace_request_burst = 1000000\n\
+         workspace_tokens_per_minute = 4000000000\nworkspace_token_burst = 100000000\n\
+         model_requests_per_minute = 4000000000\nmodel_request_burst = 1000000\n\
+         model_tokens_per_minute = 4000000000\nmodel_token_burst = 100000000\n\
+         [telemetry]\ndatabase_url = \"sqlite://{}\"\n[gateway.api_keys]\nbench = \"{API_KEY_VARIABLE}\"\n",
+        dir.join("telemetry.db").display()
+    );
+    let env = [(API_KEY_VARIABLE, API_KEY), ("OPENAI_API_KEY", "sk-bench-upstream")];
+    GatewayProcess::start(aipipe, dir, upstream, &config, &env)
+        .with_context(|| format!("cannot start `{} serve`", aipipe.display()))
 }
 
 /// One chat completion with a question no earlier request asked.

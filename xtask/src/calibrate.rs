@@ -162,22 +162,21 @@ pub fn calibrate(root: &Path, data: &Path, options: &CalibrateOptions) -> anyhow
 }
 
 /// The shipped default follows the verifier it was calibrated with (a test checks they agree).
+/// Only the value changes: the file's comments and layout stay as they are.
 fn set_default_min_confidence(defaults: &Path, min_confidence: f32) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(defaults).with_context(|| format!("cannot read `{}`", defaults.display()))?;
-    let mut found = 0;
-    let lines: Vec<String> = text
-        .lines()
-        .map(|line| {
-            if line.starts_with("min_confidence = ") {
-                found += 1;
-                format!("min_confidence = {min_confidence:.3}")
-            } else {
-                line.to_owned()
-            }
-        })
-        .collect();
-    anyhow::ensure!(found == 1, "`{}` has {found} `min_confidence = ` lines, expected one", defaults.display());
-    std::fs::write(defaults, lines.join("\n") + "\n").with_context(|| format!("cannot write `{}`", defaults.display()))
+    let mut document: toml_edit::DocumentMut =
+        text.parse().with_context(|| format!("`{}` is not TOML", defaults.display()))?;
+    let value = document
+        .get_mut("semantic")
+        .and_then(|semantic| semantic.get_mut("min_confidence"))
+        .and_then(toml_edit::Item::as_value_mut)
+        .with_context(|| format!("`{}` has no semantic.min_confidence", defaults.display()))?;
+    let decor = value.decor().clone();
+    // Three decimals, as the cut is reported.
+    *value = toml_edit::Value::from((f64::from(min_confidence) * 1000.0).round() / 1000.0);
+    *value.decor_mut() = decor;
+    std::fs::write(defaults, document.to_string()).with_context(|| format!("cannot write `{}`", defaults.display()))
 }
 
 fn examples<'a>(rows: impl Iterator<Item = &'a Row>) -> (Vec<Vec<f32>>, Vec<bool>) {

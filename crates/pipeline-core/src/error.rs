@@ -1,9 +1,49 @@
+use std::path::PathBuf;
 use std::time::Duration;
 
-use providers::{ErrorClass, ProviderError};
+use providers::ProviderError;
 use resilience::Refusal;
+use telemetry::ErrorClass;
 
 use crate::StepType;
+
+/// Loading the config or building the engine from it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("config file `{}` does not exist: pass an existing file, or none to run on the embedded defaults", path.display())]
+    MissingFile { path: PathBuf },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
+    #[error("provider setup: {0}")]
+    Provider(#[from] providers::ProviderError),
+    #[error("semantic cache: {0} (or set semantic.enabled = false)")]
+    Semantic(#[from] semantic_cache::CacheError),
+}
+
+impl SetupError {
+    pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid { key: key.into(), message: message.into() }
+    }
+
+    /// A bad config fails the same way every time; only a database that was briefly
+    /// unreachable may work on a second try.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Telemetry(err) if err.is_retryable())
+    }
+
+    /// A low-cardinality label for logs and metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::MissingFile { .. } => "missing_file",
+            Self::Invalid { .. } => "invalid_config",
+            Self::Telemetry(err) => err.metric_label(),
+            Self::Provider(err) => err.metric_label(),
+            Self::Semantic(_) => "semantic_cache",
+        }
+    }
+}
 
 /// Why a call produced no answer. Each variant says what to change.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -52,19 +92,25 @@ impl PipelineError {
         }
     }
 
+    /// What kind of failure this is, in telemetry's words: the row's `error_class`, the
+    /// metric label, and a fallback's `degraded_by`.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::UnknownStep { .. } => ErrorClass::UnknownStep,
+            Self::InvalidContext { .. } => ErrorClass::InvalidContext,
+            Self::InvalidInput { .. } => ErrorClass::InvalidInput,
+            Self::PromptTooLarge { .. } => ErrorClass::PromptTooLarge,
+            Self::CostLimitExceeded { .. } => ErrorClass::CostLimit,
+            Self::Upstream { source, .. } => upstream_class(source.class()),
+            Self::Refused { source, .. } => refusal_class(source),
+            Self::ContractViolation { .. } => ErrorClass::ContractViolation,
+            Self::DeadlineExceeded { .. } => ErrorClass::DeadlineExceeded,
+        }
+    }
+
     /// A low-cardinality label for metrics and the telemetry row's `error_class`.
     pub fn metric_label(&self) -> &'static str {
-        match self {
-            Self::UnknownStep { .. } => "unknown_step",
-            Self::InvalidContext { .. } => "invalid_context",
-            Self::InvalidInput { .. } => "invalid_input",
-            Self::PromptTooLarge { .. } => "prompt_too_large",
-            Self::CostLimitExceeded { .. } => "cost_limit",
-            Self::Upstream { source, .. } => source.metric_label(),
-            Self::Refused { source, .. } => source.metric_label(),
-            Self::ContractViolation { .. } => "contract_violation",
-            Self::DeadlineExceeded { .. } => "deadline_exceeded",
-        }
+        self.class().label()
     }
 
     /// Upstream requests made before the call failed.
@@ -86,16 +132,72 @@ impl PipelineError {
     pub fn upstream_unavailable(&self) -> bool {
         match self {
             Self::Refused { .. } | Self::DeadlineExceeded { .. } => true,
-            Self::Upstream { source, .. } => matches!(
-                source.class(),
-                ErrorClass::RateLimited
-                    | ErrorClass::QuotaExhausted
-                    | ErrorClass::ServerError
-                    | ErrorClass::Timeout
-                    | ErrorClass::Connection
-                    | ErrorClass::MalformedReply
-            ),
+            Self::Upstream { source, .. } => {
+                use providers::ErrorClass as Class;
+                matches!(
+                    source.class(),
+                    Class::RateLimited
+                        | Class::QuotaExhausted
+                        | Class::ServerError
+                        | Class::Timeout
+                        | Class::Connection
+                        | Class::MalformedReply
+                )
+            }
             _ => false,
+        }
+    }
+}
+
+fn upstream_class(class: providers::ErrorClass) -> ErrorClass {
+    use providers::ErrorClass as Class;
+    match class {
+        Class::RateLimited => ErrorClass::RateLimited,
+        Class::QuotaExhausted => ErrorClass::QuotaExhausted,
+        Class::ServerError => ErrorClass::ServerError,
+        Class::Timeout => ErrorClass::Timeout,
+        Class::Connection => ErrorClass::Connection,
+        Class::BadRequest => ErrorClass::BadRequest,
+        Class::Unauthorized => ErrorClass::Unauthorized,
+        Class::MalformedReply => ErrorClass::MalformedReply,
+    }
+}
+
+fn refusal_class(refusal: &Refusal) -> ErrorClass {
+    match refusal {
+        Refusal::RateLimited { .. } => ErrorClass::RateLimitedLocally,
+        Refusal::CircuitOpen { .. } => ErrorClass::CircuitOpen,
+        Refusal::Paused { .. } => ErrorClass::UpstreamPaused,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Call logs carry the providers' words for a failure, rows and metrics telemetry's: for
+    /// the same failure they are the same word.
+    #[test]
+    fn one_word_per_failure_across_crates() {
+        for class in [
+            providers::ErrorClass::RateLimited,
+            providers::ErrorClass::QuotaExhausted,
+            providers::ErrorClass::ServerError,
+            providers::ErrorClass::Timeout,
+            providers::ErrorClass::Connection,
+            providers::ErrorClass::BadRequest,
+            providers::ErrorClass::Unauthorized,
+            providers::ErrorClass::MalformedReply,
+        ] {
+            assert_eq!(upstream_class(class).label(), class.label());
+        }
+        let wait = Duration::from_secs(1);
+        for refusal in [
+            Refusal::RateLimited { scope: resilience::Scope::ModelTokens, retry_after: wait },
+            Refusal::CircuitOpen { key: "p/m".into(), retry_after: wait },
+            Refusal::Paused { key: "p/m".into(), retry_after: wait },
+        ] {
+            assert_eq!(refusal_class(&refusal).label(), refusal.metric_label());
         }
     }
 }

@@ -4,10 +4,11 @@
 //! engine.execute(step_type, input, context, options) -> PipelineResult
 //! ```
 //!
-//! A call is rendered into a prompt from its step's template, looked up in the cache, sent to
-//! the provider under a deadline, validated against the step's output contract (with one
-//! repair attempt), stored in the cache, and recorded in telemetry: in that order, in one place,
-//! [`Engine::execute`]. The concerns themselves live in their own crates; this one composes them.
+//! A call is rendered into a prompt from its step's template, looked up in the caches, sent to
+//! a provider through the guards under a deadline, validated against the step's output
+//! contract (with one repair attempt), stored in the caches, and recorded in telemetry: in
+//! that order, numbered stage by stage in the `engine` module, behind [`Engine::execute`]. The
+//! concerns themselves live in their own crates; this one composes them.
 
 mod clock;
 mod config;
@@ -21,11 +22,11 @@ mod step;
 
 pub use clock::{Clock, ManualClock, SystemClock, TokioSystemClock};
 pub use config::{
-    CacheSettings, Config, EngineSettings, FallbackSettings, GatewaySettings, ProviderSettings, ResilienceSettings,
-    RouteTarget, SetupError, StepSpec, TelemetrySettings,
+    CacheSettings, Config, ConfigSource, EngineSettings, FallbackSettings, ProviderSettings, ResilienceSettings,
+    RouteTarget, SemanticSettings, StepSpec, TelemetrySettings,
 };
 pub use engine::{Engine, EngineBuilder};
-pub use error::PipelineError;
+pub use error::{PipelineError, SetupError};
 pub use request::{CachePolicy, CallContext, CallOptions, TraceId};
 pub use result::{PipelineResult, SimilarRequest, Source};
 pub use step::{InvalidStepName, StepKind, StepType};

@@ -7,8 +7,8 @@ use providers::{ChatMessage, Role};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::{RawStep, SetupError};
-use crate::{CallContext, PipelineError, StepKind, StepSpec};
+use crate::config::RawStep;
+use crate::{CallContext, PipelineError, SetupError, StepKind, StepSpec};
 
 /// The only `semantic_field` a chat step takes: its last user message is compared.
 pub(crate) const CHAT_SEMANTIC_FIELD: &str = "messages";

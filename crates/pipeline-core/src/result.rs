@@ -4,18 +4,18 @@ use serde::Serialize;
 use serde_json::Value;
 
 use providers::FinishReason;
+use telemetry::ErrorClass;
 
 use crate::TraceId;
 
-/// What served a call. Fallbacks and the semantic cache join as they land; a fallback never
-/// poses as an upstream answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// What served a call; a fallback never poses as an upstream answer. Its word (in rows,
+/// metrics, the gateway's `x-aipipe-source` and JSON) is telemetry's [`telemetry::Source`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Source {
     Upstream,
     ExactCache,
-    /// The answer to an earlier request that means the same; `confidence` is the similarity.
+    /// The answer to an earlier request that means the same; `confidence` is the verifier's.
     SemanticCache,
     /// The upstream answer of an identical call that was in flight at the same time.
     Coalesced,
@@ -31,24 +31,36 @@ pub enum Source {
 
 impl Source {
     pub fn label(self) -> &'static str {
-        match self {
-            Self::Upstream => "upstream",
-            Self::ExactCache => "exact_cache",
-            Self::SemanticCache => "semantic_cache",
-            Self::Coalesced => "coalesced",
-            Self::FallbackModel => "fallback_model",
-            Self::FallbackSimilar => "fallback_similar",
-            Self::FallbackRule => "fallback_rule",
-        }
+        telemetry::Source::from(self).label()
     }
 
     /// Whether the answer stands in for the one the step's model would have given.
     pub fn is_fallback(self) -> bool {
-        matches!(self, Self::FallbackModel | Self::FallbackSimilar | Self::FallbackRule)
+        telemetry::Source::from(self).is_fallback()
     }
 
     pub fn is_cache(self) -> bool {
-        matches!(self, Self::ExactCache | Self::SemanticCache)
+        telemetry::Source::from(self).is_cache()
+    }
+}
+
+impl From<Source> for telemetry::Source {
+    fn from(source: Source) -> Self {
+        match source {
+            Source::Upstream => Self::Upstream,
+            Source::ExactCache => Self::Exact,
+            Source::SemanticCache => Self::Semantic,
+            Source::Coalesced => Self::Coalesced,
+            Source::FallbackModel => Self::FallbackModel,
+            Source::FallbackSimilar => Self::FallbackSimilar,
+            Source::FallbackRule => Self::FallbackRule,
+        }
+    }
+}
+
+impl Serialize for Source {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        telemetry::Source::from(*self).serialize(serializer)
     }
 }
 
@@ -58,8 +70,9 @@ pub struct PipelineResult {
     /// The reply, parsed and valid against the step's output contract.
     pub output: Value,
     pub source: Source,
-    /// 1.0 for an upstream answer or an exact cache hit; the similarity for a semantic hit;
-    /// the configured confidence for a similar-answer or rule-based fallback.
+    /// 1.0 for an upstream answer or an exact cache hit; the learned verifier's probability
+    /// for a semantic hit; the configured confidence for a similar-answer or rule-based
+    /// fallback.
     pub confidence: f64,
     pub model: String,
     pub provider: String,
@@ -77,8 +90,8 @@ pub struct PipelineResult {
     /// Time spent waiting on rate limits and Retry-After pauses.
     #[serde(serialize_with = "as_millis")]
     pub rate_limit_wait: Duration,
-    /// Why the step's model did not answer, when a fallback did (an error's metric label).
-    pub degraded_by: Option<&'static str>,
+    /// Why the step's model did not answer, when a fallback did.
+    pub degraded_by: Option<ErrorClass>,
     /// For a semantic hit or a similar-answer fallback: the earlier request whose answer was
     /// served, so that a person can judge the match.
     pub similar_to: Option<SimilarRequest>,

@@ -1,7 +1,8 @@
 //! Model providers behind one request/response shape.
 //!
-//! Every provider is a [`tower::Service`] from [`ChatRequest`] to [`ChatResponse`], so the
-//! engine can wrap it in layers (limits, breakers, retries) without knowing which one it is.
+//! Every provider is a [`tower::Service`] from [`ChatRequest`] to [`ChatResponse`], so that any
+//! such service (a live endpoint, a recorded log, a test double) can answer the engine, which
+//! never knows which one it is.
 //! Every failure, from any provider, is a [`ProviderError`] whose [`ErrorClass`] is decided by
 //! one classifier ([`classify_http_failure`]); retries, breakers and metrics all read that class.
 

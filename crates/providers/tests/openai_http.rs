@@ -5,18 +5,11 @@
 use std::time::Duration;
 
 use providers::{ChatMessage, ChatRequest, ErrorClass, OpenAiCompatible, OpenAiSettings, ProviderError};
-use scripted_upstream::{Reply, ScriptedUpstream};
+use testkit::{Reply, ScriptedUpstream};
 use tower::ServiceExt;
 
 fn provider(upstream: &ScriptedUpstream, timeout: Duration) -> OpenAiCompatible {
-    OpenAiCompatible::new(OpenAiSettings {
-        name: "scripted".into(),
-        base_url: upstream.base_url(),
-        api_key: "test-key".into(),
-        request_timeout: timeout,
-        connect_timeout: Duration::from_secs(1),
-    })
-    .unwrap()
+    upstream.provider(timeout)
 }
 
 fn request() -> ChatRequest {

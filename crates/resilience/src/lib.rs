@@ -5,6 +5,8 @@
 //! what a provider is: the engine classifies each upstream outcome once (an [`Outcome`]) and hands
 //! that verdict to the breaker, the Retry-After pause and the retry policy alike.
 //!
+//! - [`Guards`]: the pause, the limits and the breaker in their fixed order, as one
+//!   [`Guards::admit`] whose [`Admission`] is settled once with the request's outcome.
 //! - [`RateLimits`]: requests (governor) and tokens (a reconcilable budget) per workspace and
 //!   per provider/model, waiting for capacity up to the deadline.
 //! - [`Breakers`]: a failsafe circuit breaker per provider/model that admits one half-open probe
@@ -16,6 +18,7 @@
 mod breaker;
 mod deadline;
 mod error;
+mod guards;
 mod limit;
 mod pause;
 mod retry;
@@ -23,6 +26,7 @@ mod retry;
 pub use breaker::{BreakerPermit, BreakerSettings, BreakerState, BreakerStatus, Breakers};
 pub use deadline::{Deadline, DeadlineExceeded};
 pub use error::{Refusal, Scope};
+pub use guards::{Admission, GuardSettings, Guards, Refused};
 pub use limit::{LimitSettings, Quota, RateLimits, TokenReservation, TokioClock};
 pub use pause::{PausePermit, Pauses};
 pub use retry::{GiveUp, Retries, RetryPolicy, RetrySettings};

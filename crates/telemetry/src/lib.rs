@@ -12,15 +12,13 @@ mod price;
 mod record;
 mod recorder;
 mod report;
-mod shadow;
 mod store;
 
 pub use anomaly::{Alert, AlertSettings, AnomalyDetector, Watched};
 pub use error::TelemetryError;
 pub use metrics::Metrics;
 pub use price::{ModelPrice, PriceTable};
-pub use record::{CallRecord, CallStatus};
+pub use record::{BreakerState, CallRecord, CallStatus, ErrorClass, Source};
 pub use recorder::{Recorder, RecorderSettings};
-pub use report::{Figures, Report};
-pub use shadow::{ShadowFigures, ShadowRecord};
+pub use report::{Figures, Report, percentile};
 pub use store::TelemetryStore;

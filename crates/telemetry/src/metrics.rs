@@ -7,9 +7,6 @@ use prometheus::{
 
 use crate::{CallRecord, CallStatus};
 
-/// Errors that stop a call before it reaches the caches: such a call was no cache lookup.
-const REFUSED_BEFORE_CACHE: &[&str] = &["unknown_step", "invalid_context", "invalid_input", "prompt_too_large"];
-
 /// Seconds; calls range from a microsecond cache hit to a 30 s deadline.
 const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
@@ -123,22 +120,22 @@ impl Metrics {
     pub fn observe(&self, record: &CallRecord) {
         let inner = &self.inner;
         let step = record.step.as_str();
-        inner.requests.with_label_values(&[step, &record.model, &record.source, record.status.as_str()]).inc();
+        let source = record.source.label();
+        inner.requests.with_label_values(&[step, &record.model, source, record.status.label()]).inc();
         let tokens = |direction: &str, count: i64| {
             inner.tokens.with_label_values(&[step, &record.model, direction]).inc_by(count.max(0) as u64);
         };
         tokens("input", record.input_tokens);
         tokens("output", record.output_tokens);
         inner.cost.with_label_values(&[step, &record.model]).inc_by(record.cost_usd.max(0.0));
-        match record.source.as_str() {
-            "exact_cache" => inner.cache_hits.with_label_values(&[step, "exact"]).inc(),
-            "semantic_cache" => inner.cache_hits.with_label_values(&[step, "semantic"]).inc(),
-            _ => {
-                let refused = record.status == CallStatus::Error
-                    && record.error_class.as_deref().is_some_and(|class| REFUSED_BEFORE_CACHE.contains(&class));
-                if !refused {
-                    inner.cache_misses.with_label_values(&[step]).inc();
-                }
+        if record.source.is_cache() {
+            inner.cache_hits.with_label_values(&[step, source]).inc();
+        } else {
+            // A call refused as invalid never asked a cache: it is no miss.
+            let refused =
+                record.status == CallStatus::Error && record.error_class.is_some_and(|class| class.is_invalid_call());
+            if !refused {
+                inner.cache_misses.with_label_values(&[step]).inc();
             }
         }
         if record.saved_cost_usd > 0.0 {
@@ -147,17 +144,12 @@ impl Metrics {
         if record.saved_tokens > 0 {
             inner.saved_tokens.with_label_values(&[step]).inc_by(record.saved_tokens as u64);
         }
-        inner.duration.with_label_values(&[step, &record.source]).observe(record.latency_ms / 1000.0);
+        inner.duration.with_label_values(&[step, source]).observe(record.latency_ms / 1000.0);
         if record.rate_limit_wait_ms > 0.0 {
             inner.rate_limit_wait.with_label_values(&[step]).observe(record.rate_limit_wait_ms / 1000.0);
         }
-        if let Some(state) = record.breaker_state.as_deref() {
-            let value = match state {
-                "open" => 2,
-                "half_open" => 1,
-                _ => 0,
-            };
-            inner.breaker_state.with_label_values(&[&record.provider, &record.model]).set(value);
+        if let Some(state) = record.breaker_state {
+            inner.breaker_state.with_label_values(&[&record.provider, &record.model]).set(state.gauge());
         }
     }
 
@@ -169,7 +161,8 @@ impl Metrics {
         self.inner.alerts.with_label_values(&[step, metric]).inc();
     }
 
-    /// Everything, in the Prometheus text exposition format.
+    /// Everything, in the Prometheus text exposition format (served with
+    /// [`Metrics::CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut text = Vec::new();
         if let Err(err) = TextEncoder::new().encode(&self.inner.registry.gather(), &mut text) {
@@ -178,17 +171,8 @@ impl Metrics {
         String::from_utf8_lossy(&text).into_owned()
     }
 
-    /// `GET /metrics`, for a server to mount.
-    pub fn router(&self) -> axum::Router {
-        let metrics = self.clone();
-        axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let metrics = metrics.clone();
-                async move { ([(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], metrics.render()) }
-            }),
-        )
-    }
+    /// The media type of [`Metrics::render`]'s text.
+    pub const CONTENT_TYPE: &'static str = prometheus::TEXT_FORMAT;
 }
 
 impl Default for Metrics {

@@ -180,7 +180,7 @@ async fn write_batch(store: &TelemetryStore, batch: &[CallRecord], counters: &Co
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::CallStatus;
+    use crate::{BreakerState, CallStatus, ErrorClass, Source};
 
     pub(crate) fn record(n: i64) -> CallRecord {
         CallRecord {
@@ -196,7 +196,7 @@ pub(crate) mod tests {
             latency_ms: 812.5,
             cost_usd: 0.000027,
             saved_cost_usd: 0.0,
-            source: "upstream".into(),
+            source: Source::Upstream,
             cache_hit: false,
             confidence: 1.0,
             status: CallStatus::Ok,
@@ -204,7 +204,7 @@ pub(crate) mod tests {
             error_message: None,
             attempts: 1,
             rate_limit_wait_ms: 0.0,
-            breaker_state: Some("closed".into()),
+            breaker_state: Some(BreakerState::Closed),
             saved_tokens: 0,
             similarity: None,
         }
@@ -221,7 +221,7 @@ pub(crate) mod tests {
         }
         let mut failed = record(1_000);
         failed.status = CallStatus::Error;
-        failed.error_class = Some("rate_limited".into());
+        failed.error_class = Some(ErrorClass::RateLimited);
         failed.error_message = Some("slow down".into());
         recorder.record(failed.clone());
         recorder.flush().await.unwrap();

@@ -3,9 +3,10 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use sqlx::Row as _;
 
-use crate::{TelemetryError, TelemetryStore};
+use crate::store::{optional_word, word};
+use crate::{BreakerState, CallStatus, Source, TelemetryError, TelemetryStore};
 
-const REPORT_ROWS: &str = "SELECT ts_ms, component, latency_ms, status, source, cache_hit, attempts, cost_usd, \
+const REPORT_ROWS: &str = "SELECT ts_ms, component, latency_ms, status, source, attempts, cost_usd, \
      saved_cost_usd, breaker_state FROM calls WHERE ts_ms >= $1 AND ts_ms < $2 ORDER BY ts_ms, id";
 
 /// The figures of a time window, overall and per component.
@@ -45,8 +46,7 @@ struct Call {
     component: String,
     latency_ms: f64,
     failed: bool,
-    source: String,
-    cache_hit: bool,
+    source: Source,
     attempts: i64,
     cost_usd: f64,
     saved_cost_usd: f64,
@@ -64,13 +64,12 @@ impl TelemetryStore {
                     ts_ms: row.try_get("ts_ms")?,
                     component: row.try_get("component")?,
                     latency_ms: row.try_get("latency_ms")?,
-                    failed: row.try_get::<String, _>("status")? == "error",
-                    source: row.try_get("source")?,
-                    cache_hit: row.try_get::<i64, _>("cache_hit")? != 0,
+                    failed: word(row, "status", CallStatus::parse)? == CallStatus::Error,
+                    source: word(row, "source", Source::parse)?,
                     attempts: row.try_get("attempts")?,
                     cost_usd: row.try_get("cost_usd")?,
                     saved_cost_usd: row.try_get("saved_cost_usd")?,
-                    breaker_open: row.try_get::<Option<String>, _>("breaker_state")?.as_deref() == Some("open"),
+                    breaker_open: optional_word(row, "breaker_state", BreakerState::parse)? == Some(BreakerState::Open),
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()
@@ -96,20 +95,22 @@ fn figures(rows: &[&Call]) -> Figures {
     Figures {
         calls,
         upstream_requests: rows.iter().map(|row| row.attempts.max(0) as u64).sum(),
-        saved_calls: rows.iter().filter(|row| row.cache_hit || row.source == "coalesced").count() as u64,
+        saved_calls: rows.iter().filter(|row| row.source.saved_a_request()).count() as u64,
         cost_usd: rows.iter().map(|row| row.cost_usd).sum(),
         saved_cost_usd: rows.iter().map(|row| row.saved_cost_usd).sum(),
         p50_latency_ms: percentile(&latencies, 0.50),
         p99_latency_ms: percentile(&latencies, 0.99),
         error_rate: share(rows.iter().filter(|row| row.failed).count()),
-        cache_hit_rate: share(rows.iter().filter(|row| row.cache_hit).count()),
-        fallback_rate: share(rows.iter().filter(|row| row.source.starts_with("fallback_")).count()),
+        cache_hit_rate: share(rows.iter().filter(|row| row.source.is_cache()).count()),
+        fallback_rate: share(rows.iter().filter(|row| row.source.is_fallback()).count()),
         mttr_secs: mttr_secs(rows),
     }
 }
 
-/// Nearest rank: the smallest value with at least `p` of the values at or below it.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// The nearest-rank percentile `p` (0 to 1) of sorted values: the smallest value with at
+/// least `p` of the values at or below it; 0 for none. Every figure aipipe quotes as p50 or
+/// p99 (reports, the replay, benchmarks) is this one.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -125,7 +126,7 @@ fn mttr_secs(rows: &[&Call]) -> Option<f64> {
     for row in rows {
         match opened_at {
             None if row.breaker_open => opened_at = Some(row.ts_ms),
-            Some(since) if !row.failed && row.source == "upstream" => {
+            Some(since) if !row.failed && row.source == Source::Upstream => {
                 recoveries.push((row.ts_ms - since) as f64 / 1000.0);
                 opened_at = None;
             }
@@ -133,4 +134,19 @@ fn mttr_secs(rows: &[&Call]) -> Option<f64> {
         }
     }
     (!recoveries.is_empty()).then(|| recoveries.iter().sum::<f64>() / recoveries.len() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn nearest_rank() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&values, 0.99), 99.0);
+        assert_eq!(percentile(&values, 0.50), 50.0);
+        assert_eq!(percentile(&[5.0], 0.99), 5.0);
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0, 5.0], 0.99), 5.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
 }

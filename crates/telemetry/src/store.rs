@@ -4,7 +4,7 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow, install_default_drivers};
 use sqlx::{AnyPool, Row};
 
-use crate::{CallRecord, CallStatus, TelemetryError};
+use crate::{BreakerState, CallRecord, CallStatus, ErrorClass, Source, TelemetryError};
 
 const INSERT_CALL: &str = "INSERT INTO calls (ts_ms, step, component, workspace, trace_id, model, provider, \
      input_tokens, output_tokens, latency_ms, cost_usd, saved_cost_usd, source, cache_hit, confidence, status, \
@@ -17,10 +17,11 @@ const SELECT_CALLS: &str = "SELECT ts_ms, step, component, workspace, trace_id, 
      error_message, attempts, rate_limit_wait_ms, breaker_state, saved_tokens, similarity FROM calls ORDER BY id";
 
 /// The telemetry database, through sqlx's `Any` driver so that one code path serves SQLite
-/// (the default, a local file) and, later, PostgreSQL.
+/// (the default, a local file) and PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct TelemetryStore {
     pool: AnyPool,
+    postgres: bool,
 }
 
 impl TelemetryStore {
@@ -53,8 +54,8 @@ impl TelemetryStore {
         // WAL lets report queries read while the batch writer writes; NORMAL sync is safe
         // with WAL and keeps each batch commit cheap. A no-op for an in-memory database.
         sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await.map_err(connect_error)?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        migrate(sqlx::migrate!("./migrations/sqlite"), &pool).await?;
+        Ok(Self { pool, postgres: false })
     }
 
     async fn connect_postgres(url: &str) -> Result<Self, TelemetryError> {
@@ -68,16 +69,23 @@ impl TelemetryStore {
             .connect_with(options)
             .await
             .map_err(connect_error)?;
-        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
+        migrate(sqlx::migrate!("./migrations/postgres"), &pool).await?;
+        Ok(Self { pool, postgres: true })
     }
 
-    pub(crate) fn pool(&self) -> &AnyPool {
+    /// The database, for tables that other parts of aipipe keep beside the calls (the
+    /// adapters' shadow comparisons): each owns its own table and its queries.
+    pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
 
+    /// Whether the database is PostgreSQL (else SQLite), for DDL that differs between them.
+    pub fn is_postgres(&self) -> bool {
+        self.postgres
+    }
+
     /// The rows of `sql`, whose `$1` and `$2` bound a window `from_ms <= ts_ms < to_ms`.
-    pub(crate) async fn rows_in_window(
+    pub async fn rows_in_window(
         &self,
         sql: &'static str,
         from_ms: i64,
@@ -103,15 +111,15 @@ impl TelemetryStore {
                 .bind(record.latency_ms)
                 .bind(record.cost_usd)
                 .bind(record.saved_cost_usd)
-                .bind(record.source.as_str())
+                .bind(record.source.label())
                 .bind(i64::from(record.cache_hit))
                 .bind(record.confidence)
-                .bind(record.status.as_str())
-                .bind(record.error_class.as_deref())
+                .bind(record.status.label())
+                .bind(record.error_class.map(ErrorClass::label))
                 .bind(record.error_message.as_deref())
                 .bind(record.attempts)
                 .bind(record.rate_limit_wait_ms)
-                .bind(record.breaker_state.as_deref())
+                .bind(record.breaker_state.map(BreakerState::label))
                 .bind(record.saved_tokens);
             // sqlx 0.9's Any driver sends a NULL f64 typed as float4 (its Real and Double null
             // kinds are swapped), which PostgreSQL rejects for a DOUBLE PRECISION column; a NULL
@@ -144,8 +152,15 @@ impl TelemetryStore {
     }
 }
 
+/// Brings the schema up to date. Migrations that a database applied but this build no longer
+/// has are ignored: the shadow-comparison table moved to the adapters, which create it
+/// themselves, and databases made before that still list its migration.
+async fn migrate(mut migrator: sqlx::migrate::Migrator, pool: &AnyPool) -> Result<(), TelemetryError> {
+    migrator.set_ignore_missing(true);
+    migrator.run(pool).await.map_err(TelemetryError::from)
+}
+
 fn record_from_row(row: &AnyRow) -> Result<CallRecord, sqlx::Error> {
-    let status: String = row.try_get("status")?;
     Ok(CallRecord {
         ts_ms: row.try_get("ts_ms")?,
         step: row.try_get("step")?,
@@ -159,19 +174,36 @@ fn record_from_row(row: &AnyRow) -> Result<CallRecord, sqlx::Error> {
         latency_ms: row.try_get("latency_ms")?,
         cost_usd: row.try_get("cost_usd")?,
         saved_cost_usd: row.try_get("saved_cost_usd")?,
-        source: row.try_get("source")?,
+        source: word(row, "source", Source::parse)?,
         cache_hit: row.try_get::<i64, _>("cache_hit")? != 0,
         confidence: row.try_get("confidence")?,
-        status: CallStatus::parse(&status)
-            .ok_or_else(|| sqlx::Error::Decode(format!("unknown call status `{status}`").into()))?,
-        error_class: row.try_get("error_class")?,
+        status: word(row, "status", CallStatus::parse)?,
+        error_class: optional_word(row, "error_class", ErrorClass::parse)?,
         error_message: row.try_get("error_message")?,
         attempts: row.try_get("attempts")?,
         rate_limit_wait_ms: row.try_get("rate_limit_wait_ms")?,
-        breaker_state: row.try_get("breaker_state")?,
+        breaker_state: optional_word(row, "breaker_state", BreakerState::parse)?,
         saved_tokens: row.try_get("saved_tokens")?,
         similarity: row.try_get("similarity")?,
     })
+}
+
+/// A column that holds one of telemetry's words ([`Source`], [`CallStatus`], ...), read back
+/// into its type; an unknown word is a decoding error that names the column.
+pub(crate) fn word<T>(row: &AnyRow, column: &str, parse: fn(&str) -> Option<T>) -> Result<T, sqlx::Error> {
+    known(column, &row.try_get::<String, _>(column)?, parse)
+}
+
+pub(crate) fn optional_word<T>(
+    row: &AnyRow,
+    column: &str,
+    parse: fn(&str) -> Option<T>,
+) -> Result<Option<T>, sqlx::Error> {
+    row.try_get::<Option<String>, _>(column)?.map(|text| known(column, &text, parse)).transpose()
+}
+
+fn known<T>(column: &str, text: &str, parse: fn(&str) -> Option<T>) -> Result<T, sqlx::Error> {
+    parse(text).ok_or_else(|| sqlx::Error::Decode(format!("column `{column}` holds an unknown value `{text}`").into()))
 }
 
 /// A plain path is a SQLite file; SQLite URLs get `mode=rwc` so that a new file is created.

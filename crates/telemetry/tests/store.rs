@@ -2,8 +2,8 @@
 //! a server (`.ci/run` starts one and always sets it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use scripted_upstream::fresh_postgres;
-use telemetry::{CallRecord, CallStatus, TelemetryStore};
+use telemetry::{BreakerState, CallRecord, CallStatus, ErrorClass, Source, TelemetryStore};
+use testkit::fresh_postgres;
 
 #[allow(clippy::too_many_arguments)]
 fn row(
@@ -11,11 +11,11 @@ fn row(
     component: &str,
     latency_ms: f64,
     status: CallStatus,
-    source: &str,
+    source: Source,
     attempts: i64,
     cost_usd: f64,
     saved_cost_usd: f64,
-    breaker_state: Option<&str>,
+    breaker_state: Option<BreakerState>,
 ) -> CallRecord {
     CallRecord {
         ts_ms,
@@ -31,32 +31,33 @@ fn row(
         cost_usd,
         saved_cost_usd,
         saved_tokens: if saved_cost_usd > 0.0 { 110 } else { 0 },
-        source: source.into(),
-        cache_hit: source.ends_with("_cache"),
-        confidence: if source == "semantic_cache" { 0.95 } else { 1.0 },
-        similarity: (source == "semantic_cache").then_some(0.95),
+        source,
+        cache_hit: source.is_cache(),
+        confidence: if source == Source::Semantic { 0.95 } else { 1.0 },
+        similarity: (source == Source::Semantic).then_some(0.95),
         status,
-        error_class: (status == CallStatus::Error).then(|| "server_error".into()),
+        error_class: (status == CallStatus::Error).then_some(ErrorClass::ServerError),
         error_message: (status == CallStatus::Error).then(|| "upstream server error 503".into()),
         attempts,
         rate_limit_wait_ms: if attempts > 1 { 250.0 } else { 0.0 },
-        breaker_state: breaker_state.map(str::to_owned),
+        breaker_state,
     }
 }
 
 fn known_rows() -> Vec<CallRecord> {
+    use BreakerState::{Closed, Open};
     use CallStatus::{Error, Ok};
     vec![
-        row(0, "a", 100.0, Ok, "upstream", 1, 0.010, 0.0, Some("closed")),
-        row(1_000, "a", 1.0, Ok, "exact_cache", 0, 0.0, 0.010, None),
-        row(2_000, "a", 2.0, Ok, "semantic_cache", 0, 0.0, 0.010, None),
-        row(3_000, "b", 300.0, Error, "none", 3, 0.0, 0.0, Some("open")),
-        row(4_000, "b", 1.0, Ok, "fallback_rule", 0, 0.0, 0.0, Some("open")),
-        row(5_000, "b", 5.0, Ok, "coalesced", 0, 0.0, 0.020, None),
-        row(9_000, "b", 200.0, Ok, "upstream", 1, 0.020, 0.0, Some("closed")),
-        row(10_000, "a", 50.0, Ok, "upstream", 2, 0.030, 0.0, Some("closed")),
+        row(0, "a", 100.0, Ok, Source::Upstream, 1, 0.010, 0.0, Some(Closed)),
+        row(1_000, "a", 1.0, Ok, Source::Exact, 0, 0.0, 0.010, None),
+        row(2_000, "a", 2.0, Ok, Source::Semantic, 0, 0.0, 0.010, None),
+        row(3_000, "b", 300.0, Error, Source::None, 3, 0.0, 0.0, Some(Open)),
+        row(4_000, "b", 1.0, Ok, Source::FallbackRule, 0, 0.0, 0.0, Some(Open)),
+        row(5_000, "b", 5.0, Ok, Source::Coalesced, 0, 0.0, 0.020, None),
+        row(9_000, "b", 200.0, Ok, Source::Upstream, 1, 0.020, 0.0, Some(Closed)),
+        row(10_000, "a", 50.0, Ok, Source::Upstream, 2, 0.030, 0.0, Some(Closed)),
         // Outside the window.
-        row(100_000, "a", 9_999.0, Error, "none", 1, 1.0, 0.0, Some("open")),
+        row(100_000, "a", 9_999.0, Error, Source::None, 1, 1.0, 0.0, Some(Open)),
     ]
 }
 

@@ -1,0 +1,195 @@
+//! The config as written: serde structs that mirror the TOML, every table closed to unknown
+//! keys. Nothing here is checked beyond its type; `validate` turns these into settings.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use telemetry::ModelPrice;
+
+use crate::StepKind;
+
+/// The top-level tables the engine reads, as [`RawConfig`] names them. Any other table is an
+/// error, unless another part of aipipe claims it (`ConfigSource::section`): the whole config
+/// is checked for unknown keys here, rather than by serde, for that reason.
+pub(crate) const ENGINE_SECTIONS: &[&str] = &[
+    "engine",
+    "provider",
+    "providers",
+    "limits",
+    "breaker",
+    "retry",
+    "fallback",
+    "cache",
+    "semantic",
+    "telemetry",
+    "alerts",
+    "prices",
+    "steps",
+];
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct RawConfig {
+    pub(crate) engine: RawEngine,
+    pub(crate) provider: RawProvider,
+    #[serde(default)]
+    pub(crate) providers: BTreeMap<String, RawExtraProvider>,
+    pub(crate) limits: RawLimits,
+    pub(crate) breaker: RawBreaker,
+    pub(crate) retry: RawRetry,
+    pub(crate) fallback: RawFallback,
+    pub(crate) cache: RawCache,
+    pub(crate) semantic: RawSemantic,
+    pub(crate) telemetry: RawTelemetry,
+    pub(crate) alerts: RawAlerts,
+    #[serde(default)]
+    pub(crate) prices: BTreeMap<String, ModelPrice>,
+    #[serde(default)]
+    pub(crate) steps: BTreeMap<String, RawStep>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEngine {
+    pub(crate) default_model: String,
+    pub(crate) default_deadline_ms: u64,
+    pub(crate) max_prompt_chars: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProvider {
+    pub(crate) name: String,
+    pub(crate) base_url: String,
+    pub(crate) api_key_env: String,
+    pub(crate) request_timeout_ms: u64,
+    pub(crate) connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawExtraProvider {
+    pub(crate) base_url: String,
+    pub(crate) api_key_env: String,
+    pub(crate) request_timeout_ms: u64,
+    pub(crate) connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub(crate) enabled: bool,
+    pub(crate) workspace_requests_per_minute: u32,
+    pub(crate) workspace_request_burst: u32,
+    pub(crate) workspace_tokens_per_minute: u32,
+    pub(crate) workspace_token_burst: u32,
+    pub(crate) model_requests_per_minute: u32,
+    pub(crate) model_request_burst: u32,
+    pub(crate) model_tokens_per_minute: u32,
+    pub(crate) model_token_burst: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBreaker {
+    pub(crate) enabled: bool,
+    pub(crate) failures_to_open: u32,
+    pub(crate) open_for_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRetry {
+    pub(crate) max_attempts: u32,
+    pub(crate) initial_backoff_ms: u64,
+    pub(crate) max_backoff_ms: u64,
+    pub(crate) budget_ratio: f32,
+    pub(crate) budget_min_per_second: u32,
+    pub(crate) pause_on_retry_after: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFallback {
+    pub(crate) similar_min_similarity: f32,
+    pub(crate) similar_confidence: f64,
+    pub(crate) rule_confidence: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRouteTarget {
+    pub(crate) provider: Option<String>,
+    pub(crate) model: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCache {
+    pub(crate) enabled: bool,
+    pub(crate) ttl_secs: u64,
+    pub(crate) max_entries: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSemantic {
+    pub(crate) enabled: bool,
+    pub(crate) threshold: f32,
+    pub(crate) min_confidence: f32,
+    pub(crate) ttl_secs: u64,
+    pub(crate) max_entries: u64,
+    pub(crate) ef_search: usize,
+    pub(crate) max_text_chars: usize,
+    pub(crate) model_dir: String,
+    pub(crate) onnxruntime_path: String,
+    pub(crate) threads: usize,
+    pub(crate) snapshot_path: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAlerts {
+    pub(crate) enabled: bool,
+    pub(crate) webhook_url: String,
+    pub(crate) z_threshold: f64,
+    pub(crate) min_ratio: f64,
+    pub(crate) warmup_minutes: u32,
+    pub(crate) ewma_alpha: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTelemetry {
+    pub(crate) database_url: String,
+    pub(crate) queue_capacity: usize,
+    pub(crate) batch_size: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStep {
+    #[serde(default)]
+    pub(crate) kind: StepKind,
+    #[serde(default)]
+    pub(crate) system: String,
+    #[serde(default)]
+    pub(crate) prompt: String,
+    #[serde(default)]
+    pub(crate) output_schema: String,
+    pub(crate) model: Option<String>,
+    #[serde(default)]
+    pub(crate) temperature: f32,
+    #[serde(default = "default_max_output_tokens")]
+    pub(crate) max_output_tokens: u32,
+    pub(crate) max_prompt_chars: Option<usize>,
+    pub(crate) semantic_field: Option<String>,
+    pub(crate) semantic_threshold: Option<f32>,
+    pub(crate) semantic_min_confidence: Option<f32>,
+    #[serde(default)]
+    pub(crate) fallbacks: Vec<RawRouteTarget>,
+    pub(crate) fallback_answer: Option<String>,
+}
+
+fn default_max_output_tokens() -> u32 {
+    512
+}

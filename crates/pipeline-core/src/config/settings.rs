@@ -1,0 +1,308 @@
+//! The engine's settings, section by section, each validated from its raw table; errors name
+//! the key.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use semantic_cache::ModelPaths;
+use telemetry::{ModelPrice, PriceTable};
+
+use super::raw::{
+    RawAlerts, RawBreaker, RawCache, RawEngine, RawExtraProvider, RawFallback, RawLimits, RawProvider, RawRetry,
+    RawSemantic, RawTelemetry,
+};
+use super::validate::{cosine, finite_positive, http_url, non_empty, non_zero, positive, positive_millis, probability};
+use crate::SetupError;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineSettings {
+    pub default_model: String,
+    pub default_deadline: Duration,
+    pub max_prompt_chars: usize,
+}
+
+impl EngineSettings {
+    pub(super) fn validate(raw: RawEngine) -> Result<Self, SetupError> {
+        Ok(Self {
+            default_model: non_empty("engine.default_model", raw.default_model)?,
+            default_deadline: positive_millis("engine.default_deadline_ms", raw.default_deadline_ms)?,
+            max_prompt_chars: positive("engine.max_prompt_chars", raw.max_prompt_chars)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderSettings {
+    pub name: String,
+    pub base_url: String,
+    /// The environment variable the API key is read from.
+    pub api_key_env: String,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl ProviderSettings {
+    pub(super) fn primary(raw: RawProvider) -> Result<Self, SetupError> {
+        let endpoint = RawExtraProvider {
+            base_url: raw.base_url,
+            api_key_env: raw.api_key_env,
+            request_timeout_ms: raw.request_timeout_ms,
+            connect_timeout_ms: raw.connect_timeout_ms,
+        };
+        Self::validate("provider", non_empty("provider.name", raw.name)?, endpoint)
+    }
+
+    /// `[providers.NAME]`: an endpoint besides the primary one.
+    pub(super) fn named(name: &str, raw: RawExtraProvider) -> Result<Self, SetupError> {
+        Self::validate(&format!("providers.{name}"), name.to_owned(), raw)
+    }
+
+    fn validate(table: &str, name: String, raw: RawExtraProvider) -> Result<Self, SetupError> {
+        let key = |field: &str| format!("{table}.{field}");
+        Ok(Self {
+            name,
+            base_url: http_url(&key("base_url"), raw.base_url)?,
+            api_key_env: non_empty(&key("api_key_env"), raw.api_key_env)?,
+            request_timeout: positive_millis(&key("request_timeout_ms"), raw.request_timeout_ms)?,
+            connect_timeout: positive_millis(&key("connect_timeout_ms"), raw.connect_timeout_ms)?,
+        })
+    }
+}
+
+/// How calls are kept within limits and alive when the upstream is not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResilienceSettings {
+    /// `None`: no rate limits.
+    pub limits: Option<resilience::LimitSettings>,
+    /// `None`: no circuit breakers.
+    pub breaker: Option<resilience::BreakerSettings>,
+    pub retry: resilience::RetrySettings,
+    pub pause_on_retry_after: bool,
+}
+
+impl ResilienceSettings {
+    pub(super) fn validate(limits: &RawLimits, breaker: &RawBreaker, retry: &RawRetry) -> Result<Self, SetupError> {
+        let quota = |name: &str, per_minute: u32, burst_name: &str, burst: u32| {
+            Ok::<_, SetupError>(resilience::Quota {
+                per_minute: non_zero(&format!("limits.{name}"), per_minute)?,
+                burst: non_zero(&format!("limits.{burst_name}"), burst)?,
+            })
+        };
+        let limits = if limits.enabled {
+            Some(resilience::LimitSettings {
+                workspace_requests: quota(
+                    "workspace_requests_per_minute",
+                    limits.workspace_requests_per_minute,
+                    "workspace_request_burst",
+                    limits.workspace_request_burst,
+                )?,
+                workspace_tokens: quota(
+                    "workspace_tokens_per_minute",
+                    limits.workspace_tokens_per_minute,
+                    "workspace_token_burst",
+                    limits.workspace_token_burst,
+                )?,
+                model_requests: quota(
+                    "model_requests_per_minute",
+                    limits.model_requests_per_minute,
+                    "model_request_burst",
+                    limits.model_request_burst,
+                )?,
+                model_tokens: quota(
+                    "model_tokens_per_minute",
+                    limits.model_tokens_per_minute,
+                    "model_token_burst",
+                    limits.model_token_burst,
+                )?,
+            })
+        } else {
+            None
+        };
+        let breaker = if breaker.enabled {
+            Some(resilience::BreakerSettings {
+                failures_to_open: positive("breaker.failures_to_open", breaker.failures_to_open)?,
+                open_for: positive_millis("breaker.open_for_ms", breaker.open_for_ms)?,
+            })
+        } else {
+            None
+        };
+        if !(retry.budget_ratio.is_finite() && (0.0..=1000.0).contains(&retry.budget_ratio)) {
+            return Err(SetupError::invalid(
+                "retry.budget_ratio",
+                format!(
+                    "{} is not a share of traffic: use a number from 0 (no retries beyond the minimum) up",
+                    retry.budget_ratio
+                ),
+            ));
+        }
+        let initial_backoff = positive_millis("retry.initial_backoff_ms", retry.initial_backoff_ms)?;
+        let max_backoff = positive_millis("retry.max_backoff_ms", retry.max_backoff_ms)?;
+        if max_backoff < initial_backoff {
+            return Err(SetupError::invalid("retry.max_backoff_ms", "must not be below retry.initial_backoff_ms"));
+        }
+        Ok(Self {
+            limits,
+            breaker,
+            retry: resilience::RetrySettings {
+                max_attempts: positive("retry.max_attempts", retry.max_attempts)?,
+                initial_backoff,
+                max_backoff,
+                budget_ratio: retry.budget_ratio,
+                budget_min_per_second: retry.budget_min_per_second,
+            },
+            pause_on_retry_after: retry.pause_on_retry_after,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FallbackSettings {
+    /// The cosine a similar cached answer needs to stand in.
+    pub similar_min_similarity: f32,
+    /// The confidence a similar-answer stand-in is served at.
+    pub similar_confidence: f64,
+    /// The confidence a rule-based stand-in is served at.
+    pub rule_confidence: f64,
+}
+
+impl FallbackSettings {
+    pub(super) fn validate(raw: &RawFallback) -> Result<Self, SetupError> {
+        Ok(Self {
+            similar_min_similarity: cosine("fallback.similar_min_similarity", raw.similar_min_similarity)?,
+            similar_confidence: probability("fallback.similar_confidence", raw.similar_confidence)?,
+            rule_confidence: probability("fallback.rule_confidence", raw.rule_confidence)?,
+        })
+    }
+}
+
+/// A model to ask, on a provider (`None`: the primary one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteTarget {
+    pub provider: Option<String>,
+    pub model: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheSettings {
+    pub enabled: bool,
+    pub ttl: Duration,
+    pub max_entries: u64,
+}
+
+impl CacheSettings {
+    pub(super) fn validate(raw: &RawCache) -> Result<Self, SetupError> {
+        Ok(Self {
+            enabled: raw.enabled,
+            ttl: Duration::from_secs(positive("cache.ttl_secs", raw.ttl_secs)?),
+            max_entries: positive("cache.max_entries", raw.max_entries)?,
+        })
+    }
+}
+
+/// The semantic cache: where the model is, and when a similar request's answer may be served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SemanticSettings {
+    pub enabled: bool,
+    /// Cosine at or above which the plain decision serves (a model the learned verifier was
+    /// not trained for).
+    pub threshold: f32,
+    /// The learned verifier's probability at or above which it serves.
+    pub min_confidence: f32,
+    pub ttl: Duration,
+    pub max_entries: u64,
+    /// HNSW search breadth (recall versus latency).
+    pub ef_search: usize,
+    /// Longer texts are matched exactly or not at all: the model would see only their start.
+    pub max_text_chars: usize,
+    pub model: ModelPaths,
+    /// Embedding sessions, one ONNX Runtime thread each; 0 = one per core.
+    pub threads: usize,
+    /// Where the cache is saved on shutdown and loaded on start; `None`: it lives in memory only.
+    pub snapshot: Option<PathBuf>,
+}
+
+impl SemanticSettings {
+    pub(super) fn validate(raw: RawSemantic) -> Result<Self, SetupError> {
+        if raw.ef_search < semantic_cache::MIN_EF_SEARCH {
+            return Err(SetupError::invalid(
+                "semantic.ef_search",
+                format!("{} is below the least useful breadth, {}", raw.ef_search, semantic_cache::MIN_EF_SEARCH),
+            ));
+        }
+        let installed = ModelPaths::installed();
+        let path_or =
+            |value: String, default: PathBuf| if value.trim().is_empty() { default } else { PathBuf::from(value) };
+        Ok(Self {
+            enabled: raw.enabled,
+            threshold: cosine("semantic.threshold", raw.threshold)?,
+            min_confidence: probability("semantic.min_confidence", f64::from(raw.min_confidence))? as f32,
+            ttl: Duration::from_secs(positive("semantic.ttl_secs", raw.ttl_secs)?),
+            max_entries: positive("semantic.max_entries", raw.max_entries)?,
+            ef_search: raw.ef_search,
+            model: ModelPaths {
+                model_dir: path_or(raw.model_dir, installed.model_dir),
+                onnxruntime: path_or(raw.onnxruntime_path, installed.onnxruntime),
+            },
+            max_text_chars: positive("semantic.max_text_chars", raw.max_text_chars)?,
+            threads: raw.threads,
+            snapshot: Some(raw.snapshot_path).filter(|path| !path.trim().is_empty()).map(PathBuf::from),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetrySettings {
+    pub database_url: String,
+    pub queue_capacity: usize,
+    pub batch_size: usize,
+}
+
+impl TelemetrySettings {
+    pub(super) fn validate(raw: RawTelemetry) -> Result<Self, SetupError> {
+        Ok(Self {
+            database_url: non_empty("telemetry.database_url", raw.database_url)?,
+            queue_capacity: positive("telemetry.queue_capacity", raw.queue_capacity)?,
+            batch_size: positive("telemetry.batch_size", raw.batch_size)?,
+        })
+    }
+}
+
+/// `[alerts]`: `None` when they are off.
+pub(super) fn alerts(raw: &RawAlerts) -> Result<Option<telemetry::AlertSettings>, SetupError> {
+    if !raw.enabled {
+        return Ok(None);
+    }
+    let webhook_url = raw.webhook_url.trim();
+    let webhook_url =
+        if webhook_url.is_empty() { None } else { Some(http_url("alerts.webhook_url", webhook_url.to_owned())?) };
+    let ewma_alpha = finite_positive("alerts.ewma_alpha", raw.ewma_alpha)?;
+    if ewma_alpha > 1.0 {
+        return Err(SetupError::invalid("alerts.ewma_alpha", format!("{ewma_alpha} is not a weight in (0, 1]")));
+    }
+    Ok(Some(telemetry::AlertSettings {
+        z_threshold: finite_positive("alerts.z_threshold", raw.z_threshold)?,
+        min_ratio: finite_positive("alerts.min_ratio", raw.min_ratio)?,
+        warmup_minutes: raw.warmup_minutes,
+        ewma_alpha,
+        webhook_url,
+    }))
+}
+
+/// `[prices."MODEL"]`: every price a non-negative number.
+pub(super) fn prices(raw: BTreeMap<String, ModelPrice>) -> Result<PriceTable, SetupError> {
+    for (model, price) in &raw {
+        for (field, value) in [
+            ("input_per_million_usd", price.input_per_million_usd),
+            ("output_per_million_usd", price.output_per_million_usd),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(SetupError::invalid(
+                    format!("prices.\"{model}\".{field}"),
+                    format!("{value} is not a price: use a non-negative number"),
+                ));
+            }
+        }
+    }
+    Ok(PriceTable::new(raw))
+}

@@ -1,0 +1,180 @@
+//! A step type, as the config declares it and as the engine uses it.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::raw::RawStep;
+use super::settings::{EngineSettings, ProviderSettings, RouteTarget, SemanticSettings};
+use super::validate::{cosine, non_empty, positive, probability};
+use crate::contract::{OutputContract, ReplyContract};
+use crate::prompt::CHAT_SEMANTIC_FIELD;
+use crate::{SetupError, StepKind, StepType};
+
+/// One step type, validated: its templates compile and its output schema is a JSON schema.
+#[derive(Debug, Clone)]
+pub struct StepSpec {
+    pub step: StepType,
+    pub kind: StepKind,
+    pub system: String,
+    /// The user-message template; empty for a chat step.
+    pub prompt: String,
+    /// `Value::Null` for a chat step, whose reply is free text.
+    pub output_schema: Value,
+    pub model: String,
+    pub temperature: f32,
+    pub max_output_tokens: u32,
+    pub max_prompt_chars: usize,
+    /// The input field whose text the semantic cache compares; `None` keeps the step to exact
+    /// matches only. Every other input field must match exactly. For a chat step it can only
+    /// be `messages`: the last user message is compared, the rest of the conversation must match.
+    pub semantic_field: Option<String>,
+    pub semantic_threshold: f32,
+    pub semantic_min_confidence: f32,
+    /// Tried in order when the step's model cannot answer.
+    pub fallbacks: Vec<RouteTarget>,
+    /// The rule-based reply when no model can answer; valid against the output schema (a
+    /// string for a chat step).
+    pub fallback_answer: Option<Value>,
+    pub(crate) contract: ReplyContract,
+    /// Changes whenever anything that shapes the answer changes (templates, schema, sampling),
+    /// so that editing a prompt retires its cached answers.
+    pub(crate) fingerprint: String,
+}
+
+impl StepSpec {
+    /// What a similar request must clear for this step's cached answer to serve it.
+    pub fn serve_bar(&self) -> semantic_cache::ServeBar {
+        semantic_cache::ServeBar { threshold: self.semantic_threshold, min_confidence: self.semantic_min_confidence }
+    }
+
+    pub(super) fn validate(
+        name: &str,
+        raw: RawStep,
+        engine: &EngineSettings,
+        semantic: &SemanticSettings,
+        primary_provider: &str,
+        providers: &BTreeMap<String, ProviderSettings>,
+    ) -> Result<Self, SetupError> {
+        let key = |field: &str| format!("steps.{name}.{field}");
+        let step = StepType::new(name).map_err(|err| SetupError::invalid(format!("steps.{name}"), err.to_string()))?;
+        let (output_schema, contract) = match raw.kind {
+            StepKind::Structured => {
+                if raw.prompt.trim().is_empty() {
+                    return Err(SetupError::invalid(key("prompt"), "a structured step needs a prompt template"));
+                }
+                if raw.output_schema.trim().is_empty() {
+                    return Err(SetupError::invalid(
+                        key("output_schema"),
+                        "a structured step needs the JSON schema of its reply (or `kind = \"chat\"` for free text)",
+                    ));
+                }
+                let schema: Value = serde_json::from_str(&raw.output_schema)
+                    .map_err(|err| SetupError::invalid(key("output_schema"), format!("not JSON: {err}")))?;
+                let contract =
+                    OutputContract::compile(&schema).map_err(|err| SetupError::invalid(key("output_schema"), err))?;
+                (schema, ReplyContract::Json(contract))
+            }
+            StepKind::Chat => {
+                for (field, value) in [("prompt", &raw.prompt), ("output_schema", &raw.output_schema)] {
+                    if !value.trim().is_empty() {
+                        return Err(SetupError::invalid(
+                            key(field),
+                            "a chat step sends the caller's messages and passes free text back: remove it",
+                        ));
+                    }
+                }
+                (Value::Null, ReplyContract::Text)
+            }
+        };
+        if !(0.0..=2.0).contains(&raw.temperature) {
+            return Err(SetupError::invalid(key("temperature"), format!("{} is outside 0.0..=2.0", raw.temperature)));
+        }
+        let max_output_tokens = positive(&key("max_output_tokens"), raw.max_output_tokens)?;
+        let max_prompt_chars =
+            positive(&key("max_prompt_chars"), raw.max_prompt_chars.unwrap_or(engine.max_prompt_chars))?;
+        let semantic_field = match raw.semantic_field {
+            Some(field) if raw.kind == StepKind::Chat && field != CHAT_SEMANTIC_FIELD => {
+                return Err(SetupError::invalid(
+                    key("semantic_field"),
+                    format!("a chat step compares its last user message: use `{CHAT_SEMANTIC_FIELD}` or leave it out"),
+                ));
+            }
+            Some(field) => Some(non_empty(&key("semantic_field"), field)?),
+            None => None,
+        };
+        let semantic_threshold = match raw.semantic_threshold {
+            Some(threshold) => cosine(&key("semantic_threshold"), threshold)?,
+            None => semantic.threshold,
+        };
+        let semantic_min_confidence = match raw.semantic_min_confidence {
+            Some(min_confidence) => probability(&key("semantic_min_confidence"), f64::from(min_confidence))? as f32,
+            None => semantic.min_confidence,
+        };
+        let model = match raw.model {
+            Some(model) => non_empty(&key("model"), model)?,
+            None => engine.default_model.clone(),
+        };
+        let mut fallbacks = Vec::new();
+        for (index, target) in raw.fallbacks.into_iter().enumerate() {
+            let key = format!("steps.{name}.fallbacks[{index}]");
+            if let Some(provider) = &target.provider
+                && provider != primary_provider
+                && !providers.contains_key(provider)
+            {
+                return Err(SetupError::invalid(
+                    format!("{key}.provider"),
+                    format!("no provider `{provider}`: declare it under [providers.{provider}]"),
+                ));
+            }
+            fallbacks.push(RouteTarget {
+                provider: target.provider,
+                model: non_empty(&format!("{key}.model"), target.model)?,
+            });
+        }
+        let fallback_answer = match raw.fallback_answer {
+            // An empty answer turns off a default one.
+            Some(answer) if answer.trim().is_empty() => None,
+            Some(answer) => Some(
+                contract
+                    .check(&answer)
+                    .map_err(|violations| SetupError::invalid(key("fallback_answer"), violations))?,
+            ),
+            None => None,
+        };
+        let fingerprint = {
+            let mut hasher = Sha256::new();
+            for part in [
+                raw.kind.label().as_bytes(),
+                raw.system.as_bytes(),
+                raw.prompt.as_bytes(),
+                semantic_cache::canonical_json(&output_schema).as_bytes(),
+                &raw.temperature.to_le_bytes(),
+                &max_output_tokens.to_le_bytes(),
+            ] {
+                hasher.update((part.len() as u64).to_le_bytes());
+                hasher.update(part);
+            }
+            hex::encode(&hasher.finalize()[..8])
+        };
+        Ok(Self {
+            step,
+            kind: raw.kind,
+            system: raw.system,
+            prompt: raw.prompt,
+            output_schema,
+            model,
+            temperature: raw.temperature,
+            max_output_tokens,
+            max_prompt_chars,
+            semantic_field,
+            semantic_threshold,
+            semantic_min_confidence,
+            fallbacks,
+            fallback_answer,
+            contract,
+            fingerprint,
+        })
+    }
+}

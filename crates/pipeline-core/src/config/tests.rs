@@ -1,0 +1,152 @@
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+#[test]
+fn defaults_are_valid_and_declare_the_built_in_steps() {
+    let config = Config::defaults().unwrap();
+    for step in StepType::BUILT_IN {
+        let spec = config.step(&step).unwrap_or_else(|| panic!("{step} missing"));
+        assert_eq!(spec.model, "gpt-4o-mini");
+    }
+    assert_eq!(config.cache.ttl, Duration::from_secs(3600));
+    assert!(config.prices.price("gpt-4o-mini").is_some());
+}
+
+#[test]
+fn the_default_min_confidence_is_the_shipped_verifiers_calibrated_cut() {
+    let config = Config::defaults().unwrap();
+    assert_eq!(
+        config.semantic.min_confidence,
+        semantic_cache::Verifier::shipped().min_confidence,
+        "run `cargo xtask calibrate`: it writes both"
+    );
+}
+
+#[test]
+fn a_file_adds_steps_and_overrides_keys() {
+    let config = Config::from_toml(
+        r#"
+        [cache]
+        ttl_secs = 60
+        [steps.translator]
+        system = "You translate."
+        prompt = "Translate to {{ input.language }}: {{ input.text }}"
+        output_schema = '{"type": "object", "required": ["translation"]}'
+        model = "gpt-4o"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(config.cache.ttl, Duration::from_secs(60));
+    assert_eq!(config.cache.max_entries, 10_000);
+    let translator = config.step(&StepType::new("translator").unwrap()).unwrap();
+    assert_eq!(translator.model, "gpt-4o");
+    assert_eq!(translator.max_output_tokens, 512);
+}
+
+fn error_of(toml: &str) -> String {
+    Config::from_toml(toml).unwrap_err().to_string()
+}
+
+#[test]
+fn errors_name_the_key() {
+    let unknown = error_of("[cache]\nttl_second = 5");
+    assert!(unknown.contains("ttl_second") && unknown.contains("cache"), "{unknown}");
+    let wrong_type = error_of("[cache]\nttl_secs = \"an hour\"");
+    assert!(wrong_type.contains("cache.ttl_secs"), "{wrong_type}");
+    let zero = error_of("[cache]\nmax_entries = 0");
+    assert!(zero.contains("cache.max_entries"), "{zero}");
+    let schema = error_of("[steps.classifier]\noutput_schema = '{not json'");
+    assert!(schema.contains("steps.classifier.output_schema"), "{schema}");
+    let template = error_of("[steps.classifier]\nprompt = '{% if %}'");
+    assert!(template.contains("steps.classifier.prompt"), "{template}");
+    let url = error_of("[provider]\nbase_url = 'localhost:8080'");
+    assert!(url.contains("provider.base_url"), "{url}");
+    let name = error_of("[steps.Bad]\nsystem = 's'\nprompt = 'p'\noutput_schema = '{\"type\":\"object\"}'");
+    assert!(name.contains("steps.Bad"), "{name}");
+}
+
+#[test]
+fn resilience_settings_are_checked_and_named() {
+    let defaults = Config::defaults().unwrap();
+    let limits = defaults.resilience.limits.unwrap();
+    assert_eq!((limits.workspace_requests.per_minute.get(), limits.workspace_requests.burst.get()), (1000, 50));
+    assert_eq!(defaults.resilience.breaker.unwrap().failures_to_open, 5);
+    let classifier = defaults.step(&StepType::CLASSIFIER).unwrap();
+    assert_eq!(classifier.fallback_answer.as_ref().unwrap()["label"], "unclassified");
+
+    let off = Config::from_toml("[limits]\nenabled = false\n[breaker]\nenabled = false").unwrap();
+    assert!(off.resilience.limits.is_none() && off.resilience.breaker.is_none());
+    let no_rule = Config::from_toml("[steps.classifier]\nfallback_answer = ''").unwrap();
+    assert!(no_rule.step(&StepType::CLASSIFIER).unwrap().fallback_answer.is_none());
+
+    let burst = error_of("[limits]\nworkspace_request_burst = 0");
+    assert!(burst.contains("limits.workspace_request_burst"), "{burst}");
+    let backoff = error_of("[retry]\ninitial_backoff_ms = 5000\nmax_backoff_ms = 100");
+    assert!(backoff.contains("retry.max_backoff_ms"), "{backoff}");
+    let confidence = error_of("[fallback]\nsimilar_confidence = 1.5");
+    assert!(confidence.contains("fallback.similar_confidence"), "{confidence}");
+    let answer = error_of("[steps.classifier]\nfallback_answer = '{\"label\": 3}'");
+    assert!(answer.contains("steps.classifier.fallback_answer"), "{answer}");
+    let provider = error_of("[steps.classifier]\nfallbacks = [{ provider = 'backup', model = 'm' }]");
+    assert!(provider.contains("steps.classifier.fallbacks[0].provider") && provider.contains("[providers.backup]"));
+    let declared = Config::from_toml(
+        "[providers.backup]\nbase_url = 'http://localhost:9/v1'\napi_key_env = 'K'\nrequest_timeout_ms = 1\n\
+         connect_timeout_ms = 1\n[steps.classifier]\nfallbacks = [{ provider = 'backup', model = 'm' }]",
+    )
+    .unwrap();
+    assert_eq!(declared.step(&StepType::CLASSIFIER).unwrap().fallbacks[0].provider.as_deref(), Some("backup"));
+}
+
+#[test]
+fn a_missing_file_says_so() {
+    let err = Config::load(Some(Path::new("/nonexistent/aipipe.toml"))).unwrap_err();
+    assert!(matches!(err, SetupError::MissingFile { .. }), "{err}");
+}
+
+#[test]
+fn editing_a_prompt_changes_the_fingerprint() {
+    let base = Config::defaults().unwrap();
+    let edited =
+        Config::from_toml("[steps.classifier]\nprompt = 'Labels: {{ input.labels }} Text: {{ input.text }}'").unwrap();
+    let fingerprint = |config: &Config| config.step(&StepType::CLASSIFIER).unwrap().fingerprint.clone();
+    assert_ne!(fingerprint(&base), fingerprint(&edited));
+    assert_eq!(
+        base.step(&StepType::VALIDATOR).unwrap().fingerprint,
+        edited.step(&StepType::VALIDATOR).unwrap().fingerprint
+    );
+}
+
+#[test]
+fn a_table_the_engine_does_not_read_is_an_error_unless_its_owner_claims_it() {
+    let typo = error_of("[cahce]\nttl_secs = 5");
+    assert!(typo.contains("`cahce`") && typo.contains("unknown table"), "{typo}");
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Owned {
+        port: u16,
+        name: String,
+    }
+    const OWNED_DEFAULTS: &str = "[owned]\nport = 1\nname = 'default'";
+    let mut source = ConfigSource::from_toml("[owned]\nport = 9");
+    assert!(source.engine().is_err(), "unclaimed, it is unknown");
+    let owned: Owned = source.section("owned", OWNED_DEFAULTS).unwrap();
+    assert_eq!((owned.port, owned.name.as_str()), (9, "default"));
+    source.engine().unwrap();
+
+    let mut misspelt = ConfigSource::from_toml("[owned]\nprot = 9");
+    let err = misspelt.section::<Owned>("owned", OWNED_DEFAULTS).unwrap_err().to_string();
+    assert!(err.contains("owned") && err.contains("prot"), "{err}");
+}
+
+#[test]
+fn a_probability_is_not_a_similarity() {
+    let cosine = error_of("[semantic]\nthreshold = 0");
+    assert!(cosine.contains("semantic.threshold") && cosine.contains("cosine"), "{cosine}");
+    let probability = error_of("[semantic]\nmin_confidence = 1.2");
+    assert!(probability.contains("semantic.min_confidence") && probability.contains("probability"), "{probability}");
+    // A probability of 0 is a bar (serve whatever passes the guards); a cosine of 0 is none.
+    assert_eq!(Config::from_toml("[semantic]\nmin_confidence = 0").unwrap().semantic.min_confidence, 0.0);
+}

@@ -1,0 +1,189 @@
+//! Putting an engine together: its providers, caches, guards and telemetry writer, from the
+//! config and whatever the caller hands in instead.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use providers::{ChatRequest, ChatResponse, OpenAiCompatible, OpenAiSettings, ProviderError, ProviderService};
+use resilience::{GuardSettings, Guards, RetryPolicy};
+use semantic_cache::{Embedder, ExactCache, SemanticCache};
+use telemetry::{Recorder, RecorderSettings, TelemetryStore};
+
+use super::{Engine, Inner};
+use crate::{Clock, Config, ProviderSettings, SetupError, SystemClock};
+
+/// Builds an [`Engine`]. Without a provider it talks to the configured OpenAI-compatible
+/// endpoint; without a recorder it opens the configured telemetry database.
+#[derive(Debug)]
+pub struct EngineBuilder {
+    config: Config,
+    /// In the order given; the first is the primary.
+    providers: Vec<(String, ProviderService)>,
+    recorder: Option<Recorder>,
+    embedder: Option<Arc<Embedder>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl EngineBuilder {
+    pub(super) fn new(config: Config) -> Self {
+        Self { config, providers: Vec::new(), recorder: None, embedder: None, clock: Arc::new(SystemClock) }
+    }
+
+    /// Shares an already loaded embedding model (tests, several engines in one process).
+    pub fn embedder(mut self, embedder: Arc<Embedder>) -> Self {
+        self.embedder = Some(embedder);
+        self
+    }
+
+    /// Any [`tower::Service`] from chat requests to chat responses; `name` labels it in
+    /// results and telemetry, and is what steps' `fallbacks` call it. The first provider given
+    /// is the primary one; without any, the engine talks to the configured endpoints.
+    pub fn provider<S>(mut self, name: impl Into<String>, provider: S) -> Self
+    where
+        S: tower::Service<ChatRequest, Response = ChatResponse, Error = ProviderError> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+    {
+        self.providers.push((name.into(), ProviderService::new(provider)));
+        self
+    }
+
+    pub fn recorder(mut self, recorder: Recorder) -> Self {
+        self.recorder = Some(recorder);
+        self
+    }
+
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub async fn build(self) -> Result<Engine, SetupError> {
+        let config = self.config;
+        let (providers, primary) = providers(&config, self.providers)?;
+        let recorder = match self.recorder {
+            Some(recorder) => recorder,
+            None => {
+                let store = TelemetryStore::connect(&config.telemetry.database_url).await?;
+                Recorder::spawn_with_alerts(
+                    store,
+                    RecorderSettings {
+                        queue_capacity: config.telemetry.queue_capacity,
+                        batch_size: config.telemetry.batch_size,
+                    },
+                    config.alerts.clone(),
+                )
+            }
+        };
+        let cache = config.cache.enabled.then(|| ExactCache::new(config.cache.max_entries, config.cache.ttl));
+        let semantic = match config.semantic.enabled {
+            true => Some(semantic_cache(&config, self.embedder, self.clock.as_ref())?),
+            false => None,
+        };
+        let resilience = &config.resilience;
+        let guards = Guards::new(GuardSettings {
+            limits: resilience.limits,
+            breaker: resilience.breaker,
+            pause_on_retry_after: resilience.pause_on_retry_after,
+        });
+        let retry = RetryPolicy::new(resilience.retry);
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                config,
+                providers,
+                primary,
+                cache,
+                semantic,
+                guards,
+                retry,
+                flights: Arc::default(),
+                recorder,
+                clock: self.clock,
+                unpriced_models: Default::default(),
+            }),
+        })
+    }
+}
+
+/// Every provider by name, and the primary one's name: the first given, else the configured
+/// endpoint. Every provider a step's fallbacks name must exist.
+fn providers(
+    config: &Config,
+    given: Vec<(String, ProviderService)>,
+) -> Result<(HashMap<String, ProviderService>, String), SetupError> {
+    let mut providers: HashMap<String, ProviderService> = HashMap::new();
+    let primary = match given.first() {
+        Some((name, _)) => name.clone(),
+        None => {
+            providers.insert(config.provider.name.clone(), openai_compatible(&config.provider)?);
+            config.provider.name.clone()
+        }
+    };
+    for (name, provider) in given {
+        providers.entry(name).or_insert(provider);
+    }
+    for (name, settings) in &config.providers {
+        if !providers.contains_key(name) {
+            providers.insert(name.clone(), openai_compatible(settings)?);
+        }
+    }
+    for spec in config.steps() {
+        for target in &spec.fallbacks {
+            if let Some(name) = &target.provider
+                && !providers.contains_key(name)
+            {
+                return Err(SetupError::invalid(
+                    format!("steps.{}.fallbacks", spec.step),
+                    format!("no provider `{name}`: declare it under [providers.{name}]"),
+                ));
+            }
+        }
+    }
+    Ok((providers, primary))
+}
+
+fn semantic_cache(
+    config: &Config,
+    embedder: Option<Arc<Embedder>>,
+    clock: &dyn Clock,
+) -> Result<Arc<SemanticCache<super::cache::CachedAnswer>>, SetupError> {
+    let embedder = match embedder {
+        Some(embedder) => embedder,
+        None => Arc::new(Embedder::load(&config.semantic.model, config.semantic.threads)?),
+    };
+    let settings = semantic_cache::SemanticSettings {
+        ttl: config.semantic.ttl,
+        max_entries: config.semantic.max_entries,
+        threshold: config.semantic.threshold,
+        min_confidence: config.semantic.min_confidence,
+        ef_search: config.semantic.ef_search,
+    };
+    let cache = SemanticCache::new(embedder, semantic_cache::ConceptNormalizer::default(), settings);
+    if let Some(path) = &config.semantic.snapshot {
+        match cache.load(path, clock.now()) {
+            Ok(loaded) => tracing::info!(entries = loaded, path = %path.display(), "semantic cache loaded"),
+            Err(err) => tracing::warn!(error = %err, "semantic cache starts empty"),
+        }
+    }
+    Ok(Arc::new(cache))
+}
+
+/// An OpenAI-compatible endpoint from config; its API key from the environment variable the
+/// config names.
+fn openai_compatible(settings: &ProviderSettings) -> Result<ProviderService, SetupError> {
+    let api_key = std::env::var(&settings.api_key_env).unwrap_or_default();
+    if api_key.is_empty() {
+        tracing::warn!(
+            "{} is not set: the `{}` upstream will likely refuse calls; set it to the provider's API key",
+            settings.api_key_env,
+            settings.name
+        );
+    }
+    let provider = OpenAiCompatible::new(OpenAiSettings {
+        name: settings.name.clone(),
+        base_url: settings.base_url.clone(),
+        api_key,
+        request_timeout: settings.request_timeout,
+        connect_timeout: settings.connect_timeout,
+    })?;
+    Ok(ProviderService::new(provider))
+}

@@ -1,0 +1,218 @@
+//! The cache stages: the exact cache (identical calls) and the semantic cache (calls that
+//! mean the same), looked up before the upstream and filled after it.
+
+use std::time::SystemTime;
+
+use providers::{ChatMessage, FinishReason, Role};
+use semantic_cache::{CacheKey, Lookup, Query, ServeBar};
+use serde_json::Value;
+
+use super::served::{Served, Spend};
+use super::{Call, Engine};
+use crate::prompt::{Sampling, semantic_text};
+use crate::{CachePolicy, CallContext, StepSpec, StepType};
+
+/// What the cache keeps of an answer: enough to serve it again and to know what it saved.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct CachedAnswer {
+    pub(super) output: Value,
+    pub(super) model: String,
+    pub(super) provider: String,
+    pub(super) cost_usd: f64,
+    /// Input plus output tokens the answer took (0 in snapshots from before it was kept).
+    #[serde(default)]
+    pub(super) tokens: u64,
+    #[serde(default)]
+    pub(super) finish_reason: FinishReason,
+}
+
+/// A call's request as the semantic cache sees it.
+pub(super) struct SemanticRequest {
+    pub(super) namespace: String,
+    pub(super) query: Query,
+    pub(super) bar: ServeBar,
+}
+
+impl Engine {
+    pub(super) fn exact_lookup(&self, key: &CacheKey, policy: CachePolicy, at: SystemTime) -> Option<Served> {
+        let cache = self.inner.cache.as_ref()?;
+        let max_age = policy.readable_age()?;
+        let _span = tracing::info_span!("cache.lookup").entered();
+        let entry = cache.get(key, at)?;
+        if max_age.is_some_and(|max_age| entry.age(at) > max_age) {
+            return None;
+        }
+        Some(Served::exact_hit(entry.value.clone()))
+    }
+
+    /// The semantic side of a call: the step's free-text field, embedded, in a namespace made
+    /// of everything else that must match exactly. `None` when the step or call has no such
+    /// field, or embedding fails (logged: the call then goes on without the semantic cache).
+    pub(super) async fn semantic_request(
+        &self,
+        spec: &StepSpec,
+        model: &str,
+        call: &Call<'_>,
+    ) -> Option<SemanticRequest> {
+        let cache = self.inner.semantic.as_ref()?;
+        if !call.options.cache.writes() {
+            return None;
+        }
+        let (text, rest) = self.semantic_text(spec, call.input)?;
+        let namespace = CacheKey::builder()
+            .text("workspace", &call.context.workspace)
+            .text("step", spec.step.as_str())
+            .text("contract", &spec.fingerprint)
+            .text("model", model)
+            .json("other_fields", &rest)
+            .build()
+            .to_string();
+        let bar = spec.serve_bar();
+        if let Some(query) = cache.prepare_remembered(&text) {
+            return Some(SemanticRequest { namespace, query, bar });
+        }
+        let cache = cache.clone();
+        let span = tracing::info_span!("cache.embed");
+        // Embedding is a few milliseconds of CPU: off the async workers.
+        let prepared = tokio::task::spawn_blocking(move || span.in_scope(|| cache.prepare(&text)))
+            .await
+            .map_err(|err| err.to_string())
+            .and_then(|prepared| prepared.map_err(|err| err.to_string()));
+        match prepared {
+            Ok(query) => Some(SemanticRequest { namespace, query, bar }),
+            Err(error) => {
+                tracing::warn!(%error, "semantic cache skipped for this call");
+                None
+            }
+        }
+    }
+
+    pub(super) fn semantic_lookup(
+        &self,
+        similar: &SemanticRequest,
+        policy: CachePolicy,
+        at: SystemTime,
+    ) -> Option<Served> {
+        let cache = self.inner.semantic.as_ref()?;
+        let max_age = policy.readable_age()?;
+        let _span = tracing::info_span!("cache.semantic").entered();
+        match cache.lookup(&similar.namespace, &similar.query, Some(similar.bar), max_age, at) {
+            Lookup::Hit(hit) => {
+                tracing::debug!(
+                    similarity = hit.similarity,
+                    confidence = hit.confidence,
+                    matched = %hit.matched_text,
+                    "semantic hit"
+                );
+                Some(Served::semantic_hit(hit))
+            }
+            Lookup::Miss { best } => {
+                if let Some((similarity, rejection)) = best {
+                    tracing::debug!(similarity, rejected_by = rejection.label(), "semantic miss");
+                }
+                None
+            }
+        }
+    }
+
+    /// Keeps a fresh upstream answer in both caches, as the call's policy allows.
+    pub(super) fn store_answer(
+        &self,
+        key: CacheKey,
+        similar: Option<SemanticRequest>,
+        policy: CachePolicy,
+        served: &Served,
+        spend: Spend,
+        at: SystemTime,
+    ) {
+        if !policy.writes() {
+            return;
+        }
+        let answer = CachedAnswer {
+            output: served.output.clone(),
+            model: served.model.clone(),
+            provider: served.provider.clone(),
+            cost_usd: spend.cost_usd,
+            tokens: spend.tokens,
+            finish_reason: served.finish_reason,
+        };
+        if let (Some(cache), Some(similar)) = (&self.inner.semantic, similar) {
+            cache.insert(&similar.namespace, similar.query, answer.clone(), at);
+        }
+        if let Some(cache) = &self.inner.cache {
+            cache.insert(key, answer, at);
+        }
+    }
+
+    /// The step's free-text field and the rest of the input, if the semantic cache may
+    /// compare this text.
+    fn semantic_text(&self, spec: &StepSpec, input: &Value) -> Option<(String, Value)> {
+        let (text, rest) = semantic_text(spec, input)?;
+        if text.chars().count() > self.inner.config.semantic.max_text_chars {
+            tracing::debug!("text longer than semantic.max_text_chars: exact cache only");
+            return None;
+        }
+        Some((text, rest))
+    }
+
+    /// Embeds the texts that these calls will look up in the semantic cache, over all of the
+    /// embedder's sessions, so that the calls find their vectors ready. It blocks: run it on a
+    /// thread of its own, ahead of the calls (a replay does). Returns how many texts it saw.
+    pub fn embed_ahead<'a>(
+        &self,
+        calls: impl IntoIterator<Item = (&'a StepType, &'a Value)>,
+    ) -> Result<usize, semantic_cache::CacheError> {
+        let Some(cache) = &self.inner.semantic else { return Ok(0) };
+        let texts: Vec<String> = calls
+            .into_iter()
+            .filter_map(|(step, input)| self.inner.config.step(step).and_then(|spec| self.semantic_text(spec, input)))
+            .map(|(text, _)| text)
+            .collect();
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        cache.warm(&texts)?;
+        Ok(texts.len())
+    }
+}
+
+/// Two calls share an answer only if everything the model sees and everything that shapes
+/// its reply are the same: workspace, step contract, model and the rendered prompt (which
+/// stands for the input, the template and any metadata the template reads).
+pub(super) fn cache_key(
+    spec: &StepSpec,
+    model: &str,
+    context: &CallContext,
+    messages: &[ChatMessage],
+    sampling: Sampling,
+) -> CacheKey {
+    let mut key = CacheKey::builder()
+        .text("workspace", &context.workspace)
+        .text("step", spec.step.as_str())
+        .text("contract", &spec.fingerprint)
+        .text("model", model)
+        .text("sampling", &format!("{}/{}", sampling.temperature, sampling.max_output_tokens));
+    for message in messages {
+        let role = match message.role {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        };
+        key = key.text(role, &normalise_prompt(&message.content));
+    }
+    key.build()
+}
+
+/// Trailing spaces and surrounding blank lines carry no meaning for a model; inner spacing
+/// and case may (code, names), so they are kept.
+fn normalise_prompt(text: &str) -> String {
+    text.trim().lines().map(str::trim_end).collect::<Vec<_>>().join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_normalisation_keeps_inner_spacing() {
+        assert_eq!(normalise_prompt("\n  a  b   \n\tc \n\n"), "a  b\n\tc");
+    }
+}

@@ -1,0 +1,290 @@
+//! The engine. Every call goes through [`Engine::execute`]; its stages run in one fixed order,
+//! numbered in `Engine::run` and `Engine::answer` below, and each stage lives in its own
+//! module:
+//!
+//! - `cache`: the exact and semantic caches, looked up before the upstream and filled after;
+//! - `coalesce`: identical calls in flight share one upstream request;
+//! - `upstream`: the route of models, each through the guards with retries, and the output
+//!   contract with one repair;
+//! - `stand_in`: the answers that stand in when no model could give one;
+//! - `record`: the one telemetry record of every call;
+//! - `served`: what a call comes to, and what it spent;
+//! - `builder`: putting an engine together.
+
+mod builder;
+mod cache;
+mod coalesce;
+mod record;
+mod served;
+mod stand_in;
+mod upstream;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+pub use builder::EngineBuilder;
+use providers::{ChatMessage, ProviderService};
+use resilience::{BreakerStatus, Deadline, Guards, RetryPolicy};
+use semantic_cache::{CacheKey, ExactCache, SemanticCache};
+use serde_json::Value;
+use telemetry::{Recorder, TelemetryError};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use self::cache::{CachedAnswer, cache_key};
+use self::coalesce::{Flights, Turn, follow};
+use self::served::{Served, Spent};
+use self::upstream::{Ask, CHARS_PER_TOKEN};
+use crate::prompt::{Rendered, Sampling};
+use crate::{
+    CallContext, CallOptions, Clock, Config, PipelineError, PipelineResult, SetupError, Source, StepSpec, StepType,
+    TraceId,
+};
+
+/// The engine. Cheap to clone; clones share the caches, the providers, the guards and the
+/// telemetry writer.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    /// Every provider by name; `primary` answers unless a step's fallbacks name another.
+    providers: HashMap<String, ProviderService>,
+    primary: String,
+    cache: Option<ExactCache<CachedAnswer>>,
+    semantic: Option<Arc<SemanticCache<CachedAnswer>>>,
+    guards: Guards,
+    retry: RetryPolicy,
+    flights: Arc<Flights>,
+    recorder: Recorder,
+    clock: Arc<dyn Clock>,
+    unpriced_models: Mutex<HashSet<String>>,
+}
+
+/// One call, as the stages see it.
+struct Call<'a> {
+    step: &'a StepType,
+    input: &'a Value,
+    context: &'a CallContext,
+    options: &'a CallOptions,
+    trace_id: &'a TraceId,
+}
+
+/// A call's rendered prompt and its exact-cache key.
+struct Prompt {
+    messages: Vec<ChatMessage>,
+    sampling: Sampling,
+    chars: usize,
+    key: CacheKey,
+}
+
+impl Engine {
+    pub fn builder(config: Config) -> EngineBuilder {
+        EngineBuilder::new(config)
+    }
+
+    /// Runs one AI call through the whole path. Whatever happens, the call leaves exactly one
+    /// telemetry record.
+    pub async fn execute(
+        &self,
+        step: StepType,
+        input: Value,
+        context: CallContext,
+        options: CallOptions,
+    ) -> Result<PipelineResult, PipelineError> {
+        let trace_id = context.trace_id.clone().unwrap_or_else(TraceId::random);
+        let span = tracing::info_span!(
+            "aipipe.call",
+            step = %step,
+            workspace = %context.workspace,
+            component = %context.component,
+            trace_id = %trace_id,
+            source = tracing::field::Empty,
+            status = tracing::field::Empty,
+        );
+        let call = Call { step: &step, input: &input, context: &context, options: &options, trace_id: &trace_id };
+        async {
+            let started = Instant::now();
+            let at = self.inner.clock.now();
+            let mut spent = Spent::default();
+            let outcome = self.run(&call, at, &mut spent).await;
+            // Upstream time counts as the provider reports it: measured for a live provider,
+            // as logged for a replayed one that answers at once.
+            let latency = started.elapsed().saturating_sub(spent.upstream_wall) + spent.upstream_reported;
+            self.record(&call, at, latency, &spent, &outcome);
+            outcome.map(|served| PipelineResult {
+                output: served.output,
+                source: served.source,
+                confidence: served.confidence,
+                model: served.model,
+                provider: served.provider,
+                input_tokens: spent.usage.input_tokens,
+                output_tokens: spent.usage.output_tokens,
+                cost_usd: spent.cost_usd,
+                saved_cost_usd: served.saved_cost_usd,
+                latency,
+                trace_id: trace_id.clone(),
+                attempts: spent.attempts,
+                rate_limit_wait: spent.rate_limit_wait,
+                degraded_by: served.degraded_by,
+                similar_to: served.similar,
+                finish_reason: served.finish_reason,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The stages of a call, in their fixed order; the rest of them in `Engine::answer`.
+    async fn run(&self, call: &Call<'_>, at: SystemTime, spent: &mut Spent) -> Result<Served, PipelineError> {
+        // 1. The call's step, workspace, deadline and model.
+        let config = &self.inner.config;
+        let spec = config.step(call.step).ok_or_else(|| PipelineError::UnknownStep {
+            step: call.step.to_string(),
+            known: config.steps().map(|spec| spec.step.as_str()).collect::<Vec<_>>().join(", "),
+        })?;
+        if call.context.workspace.trim().is_empty() {
+            return Err(PipelineError::InvalidContext {
+                reason: "the workspace is empty: every call names its workspace, answers are isolated per workspace"
+                    .into(),
+            });
+        }
+        let deadline = Deadline::after(call.options.deadline.unwrap_or(config.engine.default_deadline));
+        let model = call.options.model.clone().unwrap_or_else(|| spec.model.clone());
+        spent.model = Some(model.clone());
+
+        // 2. The prompt, from the step's templates (or the caller's messages).
+        let Rendered { messages, sampling } = config.prompts.render(spec, call.input, call.context)?;
+        let chars: usize = messages.iter().map(|message| message.content.chars().count()).sum();
+        if chars > spec.max_prompt_chars {
+            return Err(PipelineError::PromptTooLarge { step: spec.step.clone(), chars, limit: spec.max_prompt_chars });
+        }
+        let key = cache_key(spec, &model, call.context, &messages, sampling);
+        let prompt = Prompt { messages, sampling, chars, key };
+
+        // 3. The exact cache.
+        if let Some(hit) = self.exact_lookup(&prompt.key, call.options.cache, at) {
+            return Ok(hit);
+        }
+
+        // 4. An identical call already on its way upstream answers this one too.
+        let leader = match self.inner.flights.take_turn(prompt.key, call.options) {
+            Turn::Follow(receiver) => match follow(receiver, &deadline).await {
+                Some(outcome) => return outcome,
+                // The leader was cancelled: this call goes on its own.
+                None => None,
+            },
+            Turn::Lead(leader) => Some(leader),
+            Turn::Alone => None,
+        };
+        let outcome = self.answer(spec, &model, call, prompt, &deadline, at, spent).await;
+        if let Some(leader) = leader {
+            leader.publish(&outcome, spent.spend());
+        }
+        outcome
+    }
+
+    /// After the exact cache, for a call that leads or goes alone.
+    #[allow(clippy::too_many_arguments)]
+    async fn answer(
+        &self,
+        spec: &StepSpec,
+        model: &str,
+        call: &Call<'_>,
+        prompt: Prompt,
+        deadline: &Deadline,
+        at: SystemTime,
+        spent: &mut Spent,
+    ) -> Result<Served, PipelineError> {
+        // 5. The semantic cache.
+        let similar = self.semantic_request(spec, model, call).await;
+        if let Some(hit) = similar.as_ref().and_then(|similar| self.semantic_lookup(similar, call.options.cache, at)) {
+            return Ok(hit);
+        }
+
+        // 6. The cost guard.
+        let max_output_tokens = prompt.sampling.max_output_tokens;
+        if let Some(max_usd) = call.options.max_cost_usd {
+            self.check_cost(model, prompt.chars, max_output_tokens, max_usd)?;
+        }
+
+        // 7. The route: the step's model, then its fallback models, each through the guards
+        //    with retries; the reply checked against the output contract, with one repair.
+        let route = self.route(spec, model);
+        let estimated_tokens = prompt.chars.div_ceil(CHARS_PER_TOKEN) as u64 + u64::from(max_output_tokens);
+        let ask = Ask { spec, call, deadline, sampling: prompt.sampling, estimated_tokens };
+        match self.ask_and_validate(&ask, &route, prompt.messages, spent).await {
+            Ok((answer, answered_by)) => {
+                let target = &route[answered_by];
+                let source = if answered_by == 0 { Source::Upstream } else { Source::FallbackModel };
+                let model = spent.model.clone().unwrap_or_else(|| target.model.clone());
+                let provider = spent.provider.clone().unwrap_or_else(|| target.provider.clone());
+                let served = Served::upstream(answer, source, model, provider);
+                // 8. The answer kept in both caches. A fallback model's answer is not what this
+                //    model would say: not cached under its key, so the next call asks again.
+                if source == Source::Upstream {
+                    self.store_answer(prompt.key, similar, call.options.cache, &served, spent.spend(), at);
+                }
+                Ok(served)
+            }
+            // 9. No model could answer: a stand-in, if the caller takes one.
+            Err(err) if err.upstream_unavailable() && call.options.allow_stand_in => {
+                match self.stand_in(spec, similar.as_ref(), &err, at) {
+                    Some(served) => {
+                        tracing::warn!(error = %err, source = served.source.label(), "the upstream could not answer; a fallback did");
+                        Ok(served)
+                    }
+                    None => Err(err),
+                }
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The time on the engine's clock (the log's time during a replay).
+    pub fn now(&self) -> SystemTime {
+        self.inner.clock.now()
+    }
+
+    /// The telemetry writer this engine records into.
+    pub fn recorder(&self) -> &Recorder {
+        &self.inner.recorder
+    }
+
+    /// The Prometheus metrics of this engine's calls.
+    pub fn metrics(&self) -> &telemetry::Metrics {
+        self.inner.recorder.metrics()
+    }
+
+    /// The state of every circuit breaker used so far (empty when breakers are off).
+    pub fn breakers(&self) -> Vec<BreakerStatus> {
+        self.inner.guards.breakers()
+    }
+
+    /// Waits until every telemetry record of the calls made so far is written.
+    pub async fn flush(&self) -> Result<(), TelemetryError> {
+        self.inner.recorder.flush().await
+    }
+
+    /// Before the process ends: writes the pending telemetry and saves the semantic cache to
+    /// its snapshot, if one is configured.
+    pub async fn shutdown(&self) -> Result<(), SetupError> {
+        self.flush().await?;
+        if let (Some(cache), Some(path)) = (&self.inner.semantic, &self.inner.config.semantic.snapshot) {
+            let (cache, target) = (cache.clone(), path.clone());
+            let saved = tokio::task::spawn_blocking(move || cache.save(&target)).await.map_err(|err| {
+                semantic_cache::CacheError::Snapshot { path: path.clone(), reason: err.to_string() }
+            })??;
+            tracing::info!(entries = saved, "semantic cache saved");
+        }
+        Ok(())
+    }
+}

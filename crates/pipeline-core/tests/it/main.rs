@@ -1,0 +1,9 @@
+//! The engine's integration tests, in one binary (each test binary is linked on its own, and
+//! linking dominates a build on two cores): real HTTP to a scripted upstream, real SQLite and
+//! PostgreSQL, the real embedding model.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod engine_http;
+mod resilience;
+mod semantic;
+mod telemetry;

@@ -1,0 +1,196 @@
+use std::time::Duration;
+
+use tracing::Instrument;
+
+use crate::{
+    BreakerPermit, BreakerSettings, BreakerState, BreakerStatus, Breakers, Deadline, LimitSettings, Outcome,
+    PausePermit, Pauses, RateLimits, Refusal, TokenReservation,
+};
+
+/// Which guards an upstream request passes; `None` or `false` turns one off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuardSettings {
+    pub limits: Option<LimitSettings>,
+    pub breaker: Option<BreakerSettings>,
+    pub pause_on_retry_after: bool,
+}
+
+/// Every guard an upstream request passes, in one fixed order: the Retry-After pause, the
+/// rate limits, the circuit breaker. [`Guards::admit`] waits for each within the call's
+/// deadline; the [`Admission`] it returns is settled once, with the request's [`Outcome`], and
+/// that one verdict reaches every guard.
+#[derive(Debug)]
+pub struct Guards {
+    pauses: Option<Pauses>,
+    limits: Option<RateLimits>,
+    breakers: Option<Breakers>,
+}
+
+/// A guard kept a request from being sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    pub refusal: Refusal,
+    /// How long the guards that admitted it had already held it.
+    pub waited: Duration,
+    /// The breaker's state, when it was the breaker that refused.
+    pub breaker_state: Option<BreakerState>,
+}
+
+/// Permission to send one request to a provider/model, from every guard. Settle it with
+/// [`Admission::finish`]; dropped unsettled (the request was never sent), it gives back what
+/// it took and counts for nothing.
+#[derive(Debug)]
+#[must_use = "an admission is settled with the request's outcome"]
+pub struct Admission {
+    pause: Option<PausePermit>,
+    reservation: Option<TokenReservation>,
+    breaker: Option<BreakerPermit>,
+    waited: Duration,
+}
+
+impl Guards {
+    pub fn new(settings: GuardSettings) -> Self {
+        Self {
+            pauses: settings.pause_on_retry_after.then(Pauses::new),
+            limits: settings.limits.map(RateLimits::new),
+            breakers: settings.breaker.map(Breakers::new),
+        }
+    }
+
+    /// Waits, within the deadline, until `workspace` may send one request of about
+    /// `estimated_tokens` tokens to `key` (`provider/model`).
+    pub async fn admit(
+        &self,
+        workspace: &str,
+        key: &str,
+        estimated_tokens: u64,
+        deadline: &Deadline,
+    ) -> Result<Admission, Refused> {
+        let mut waited = Duration::ZERO;
+        let refused = |refusal, waited| Refused { refusal, waited, breaker_state: None };
+        let pause = match &self.pauses {
+            Some(pauses) => {
+                let admitted = pauses.admit(key, deadline).instrument(tracing::info_span!("limit.pause")).await;
+                let (permit, pause_wait) = admitted.map_err(|refusal| refused(refusal, waited))?;
+                waited += pause_wait;
+                Some(permit)
+            }
+            None => None,
+        };
+        let reservation = match &self.limits {
+            Some(limits) => {
+                let acquired = limits
+                    .acquire(workspace, key, estimated_tokens, deadline)
+                    .instrument(tracing::info_span!("limit.acquire"))
+                    .await;
+                let (limit_wait, reservation) = acquired.map_err(|refusal| refused(refusal, waited))?;
+                waited += limit_wait;
+                Some(reservation)
+            }
+            None => None,
+        };
+        let breaker = match &self.breakers {
+            Some(breakers) => match breakers.admit(key) {
+                Ok(permit) => Some(permit),
+                Err(refusal) => {
+                    return Err(Refused { refusal, waited, breaker_state: Some(breakers.state(key)) });
+                }
+            },
+            None => None,
+        };
+        Ok(Admission { pause, reservation, breaker, waited })
+    }
+
+    /// The state of every circuit breaker used so far (empty when breakers are off).
+    pub fn breakers(&self) -> Vec<BreakerStatus> {
+        self.breakers.as_ref().map(Breakers::statuses).unwrap_or_default()
+    }
+}
+
+impl Admission {
+    /// How long the guards held the request before admitting it.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+
+    /// Tells every guard how the request went: the breaker counts a fault, a Retry-After
+    /// pauses the provider/model, and the token reservation is settled with `used_tokens`
+    /// (`None` when the usage is unknown, as for a request cut off that may still be billed:
+    /// the estimate stands). Returns the breaker's state afterwards, if breakers are on.
+    pub fn finish(self, outcome: Outcome, used_tokens: Option<u64>) -> Option<BreakerState> {
+        let state = self.breaker.map(|permit| permit.record(outcome));
+        if let Some(permit) = self.pause {
+            permit.record(outcome);
+        }
+        if let Some(reservation) = self.reservation {
+            reservation.settle(used_tokens);
+        }
+        state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use super::*;
+    use crate::Quota;
+
+    fn quota(per_minute: u32, burst: u32) -> Quota {
+        Quota { per_minute: NonZeroU32::new(per_minute).unwrap(), burst: NonZeroU32::new(burst).unwrap() }
+    }
+
+    fn guards() -> Guards {
+        Guards::new(GuardSettings {
+            limits: Some(LimitSettings {
+                workspace_requests: quota(600, 100),
+                workspace_tokens: quota(60_000, 1000),
+                model_requests: quota(600, 100),
+                model_tokens: quota(60_000, 10_000),
+            }),
+            breaker: Some(BreakerSettings { failures_to_open: 2, open_for: Duration::from_secs(60) }),
+            pause_on_retry_after: true,
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_outcome_settles_every_guard() {
+        let guards = guards();
+        let deadline = Deadline::after(Duration::from_secs(10));
+        let fault = Outcome::Fault { retry_after: Some(Duration::from_secs(2)) };
+        let admitted = guards.admit("ws", "p/m", 1000, &deadline).await.unwrap();
+        assert_eq!(admitted.finish(fault, Some(0)), Some(BreakerState::Closed));
+        // The pause holds the next request back for the Retry-After...
+        let admitted = guards.admit("ws", "p/m", 1000, &deadline).await.unwrap();
+        assert_eq!(admitted.waited(), Duration::from_secs(2));
+        // ...and the second fault in a row opens the breaker.
+        assert_eq!(admitted.finish(fault, Some(0)), Some(BreakerState::Open));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let refused = guards.admit("ws", "p/m", 10, &deadline).await.unwrap_err();
+        assert!(matches!(refused.refusal, Refusal::CircuitOpen { .. }), "{refused:?}");
+        assert_eq!(refused.breaker_state, Some(BreakerState::Open));
+        assert_eq!(guards.breakers().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unsettled_admission_gives_its_tokens_back() {
+        let guards = guards();
+        let deadline = Deadline::after(Duration::from_millis(10));
+        drop(guards.admit("ws", "p/m", 1000, &deadline).await.unwrap());
+        // The workspace's whole token burst is there again.
+        let admitted = guards.admit("ws", "p/m", 1000, &deadline).await.unwrap();
+        let refused = guards.admit("ws", "p/m", 1000, &deadline).await.unwrap_err();
+        assert!(matches!(refused.refusal, Refusal::RateLimited { .. }), "{refused:?}");
+        assert_eq!(refused.breaker_state, None);
+        let _ = admitted.finish(Outcome::Success, Some(1000));
+    }
+
+    #[tokio::test]
+    async fn without_guards_everything_is_admitted_at_once() {
+        let guards = Guards::new(GuardSettings { limits: None, breaker: None, pause_on_retry_after: false });
+        let admitted = guards.admit("ws", "p/m", u64::MAX, &Deadline::after(Duration::from_millis(1))).await.unwrap();
+        assert_eq!(admitted.waited(), Duration::ZERO);
+        assert_eq!(admitted.finish(Outcome::Fault { retry_after: None }, None), None);
+        assert!(guards.breakers().is_empty());
+    }
+}

@@ -1,0 +1,14 @@
+//! What aipipe's tests (and benchmarks) share, as a dev-dependency only: a scripted
+//! OpenAI-compatible upstream ([`ScriptedUpstream`]), a PostgreSQL database per test
+//! ([`fresh_postgres`]), the engine wired to both ([`Harness`]), and `aipipe serve` as a process
+//! ([`GatewayProcess`]).
+
+mod engine;
+mod gateway;
+mod postgres;
+mod upstream;
+
+pub use engine::{CLASSIFIED, Harness, HarnessBuilder, START, embedder};
+pub use gateway::GatewayProcess;
+pub use postgres::fresh_postgres;
+pub use upstream::{Exchange, Reply, ScriptedUpstream};

@@ -1,0 +1,113 @@
+//! Errors in OpenAI's shape, with the status an OpenAI SDK expects for each.
+
+use std::time::Duration;
+
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use pipeline_core::PipelineError;
+use pipeline_core::providers::ErrorClass;
+use pipeline_core::resilience::Refusal;
+use serde_json::json;
+
+use crate::openai::Unsupported;
+
+/// An error in OpenAI's shape, with the status an OpenAI SDK expects for it.
+#[derive(Debug)]
+pub(super) struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: &'static str,
+    param: Option<String>,
+    message: String,
+    retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    pub(super) fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, kind, code, param: None, message: message.into(), retry_after: None }
+    }
+
+    pub(super) fn invalid(param: Option<&str>, message: String) -> Self {
+        Self {
+            param: param.map(str::to_owned),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request", message)
+        }
+    }
+
+    pub(super) fn unauthorized(message: &str) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key", message)
+    }
+
+    fn retry_after(mut self, after: Option<Duration>) -> Self {
+        self.retry_after = after;
+        self
+    }
+}
+
+impl From<Unsupported> for ApiError {
+    fn from(unsupported: Unsupported) -> Self {
+        Self { param: unsupported.param, ..Self::invalid(None, unsupported.message) }
+    }
+}
+
+impl From<PipelineError> for ApiError {
+    fn from(err: PipelineError) -> Self {
+        let message = err.to_string();
+        let (status, kind, code, retry_after) = match &err {
+            PipelineError::UnknownStep { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", "unknown_step", None)
+            }
+            PipelineError::InvalidContext { .. } | PipelineError::InvalidInput { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request", None)
+            }
+            PipelineError::PromptTooLarge { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", "context_length_exceeded", None)
+            }
+            PipelineError::CostLimitExceeded { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", "cost_limit_exceeded", None)
+            }
+            PipelineError::Refused { source: source @ Refusal::RateLimited { .. }, .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "requests", "rate_limit_exceeded", Some(source.retry_after()))
+            }
+            PipelineError::Refused { source, .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "server_error", "upstream_unavailable", Some(source.retry_after()))
+            }
+            PipelineError::Upstream { source, .. } => match source.class() {
+                ErrorClass::RateLimited => {
+                    (StatusCode::TOO_MANY_REQUESTS, "requests", "rate_limit_exceeded", source.retry_after())
+                }
+                ErrorClass::QuotaExhausted => {
+                    (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", "insufficient_quota", None)
+                }
+                ErrorClass::BadRequest => (StatusCode::BAD_REQUEST, "invalid_request_error", "upstream_rejected", None),
+                ErrorClass::Timeout => (StatusCode::GATEWAY_TIMEOUT, "server_error", "upstream_timeout", None),
+                // The gateway's own upstream key is wrong: not the caller's fault.
+                ErrorClass::Unauthorized => (StatusCode::BAD_GATEWAY, "server_error", "upstream_unauthorized", None),
+                _ => (StatusCode::BAD_GATEWAY, "server_error", "upstream_error", source.retry_after()),
+            },
+            PipelineError::ContractViolation { .. } => {
+                (StatusCode::BAD_GATEWAY, "server_error", "contract_violation", None)
+            }
+            PipelineError::DeadlineExceeded { .. } => (StatusCode::GATEWAY_TIMEOUT, "server_error", "timeout", None),
+        };
+        Self::new(status, kind, code, message).retry_after(retry_after)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {
+            "message": self.message, "type": self.kind, "param": self.param, "code": self.code,
+        }});
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(after) = self.retry_after {
+            let headers = response.headers_mut();
+            // Whole seconds, rounded up, for clients that read only `Retry-After`; the exact
+            // wait for those that read OpenAI's `retry-after-ms`.
+            let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            headers.insert(HeaderName::from_static("retry-after-ms"), HeaderValue::from(after.as_millis() as u64));
+        }
+        response
+    }
+}

@@ -1,0 +1,232 @@
+//! `aipipe serve`: an OpenAI-compatible HTTP gateway in front of the engine, so that a
+//! component in any language reaches it with an unchanged OpenAI SDK.
+//!
+//! A request's bearer key chooses its workspace (`auth`); headers choose the step, the
+//! component and the cache policy (`options`). A chat step sends the caller's messages as they
+//! are; a structured step takes its input as a JSON object in the last user message and
+//! answers with its output object as the message text (`response`). Failures answer in
+//! OpenAI's error shape (`error`). Every answer says how it was served in `x-aipipe-source`.
+
+mod auth;
+mod error;
+mod options;
+mod response;
+mod settings;
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use pipeline_core::telemetry::Metrics;
+use pipeline_core::{CallContext, Config, Engine, StepKind, StepType, TraceId};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use self::auth::ApiKeys;
+use self::error::ApiError;
+use self::options::{call_options, header_text};
+use self::response::{completion, describe_source, streamed};
+pub use self::settings::{GatewaySettings, RawGateway};
+use crate::openai::CompletionRequest;
+
+/// Where `aipipe serve` listens and what it talks to.
+#[derive(Debug)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    /// Replaces `provider.base_url` from the config.
+    pub base_url: Option<String>,
+}
+
+#[derive(Debug)]
+struct Gateway {
+    engine: Engine,
+    keys: ApiKeys,
+    default_step: StepType,
+    default_component: String,
+    /// The models `/v1/models` lists: every model the config names.
+    models: Vec<String>,
+    draining: AtomicBool,
+}
+
+pub async fn serve(mut config: Config, settings: GatewaySettings, options: ServeOptions) -> anyhow::Result<()> {
+    if let Some(base_url) = options.base_url {
+        config.provider.base_url = base_url;
+    }
+    let keys = ApiKeys::from_env(&settings.api_keys)?;
+    let models = listed_models(&config);
+    let engine = Engine::builder(config).build().await?;
+    let gateway = Arc::new(Gateway {
+        engine: engine.clone(),
+        keys,
+        default_step: settings.default_step,
+        default_component: settings.default_component,
+        models,
+        draining: AtomicBool::new(false),
+    });
+    let app = router(gateway.clone(), settings.max_body_bytes);
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}: is the address free?", options.listen))?;
+    let address = listener.local_addr().context("the listener has no address")?;
+    // The first line on stdout says where to connect: scripts and tests read it (`--listen
+    // 127.0.0.1:0` picks a free port).
+    #[allow(clippy::print_stdout)]
+    {
+        println!("aipipe serve: listening on http://{address}/v1");
+    }
+
+    let (stop, stopped) = tokio::sync::watch::channel(());
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let mut stopped = stopped;
+        let _ = stopped.changed().await;
+    });
+    let mut server = tokio::spawn(server.into_future());
+    tokio::select! {
+        result = &mut server => {
+            result.context("the server task failed")?.context("the server failed")?;
+        }
+        () = shutdown_signal() => {
+            tracing::info!("shutting down: draining calls in flight");
+            gateway.draining.store(true, Ordering::SeqCst);
+            let _ = stop.send(());
+            match tokio::time::timeout(settings.drain_timeout, &mut server).await {
+                Ok(result) => result.context("the server task failed")?.context("the server failed")?,
+                Err(_) => {
+                    tracing::warn!(after = ?settings.drain_timeout, "calls still in flight after the drain timeout: abandoned");
+                    server.abort();
+                }
+            }
+        }
+    }
+    engine.shutdown().await.context("telemetry could not be flushed on shutdown")?;
+    Ok(())
+}
+
+fn router(gateway: Arc<Gateway>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(list_models))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such route")
+        })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(gateway)
+}
+
+async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+    ([(header::CONTENT_TYPE, Metrics::CONTENT_TYPE)], gateway.engine.metrics().render()).into_response()
+}
+
+fn listed_models(config: &Config) -> Vec<String> {
+    let mut models: Vec<String> = std::iter::once(config.engine.default_model.clone())
+        .chain(config.steps().flat_map(|spec| {
+            std::iter::once(spec.model.clone()).chain(spec.fallbacks.iter().map(|target| target.model.clone()))
+        }))
+        .chain(config.prices.models().map(str::to_owned))
+        .collect();
+    models.sort();
+    models.dedup();
+    models
+}
+
+async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
+    if gateway.draining.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else {
+        "ready".into_response()
+    }
+}
+
+async fn list_models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    gateway.keys.workspace(&headers)?;
+    let data: Vec<Value> = gateway
+        .models
+        .iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "aipipe"}))
+        .collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+async fn chat_completions(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let workspace = gateway.keys.workspace(&headers)?;
+    let body = body.map_err(|rejection| {
+        ApiError::new(rejection.status(), "invalid_request_error", "invalid_body", rejection.body_text())
+    })?;
+    let request: CompletionRequest = serde_json::from_slice(&body)
+        .map_err(|err| ApiError::invalid(None, format!("the body is not a chat completion request: {err}")))?;
+    if let Some(unsupported) = request.unsupported_field() {
+        return Err(unsupported.into());
+    }
+    let step = match header_text(&headers, "x-aipipe-step")? {
+        Some(name) => StepType::new(name).map_err(|err| ApiError::invalid(None, format!("x-aipipe-step: {err}")))?,
+        None => gateway.default_step.clone(),
+    };
+    let kind = gateway.engine.config().step(&step).map(|spec| spec.kind);
+    let input = match kind {
+        // An unknown step: the engine's error lists the known ones.
+        None | Some(StepKind::Chat) => request.chat_input()?,
+        Some(StepKind::Structured) => request.structured_input(&step)?,
+    };
+    let component = header_text(&headers, "x-aipipe-component")?.unwrap_or(&gateway.default_component).to_owned();
+    let mut context = CallContext::new(workspace, component);
+    if let Some(trace_id) = header_text(&headers, "x-aipipe-trace-id")? {
+        context.trace_id = Some(TraceId::from(trace_id));
+    }
+    let options = call_options(&headers, &request)?;
+    let result = gateway.engine.execute(step, input, context, options).await.map_err(ApiError::from)?;
+    let content = match (&result.output, kind) {
+        (Value::String(text), Some(StepKind::Chat)) => text.clone(),
+        (output, _) => output.to_string(),
+    };
+    let include_usage = request.stream_options.as_ref().is_some_and(|options| options.include_usage);
+    let mut response = if request.stream {
+        streamed(&result, &content, include_usage)
+    } else {
+        axum::Json(completion(&result, &content)).into_response()
+    };
+    describe_source(response.headers_mut(), &result);
+    Ok(response)
+}
+
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,6 @@
+//! The `aipipe` binary's integration tests, in one binary: the commands as a user runs them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod migrate;
+mod replay;
+mod serve;
