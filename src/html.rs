@@ -10,6 +10,7 @@ use minijinja::{Environment, context};
 use serde::Serialize;
 
 use crate::replay::{Figures, ReplayReport, TimeBucket};
+use crate::report::{computing, wrong_answers};
 
 const TEMPLATE: &str = include_str!("report.html");
 const BEFORE_COLOUR: &str = "#c0504d";
@@ -74,6 +75,7 @@ pub fn render(report: &ReplayReport) -> anyhow::Result<String> {
             replayed => report.replayed,
             skipped => report.skipped_lines,
             seconds => format!("{:.2}", report.seconds),
+            computing => computing(report),
             figures => Serde(figure_rows(&report.before, &report.after)),
             before_colour => BEFORE_COLOUR,
             after_colour => AFTER_COLOUR,
@@ -108,7 +110,9 @@ fn figure_rows(before: &Figures, after: &Figures) -> Vec<FigureRow> {
         row("p50 latency (ms)", format!("{:.0}", before.p50_ms), format!("{:.0}", after.p50_ms)),
         row("p99 latency (ms)", format!("{:.0}", before.p99_ms), format!("{:.0}", after.p99_ms)),
         row("error rate", percent(before.error_rate), percent(after.error_rate)),
+        row("degraded (a stand-in answered)", percent(before.degraded_rate), percent(after.degraded_rate)),
         row("cache hit rate", percent(before.hit_rate), percent(after.hit_rate)),
+        row("wrong answers served", wrong_answers(before), wrong_answers(after)),
         row("mean time to recovery", mttr(before), mttr(after)),
     ]
 }

@@ -21,6 +21,10 @@ pub struct LoggedCall {
     pub outcome: Result<String, LoggedError>,
     pub usage: Usage,
     pub latency: Duration,
+    /// What the call's text means, when the log knows (a generated log does): calls with the
+    /// same meaning ask the same thing, so a replay can tell a right semantic hit from a wrong
+    /// one.
+    pub meaning: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +56,7 @@ struct RawLine {
     #[serde(default)]
     usage: RawUsage,
     latency_ms: f64,
+    meaning: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +150,7 @@ fn parse_line(line: usize, text: &str) -> Result<LoggedCall, String> {
         outcome,
         usage: Usage { input_tokens: raw.usage.input_tokens, output_tokens: raw.usage.output_tokens },
         latency: Duration::from_secs_f64(raw.latency_ms / 1000.0),
+        meaning: raw.meaning.filter(|meaning| !meaning.trim().is_empty()),
     })
 }
 
@@ -276,6 +282,7 @@ fn parse_openai_line(line: usize, value: Value) -> Result<LoggedCall, String> {
         outcome,
         usage,
         latency: Duration::from_secs_f64(latency_ms / 1000.0),
+        meaning: None,
     })
 }
 
@@ -314,6 +321,14 @@ impl LoggedCall {
             Err(error) => Err(error.to_provider_error(self.latency)),
         };
         RecordedCall { trace_id: self.trace_id.clone(), outcome, latency: self.latency }
+    }
+
+    /// How the engine would classify the logged failure, in telemetry's words; `None` for a
+    /// call that was answered.
+    pub fn failure_class(&self) -> Option<pipeline_core::telemetry::ErrorClass> {
+        let error = self.outcome.as_ref().err()?;
+        let source = error.to_provider_error(self.latency);
+        Some(pipeline_core::PipelineError::Upstream { step: self.step.clone(), attempts: 1, source }.class())
     }
 }
 

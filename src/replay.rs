@@ -1,16 +1,19 @@
 //! `aipipe replay`: runs a call log through the engine with the recorded provider and compares
 //! what happened (before) with what the engine would have done (after).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pipeline_core::providers::RecordedProvider;
-use pipeline_core::telemetry::{PriceTable, Recorder, RecorderSettings, TelemetryStore, percentile};
+use pipeline_core::semantic_cache::Embedder;
+use pipeline_core::telemetry::{
+    self, Health, PriceTable, Recorder, RecorderSettings, TelemetryStore, mean_recovery_secs, percentile,
+};
 use pipeline_core::{CallContext, CallOptions, Config, Engine, Source, StepKind, StepType, TokioSystemClock};
 use serde::Serialize;
 
@@ -22,14 +25,30 @@ pub struct Figures {
     /// Requests that reached the upstream.
     pub calls: u64,
     pub cost_usd: f64,
+    /// Every call's latency, failed or not, on the replay's clock: what it waited on limits,
+    /// Retry-After pauses and backoff included. The engine's own computing is apart
+    /// (`engine_ms_p50` in the report).
     pub p50_ms: f64,
     pub p99_ms: f64,
     /// Calls that ended without an answer, over all calls.
     pub error_rate: f64,
+    /// Calls a stand-in answered (a similar request's answer or the step's rule-based answer,
+    /// at a low confidence) because no model could: neither an error nor a model's answer.
+    pub degraded: u64,
+    pub degraded_rate: f64,
     /// Calls served from a cache, over all calls.
     pub hit_rate: f64,
-    /// Mean time from the first call of a run of failed calls to the next call that got an
-    /// answer, in seconds; `None` when no call failed (or none recovered).
+    pub semantic_hits: u64,
+    /// Semantic hits that served the answer of a request that means something else: counted
+    /// where the log says what each call means (a generated log does), else the number the hits'
+    /// calibrated confidences lead to expect (`wrong_answers_estimated`).
+    pub wrong_answers_served: f64,
+    pub wrong_answers_estimated: bool,
+    /// Right semantic hits over all of them, where the log says what each call means.
+    pub semantic_precision: Option<f64>,
+    /// Mean time to recovery, in seconds ([`mean_recovery_secs`]): from the first call the
+    /// upstream could not answer to the next call a model answered; `None` when no outage
+    /// ended.
     pub mttr_s: Option<f64>,
 }
 
@@ -81,6 +100,13 @@ pub struct ReplayReport {
     pub html: Option<String>,
     /// Rows this run added to the telemetry database (one per replayed call).
     pub telemetry_rows: u64,
+    /// The engine's own computing per call on this machine (the wall time of each call, which
+    /// the replay's clock does not count), p50 and p99 in milliseconds.
+    pub engine_ms_p50: f64,
+    pub engine_ms_p99: f64,
+    /// What embedding one text took on one core, over the texts this replay embedded (ahead
+    /// of their calls or in them): what a call that embeds its own text waits for it.
+    pub embedding_ms_per_text: Option<f64>,
     pub seconds: f64,
     pub bad_lines: Vec<BadLine>,
 }
@@ -92,7 +118,69 @@ struct Outcome {
     cost_usd: f64,
     latency: Duration,
     failed: bool,
+    degraded: bool,
     cache_hit: bool,
+    health: Health,
+    /// For a semantic hit: whether it served the answer of a request that means the same.
+    semantic: Option<Verdict>,
+}
+
+impl Outcome {
+    /// The call as the log says it went.
+    fn logged(call: &LoggedCall, cost_usd: f64) -> Self {
+        let health = match call.failure_class() {
+            None => Health::Up,
+            Some(class) => Health::of(telemetry::Source::None, Some(class)),
+        };
+        Self {
+            at: call.at,
+            upstream_requests: 1,
+            cost_usd,
+            latency: call.latency,
+            failed: call.outcome.is_err(),
+            degraded: false,
+            cache_hit: false,
+            health,
+            semantic: None,
+        }
+    }
+}
+
+/// Whether a semantic hit served the answer of a request that means the same.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Verdict {
+    Right,
+    Wrong,
+    /// The log does not say what the two requests mean: the verifier's calibrated confidence
+    /// is the probability that it is right.
+    Unknown {
+        confidence: f64,
+    },
+}
+
+/// What each call's text means, where the log says: the text the semantic cache compares ->
+/// its meaning.
+struct Meanings(HashMap<String, String>);
+
+impl Meanings {
+    fn of(config: &Config, calls: &[LoggedCall]) -> Self {
+        let mut meanings = HashMap::new();
+        for call in calls {
+            if let (Some(meaning), Some(text)) = (&call.meaning, semantic_text(config, call)) {
+                meanings.entry(text).or_insert_with(|| meaning.clone());
+            }
+        }
+        Self(meanings)
+    }
+
+    fn verdict(&self, config: &Config, call: &LoggedCall, matched: Option<&str>, confidence: f64) -> Verdict {
+        let known = |text: Option<String>| text.and_then(|text| self.0.get(&text));
+        match (known(semantic_text(config, call)), known(matched.map(str::to_owned))) {
+            (Some(asked), Some(served)) if asked == served => Verdict::Right,
+            (Some(_), Some(_)) => Verdict::Wrong,
+            _ => Verdict::Unknown { confidence },
+        }
+    }
 }
 
 /// What answers the replayed calls.
@@ -171,7 +259,15 @@ async fn replay(
         (provider, clock)
     });
     let prices = config.prices.clone();
+    // The replay holds the model itself, to say what embedding cost.
+    let embedder = match config.semantic.enabled {
+        true => Some(Arc::new(Embedder::load(&config.semantic.model, config.semantic.threads)?)),
+        false => None,
+    };
     let mut builder = Engine::builder(config).recorder(recorder.clone());
+    if let Some(embedder) = &embedder {
+        builder = builder.embedder(embedder.clone());
+    }
     if let Some((provider, clock)) = &recorded {
         builder = builder.provider("recorded", provider.clone()).clock(clock.clone());
     }
@@ -179,7 +275,9 @@ async fn replay(
 
     let mut before = Vec::with_capacity(calls.len());
     let mut after = Vec::with_capacity(calls.len());
+    let mut engine_ms = Vec::with_capacity(calls.len());
     let mut semantic_pairs = Vec::new();
+    let meanings = Meanings::of(engine.config(), &calls);
     let progress = progress_bar(calls.len());
     let embed_ahead = EmbedAhead::start(&engine, &calls);
     for (index, call) in calls.iter().enumerate() {
@@ -192,18 +290,19 @@ async fn replay(
             tokio::time::sleep_until(clock.instant_at(call.at)).await;
         }
         let logged_cost = cost(&prices, &call.model, call);
-        before.push(Outcome {
-            at: call.at,
-            upstream_requests: 1,
-            cost_usd: logged_cost,
-            latency: call.latency,
-            failed: call.outcome.is_err(),
-            cache_hit: false,
-        });
+        before.push(Outcome::logged(call, logged_cost));
         let context =
             CallContext::new(call.workspace.clone(), call.component.clone()).with_trace_id(call.trace_id.clone());
-        let call_started = Instant::now();
+        // The replay's clock (waits) and the machine's (the engine's own computing) apart.
+        let (replay_started, computing_started) = (tokio::time::Instant::now(), Instant::now());
         let result = engine.execute(call.step.clone(), call.input.clone(), context, CallOptions::default()).await;
+        engine_ms.push(computing_started.elapsed().as_secs_f64() * 1000.0);
+        // A recorded provider answers at once: what each attempt took upstream is the logged
+        // latency, added to what the call waited. A live call took what the clock says.
+        let upstream_time = |attempts: u32| match &recorded {
+            Some(_) => call.latency * attempts,
+            None => Duration::ZERO,
+        };
         if let Ok(result) = &result
             && let Some(matched) = &result.similar_to
         {
@@ -217,33 +316,39 @@ async fn replay(
             });
         }
         after.push(match result {
-            Ok(result) => Outcome {
-                at: call.at,
-                upstream_requests: u64::from(result.attempts),
-                cost_usd: result.cost_usd,
-                latency: result.latency,
-                failed: false,
-                cache_hit: result.source.is_cache(),
-            },
-            // A recorded failure that reached the upstream costs and lasts what it did in the
-            // log; one stopped before it (bad input, unknown step) costs nothing. A live failure
-            // lasts what it took and costs nothing (failed requests are not billed).
-            Err(err) => {
-                let reached_upstream = err.attempts() > 0;
-                let (cost_usd, latency) = match (&recorded, reached_upstream) {
-                    (Some(_), true) => (logged_cost, call.latency),
-                    (Some(_), false) => (0.0, Duration::ZERO),
-                    (None, _) => (0.0, call_started.elapsed()),
-                };
+            Ok(result) => {
+                let stand_in = matches!(result.source, Source::FallbackSimilar | Source::FallbackRule);
+                let semantic = (result.source == Source::SemanticCache).then(|| {
+                    let matched = result.similar_to.as_ref().map(|matched| matched.text.as_str());
+                    meanings.verdict(engine.config(), call, matched, result.confidence)
+                });
                 Outcome {
                     at: call.at,
-                    upstream_requests: u64::from(err.attempts()),
-                    cost_usd,
-                    latency,
-                    failed: true,
-                    cache_hit: false,
+                    upstream_requests: u64::from(result.attempts),
+                    cost_usd: result.cost_usd,
+                    // A stand-in's attempts failed: their upstream time is not in its latency.
+                    latency: result.latency + if stand_in { upstream_time(result.attempts) } else { Duration::ZERO },
+                    failed: false,
+                    degraded: stand_in,
+                    cache_hit: result.source.is_cache(),
+                    health: Health::of(result.source.into(), result.degraded_by),
+                    semantic,
                 }
             }
+            // A recorded failure that reached the upstream costs what it did in the log; one
+            // stopped before it (bad input, unknown step) costs nothing; a live failure costs
+            // nothing (failed requests are not billed).
+            Err(err) => Outcome {
+                at: call.at,
+                upstream_requests: u64::from(err.attempts()),
+                cost_usd: if recorded.is_some() && err.attempts() > 0 { logged_cost } else { 0.0 },
+                latency: replay_started.elapsed() + upstream_time(err.attempts()),
+                failed: true,
+                degraded: false,
+                cache_hit: false,
+                health: Health::of(telemetry::Source::None, Some(err.class())),
+                semantic: None,
+            },
         });
     }
     progress.finish_and_clear();
@@ -257,6 +362,7 @@ async fn replay(
         debug_assert_eq!(provider.requests_served(), after.iter().map(|o| o.upstream_requests).sum::<u64>());
     }
     telemetry.spawn(async move { store.close().await }).await?;
+    engine_ms.sort_by(f64::total_cmp);
 
     let mut by_component: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (index, call) in calls.iter().enumerate() {
@@ -283,6 +389,11 @@ async fn replay(
         timeline: timeline(&before, &after),
         html: None,
         telemetry_rows,
+        engine_ms_p50: percentile(&engine_ms, 0.50),
+        engine_ms_p99: percentile(&engine_ms, 0.99),
+        embedding_ms_per_text: embedder
+            .and_then(|embedder| embedder.work().per_text())
+            .map(|per_text| per_text.as_secs_f64() * 1000.0),
         seconds: started.elapsed().as_secs_f64(),
         bad_lines,
     })
@@ -411,36 +522,40 @@ fn timeline(before: &[Outcome], after: &[Outcome]) -> Vec<TimeBucket> {
     buckets
 }
 
-/// Mean time to recovery: from the first failure of a run of failed calls to the next call
-/// that got an answer, over every such run that ended.
-fn mttr<'a>(outcomes: impl Iterator<Item = &'a Outcome>) -> Option<f64> {
-    let mut failing_since = None;
-    let mut recoveries = Vec::new();
-    for outcome in outcomes {
-        match (outcome.failed, failing_since) {
-            (true, None) => failing_since = Some(outcome.at),
-            (false, Some(since)) => {
-                recoveries.push(outcome.at.duration_since(since).unwrap_or_default().as_secs_f64());
-                failing_since = None;
-            }
-            _ => {}
-        }
-    }
-    (!recoveries.is_empty()).then(|| recoveries.iter().sum::<f64>() / recoveries.len() as f64)
-}
-
 fn figures<'a>(outcomes: impl Iterator<Item = &'a Outcome> + Clone) -> Figures {
     let total = outcomes.clone().count();
     let rate = |count: usize| if total == 0 { 0.0 } else { count as f64 / total as f64 };
     let mut latencies: Vec<f64> = outcomes.clone().map(|o| o.latency.as_secs_f64() * 1000.0).collect();
     latencies.sort_by(f64::total_cmp);
+    let verdicts: Vec<Verdict> = outcomes.clone().filter_map(|o| o.semantic).collect();
+    let known = verdicts.iter().all(|verdict| !matches!(verdict, Verdict::Unknown { .. }));
+    let wrong = verdicts
+        .iter()
+        .map(|verdict| match verdict {
+            Verdict::Right => 0.0,
+            Verdict::Wrong => 1.0,
+            Verdict::Unknown { confidence } => 1.0 - confidence,
+        })
+        // Not `sum`: an empty float sum is -0.0, which would print as such.
+        .fold(0.0, |total, wrong| total + wrong);
+    let degraded = outcomes.clone().filter(|o| o.degraded).count();
     Figures {
         calls: outcomes.clone().map(|o| o.upstream_requests).sum(),
         cost_usd: outcomes.clone().map(|o| o.cost_usd).sum(),
         p50_ms: percentile(&latencies, 0.50),
         p99_ms: percentile(&latencies, 0.99),
         error_rate: rate(outcomes.clone().filter(|o| o.failed).count()),
+        degraded: degraded as u64,
+        degraded_rate: rate(degraded),
         hit_rate: rate(outcomes.clone().filter(|o| o.cache_hit).count()),
-        mttr_s: mttr(outcomes),
+        semantic_hits: verdicts.len() as u64,
+        wrong_answers_served: wrong,
+        wrong_answers_estimated: !known,
+        semantic_precision: (known && !verdicts.is_empty()).then(|| 1.0 - wrong / verdicts.len() as f64),
+        mttr_s: mean_recovery_secs(outcomes.map(|o| (unix_ms(o.at), o.health))),
     }
+}
+
+fn unix_ms(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis() as i64)
 }

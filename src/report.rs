@@ -16,12 +16,13 @@ pub fn table(report: &ReplayReport) -> String {
     );
     let _ = writeln!(out);
     let _ = writeln!(out, "{:<18} {:>14} {:>14} {:>9}", "", "before", "after", "change");
-    let rows: [Row; 6] = [
+    let rows: [Row; 7] = [
         ("AI calls", |f| f.calls as f64, Format::Count),
         ("cost (USD)", |f| f.cost_usd, Format::Usd),
         ("p50 latency (ms)", |f| f.p50_ms, Format::Millis),
         ("p99 latency (ms)", |f| f.p99_ms, Format::Millis),
         ("error rate", |f| f.error_rate, Format::Percent),
+        ("degraded", |f| f.degraded_rate, Format::Percent),
         ("cache hit rate", |f| f.hit_rate, Format::Percent),
     ];
     for (label, field, format) in rows {
@@ -33,8 +34,15 @@ pub fn table(report: &ReplayReport) -> String {
         };
         let _ = writeln!(out, "{label:<18} {:>14} {:>14} {change:>9}", format.show(before), format.show(after));
     }
+    let _ = writeln!(out, "{:<18} {:>14} {:>14}", "wrong answers", wrong_answers(b), wrong_answers(a));
     let mttr = |figures: &Figures| figures.mttr_s.map_or("-".to_owned(), |seconds| format!("{seconds:.1} s"));
     let _ = writeln!(out, "{:<18} {:>14} {:>14}", "recovery (mean)", mttr(b), mttr(a));
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Latencies are on the log's clock, waits included; the engine's own computing is apart: {}.",
+        computing(report)
+    );
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -67,6 +75,25 @@ pub fn table(report: &ReplayReport) -> String {
         let _ = writeln!(out, "report: {html} (open it in a browser)");
     }
     out
+}
+
+/// The engine's own computing per call, which the replay's clock does not count.
+pub fn computing(report: &ReplayReport) -> String {
+    let embedding = report
+        .embedding_ms_per_text
+        .map(|ms| format!("; embedding a text takes {ms:.1} ms on one core"))
+        .unwrap_or_default();
+    format!("p50 {:.2} ms, p99 {:.2} ms per call{embedding}", report.engine_ms_p50, report.engine_ms_p99)
+}
+
+/// Semantic hits that served the answer of a request that means something else: `n of hits`
+/// where the log says what each call means, else the expected number (`est.`).
+pub fn wrong_answers(figures: &Figures) -> String {
+    match (figures.semantic_hits, figures.wrong_answers_estimated) {
+        (0, _) => "0".to_owned(),
+        (hits, false) => format!("{:.0} of {hits}", figures.wrong_answers_served),
+        (_, true) => format!("{:.2} (est.)", figures.wrong_answers_served),
+    }
 }
 
 fn truncate(text: &str, chars: usize) -> String {

@@ -1,8 +1,13 @@
 //! `cargo xtask gen-log`: a seed-like call log built from real text (`../shared/data`): arena
-//! prompts and Quora questions as the calls' texts, Quora duplicate pairs as paraphrased
-//! repeats, spread over components and workspaces through a day, with 429 bursts, timeouts and
-//! an outage. The log is written where asked, never into the repository: the data's terms do
-//! not allow copying it there.
+//! prompts and Quora questions as the calls' texts, spread over components and workspaces
+//! through a day, with 429 bursts, timeouts and an outage. Repeats are word for word, or the
+//! other question of a Quora pair from the test split (never what the verifier was trained on):
+//! a duplicate (label 1), which the semantic cache should serve, or a near miss (label 0, most
+//! words shared), which it must not. Every line says what its text means (`meaning`), so that a
+//! replay counts the wrong answers it served. The log is written where asked, never into the
+//! repository: the data's terms do not allow copying it there.
+
+use std::collections::HashMap;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -19,7 +24,7 @@ pub struct GenLogArgs {
     #[arg(long, default_value_t = 5_000)]
     pub calls: usize,
     /// Share of calls that repeat an earlier request of the last hour: half word for word,
-    /// half as the other question of a Quora duplicate pair.
+    /// half as the other question of its Quora pair (a duplicate or a near miss).
     #[arg(long, default_value_t = 0.18)]
     pub repeat_rate: f64,
     /// Share of calls answered 429 with Retry-After, arriving in bursts.
@@ -90,6 +95,52 @@ struct Texts {
     questions: Vec<String>,
     /// Quora pairs labelled as the same question.
     duplicates: Vec<(String, String)>,
+    /// Quora pairs labelled as different questions that share most of their words: what a
+    /// semantic cache must not confuse.
+    near_misses: Vec<(String, String)>,
+}
+
+/// Pairs of words in common, over all the words of both (lower case, letters and digits).
+fn word_overlap(a: &str, b: &str) -> f64 {
+    let words = |text: &str| -> std::collections::BTreeSet<String> {
+        text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect()
+    };
+    let (a, b) = (words(a), words(b));
+    let union = a.union(&b).count();
+    if union == 0 { 0.0 } else { a.intersection(&b).count() as f64 / union as f64 }
+}
+
+/// A label-0 pair sharing at least this share of its words is a near miss.
+const NEAR_MISS_OVERLAP: f64 = 0.5;
+
+/// The other question of a fresh call's Quora pair, and whether it asks the same.
+#[derive(Debug, Clone)]
+struct Twin {
+    text: String,
+    same: bool,
+}
+
+/// What each text means: texts with the same id ask the same thing.
+#[derive(Default)]
+struct Meanings(HashMap<String, String>);
+
+impl Meanings {
+    fn of(&mut self, text: &str) -> String {
+        let next = format!("m{}", self.0.len());
+        self.0.entry(text.to_owned()).or_insert(next).clone()
+    }
+
+    /// The meaning a twin would have, unless its text already stands for something that
+    /// contradicts its label (the same question used apart with another meaning).
+    fn of_twin(&mut self, original: &str, twin: &Twin) -> Option<String> {
+        let original = self.of(original);
+        match self.0.get(&twin.text) {
+            Some(meaning) if (meaning == &original) == twin.same => Some(meaning.clone()),
+            Some(_) => None,
+            None if twin.same => Some(self.0.entry(twin.text.clone()).or_insert(original).clone()),
+            None => Some(self.of(&twin.text)),
+        }
+    }
 }
 
 fn read_jsonl(path: &Path, mut keep: impl FnMut(Value)) -> anyhow::Result<()> {
@@ -103,7 +154,8 @@ fn read_jsonl(path: &Path, mut keep: impl FnMut(Value)) -> anyhow::Result<()> {
 }
 
 fn texts(data: &Path) -> anyhow::Result<Texts> {
-    let mut texts = Texts { prompts: Vec::new(), questions: Vec::new(), duplicates: Vec::new() };
+    let mut texts =
+        Texts { prompts: Vec::new(), questions: Vec::new(), duplicates: Vec::new(), near_misses: Vec::new() };
     for file in ["arena-hard-v0.1.jsonl", "arena-hard-v2.0.jsonl"] {
         read_jsonl(&data.join("prompts").join(file), |value| {
             if let Some(prompt) = value["prompt"].as_str() {
@@ -112,17 +164,23 @@ fn texts(data: &Path) -> anyhow::Result<Texts> {
             }
         })?;
     }
-    read_jsonl(&data.join("pairs").join("qqp-dev.jsonl"), |value| {
+    // The test split: the learned verifier was trained on the dev split only.
+    read_jsonl(&data.join("pairs").join("qqp-test.jsonl"), |value| {
         let (Some(a), Some(b)) = (value["a"].as_str(), value["b"].as_str()) else { return };
         if value["label"] == 1 {
             texts.duplicates.push((a.to_owned(), b.to_owned()));
+        } else if word_overlap(a, b) >= NEAR_MISS_OVERLAP {
+            texts.near_misses.push((a.to_owned(), b.to_owned()));
         } else {
             texts.questions.push(a.to_owned());
         }
     })?;
     anyhow::ensure!(
-        !texts.prompts.is_empty() && !texts.questions.is_empty() && !texts.duplicates.is_empty(),
-        "the data folder `{}` lacks prompts/ or pairs/qqp-dev.jsonl",
+        !texts.prompts.is_empty()
+            && !texts.questions.is_empty()
+            && !texts.duplicates.is_empty()
+            && !texts.near_misses.is_empty(),
+        "the data folder `{}` lacks prompts/ or pairs/qqp-test.jsonl (with duplicates and near misses)",
         data.display()
     );
     Ok(texts)
@@ -171,10 +229,11 @@ pub fn gen_log(args: &GenLogArgs, data: &Path) -> anyhow::Result<()> {
     let spacing_ms = 86_400_000 / args.calls as i64;
     let outage_start = DAY_START_MS + 14 * 3_600_000;
     let outage_end = outage_start + args.outage_minutes as i64 * 60_000;
-    // Calls of the last hour that a repeat may take up: (component, workspace, text, paraphrase).
-    let mut recent: Vec<(usize, usize, String, Option<String>, i64)> = Vec::new();
+    // Calls of the last hour that a repeat may take up: (component, workspace, text, twin).
+    let mut recent: Vec<(usize, usize, String, Option<Twin>, i64)> = Vec::new();
+    let mut meanings = Meanings::default();
     let mut burst_left = 0usize;
-    let (mut repeats, mut failures) = (0usize, 0usize);
+    let (mut repeats, mut paraphrases, mut near_misses, mut failures) = (0usize, 0usize, 0usize, 0usize);
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -184,29 +243,48 @@ pub fn gen_log(args: &GenLogArgs, data: &Path) -> anyhow::Result<()> {
     for n in 0..args.calls {
         let ts = DAY_START_MS + n as i64 * spacing_ms + rng.below(spacing_ms.max(1) as usize) as i64;
         recent.retain(|(.., at)| ts - at < 3_600_000);
-        let (component, workspace, text) = if !recent.is_empty() && rng.unit() < args.repeat_rate {
+        let (component, workspace, text, meaning) = if !recent.is_empty() && rng.unit() < args.repeat_rate {
             repeats += 1;
-            let (component, workspace, text, paraphrase, _) = recent[rng.below(recent.len())].clone();
-            match paraphrase {
-                Some(paraphrase) if rng.unit() < 0.5 => (component, workspace, paraphrase),
-                _ => (component, workspace, text),
+            let (component, workspace, text, twin, _) = recent[rng.below(recent.len())].clone();
+            let twin_meaning = twin
+                .as_ref()
+                .filter(|_| rng.unit() < 0.5)
+                .and_then(|twin| meanings.of_twin(&text, twin).map(|meaning| (twin.text.clone(), twin.same, meaning)));
+            match twin_meaning {
+                Some((twin, same, meaning)) => {
+                    if same {
+                        paraphrases += 1;
+                    } else {
+                        near_misses += 1;
+                    }
+                    (component, workspace, twin, meaning)
+                }
+                None => {
+                    let meaning = meanings.of(&text);
+                    (component, workspace, text, meaning)
+                }
             }
         } else {
             let component = rng.below(COMPONENTS.len());
             let workspace = rng.below(WORKSPACES.len());
             let step = COMPONENTS[component].1;
-            let (text, paraphrase) = match step {
+            let pick = |pairs: &[(String, String)], rng: &mut Rng, same: bool| {
+                let (a, b) = pairs[rng.below(pairs.len())].clone();
+                (a, Some(Twin { text: b, same }))
+            };
+            let (text, twin) = match step {
                 "enhancer" | "summarizer" | "extractor" => {
                     (texts.prompts[rng.below(texts.prompts.len())].clone(), None)
                 }
-                _ if rng.unit() < 0.5 => {
-                    let (a, b) = texts.duplicates[rng.below(texts.duplicates.len())].clone();
-                    (a, Some(b))
-                }
-                _ => (texts.questions[rng.below(texts.questions.len())].clone(), None),
+                _ => match rng.below(10) {
+                    0..4 => pick(&texts.duplicates, &mut rng, true),
+                    4..7 => pick(&texts.near_misses, &mut rng, false),
+                    _ => (texts.questions[rng.below(texts.questions.len())].clone(), None),
+                },
             };
-            recent.push((component, workspace, text.clone(), paraphrase, ts));
-            (component, workspace, text)
+            let meaning = meanings.of(&text);
+            recent.push((component, workspace, text.clone(), twin, ts));
+            (component, workspace, text, meaning)
         };
         let (name, step) = COMPONENTS[component];
         let (input, reply) = call_for(step, &text, rng.below(1_000));
@@ -219,6 +297,7 @@ pub fn gen_log(args: &GenLogArgs, data: &Path) -> anyhow::Result<()> {
             "workspace": WORKSPACES[workspace],
             "model": "gpt-4o-mini",
             "input": input,
+            "meaning": meaning,
         });
         if burst_left == 0 && rng.unit() < args.rate_limited / 4.0 {
             // 429s come in bursts of about four.
@@ -256,7 +335,8 @@ pub fn gen_log(args: &GenLogArgs, data: &Path) -> anyhow::Result<()> {
     }
     out.flush()?;
     eprintln!(
-        "xtask: {} calls to `{}`: {repeats} repeats ({:.1}%), {failures} failures ({:.1}%)",
+        "xtask: {} calls to `{}`: {repeats} repeats ({:.1}%: {paraphrases} paraphrases, {near_misses} near misses, \
+         the rest word for word), {failures} failures ({:.1}%)",
         args.calls,
         args.out.display(),
         100.0 * repeats as f64 / args.calls as f64,

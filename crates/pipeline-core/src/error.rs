@@ -130,22 +130,7 @@ impl PipelineError {
     /// timing out, failing) rather than that the request is wrong: only then do fallbacks
     /// stand in for it.
     pub fn upstream_unavailable(&self) -> bool {
-        match self {
-            Self::Refused { .. } | Self::DeadlineExceeded { .. } => true,
-            Self::Upstream { source, .. } => {
-                use providers::ErrorClass as Class;
-                matches!(
-                    source.class(),
-                    Class::RateLimited
-                        | Class::QuotaExhausted
-                        | Class::ServerError
-                        | Class::Timeout
-                        | Class::Connection
-                        | Class::MalformedReply
-                )
-            }
-            _ => false,
-        }
+        self.class().is_upstream_unavailable()
     }
 }
 

@@ -1,10 +1,11 @@
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{
     BreakerPermit, BreakerSettings, BreakerState, BreakerStatus, Breakers, Deadline, LimitSettings, Outcome,
-    PausePermit, Pauses, RateLimits, Refusal, TokenReservation,
+    PausePermit, PauseStatus, Pauses, RateLimits, Refusal, TokenReservation,
 };
 
 /// Which guards an upstream request passes; `None` or `false` turns one off.
@@ -30,7 +31,7 @@ pub struct Guards {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Refused {
     pub refusal: Refusal,
-    /// How long the guards that admitted it had already held it.
+    /// How long the guards held it, the one that refused included.
     pub waited: Duration,
     /// The breaker's state, when it was the breaker that refused.
     pub breaker_state: Option<BreakerState>,
@@ -67,11 +68,18 @@ impl Guards {
         deadline: &Deadline,
     ) -> Result<Admission, Refused> {
         let mut waited = Duration::ZERO;
-        let refused = |refusal, waited| Refused { refusal, waited, breaker_state: None };
+        // A guard that refuses may have waited first (for capacity, for a probe's verdict):
+        // that time counts too, as the time since it was asked, on tokio's clock.
+        let refused = |refusal, waited: Duration, asked: Instant| Refused {
+            refusal,
+            waited: waited + asked.elapsed(),
+            breaker_state: None,
+        };
         let pause = match &self.pauses {
             Some(pauses) => {
+                let asked = Instant::now();
                 let admitted = pauses.admit(key, deadline).instrument(tracing::info_span!("limit.pause")).await;
-                let (permit, pause_wait) = admitted.map_err(|refusal| refused(refusal, waited))?;
+                let (permit, pause_wait) = admitted.map_err(|refusal| refused(refusal, waited, asked))?;
                 waited += pause_wait;
                 Some(permit)
             }
@@ -79,11 +87,12 @@ impl Guards {
         };
         let reservation = match &self.limits {
             Some(limits) => {
+                let asked = Instant::now();
                 let acquired = limits
                     .acquire(workspace, key, estimated_tokens, deadline)
                     .instrument(tracing::info_span!("limit.acquire"))
                     .await;
-                let (limit_wait, reservation) = acquired.map_err(|refusal| refused(refusal, waited))?;
+                let (limit_wait, reservation) = acquired.map_err(|refusal| refused(refusal, waited, asked))?;
                 waited += limit_wait;
                 Some(reservation)
             }
@@ -104,6 +113,11 @@ impl Guards {
     /// The state of every circuit breaker used so far (empty when breakers are off).
     pub fn breakers(&self) -> Vec<BreakerStatus> {
         self.breakers.as_ref().map(Breakers::statuses).unwrap_or_default()
+    }
+
+    /// Every provider/model a Retry-After holds back now.
+    pub fn paused(&self) -> Vec<PauseStatus> {
+        self.pauses.as_ref().map(Pauses::paused).unwrap_or_default()
     }
 }
 

@@ -28,7 +28,7 @@ pub use deadline::{Deadline, DeadlineExceeded};
 pub use error::{Refusal, Scope};
 pub use guards::{Admission, GuardSettings, Guards, Refused};
 pub use limit::{LimitSettings, Quota, RateLimits, TokenReservation, TokioClock};
-pub use pause::{PausePermit, Pauses};
+pub use pause::{PausePermit, PauseStatus, Pauses};
 pub use retry::{GiveUp, Retries, RetryPolicy, RetrySettings};
 
 use std::time::Duration;

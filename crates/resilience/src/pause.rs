@@ -37,9 +37,38 @@ impl Pause {
     }
 }
 
+/// A provider/model the upstream asked to wait, and for how much longer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PauseStatus {
+    /// `provider/model`.
+    pub key: String,
+    pub resumes_in: Duration,
+}
+
 impl Pauses {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Every provider/model held back by a Retry-After now, sorted by key.
+    pub fn paused(&self) -> Vec<PauseStatus> {
+        let now = Instant::now();
+        let pauses: Vec<(String, Arc<Pause>)> = self
+            .pauses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(key, pause)| (key.clone(), pause.clone()))
+            .collect();
+        let mut paused: Vec<PauseStatus> = pauses
+            .into_iter()
+            .filter_map(|(key, pause)| match *pause.lock() {
+                PauseState::Until(until) if until > now => Some(PauseStatus { key, resumes_in: until - now }),
+                _ => None,
+            })
+            .collect();
+        paused.sort_by(|a, b| a.key.cmp(&b.key));
+        paused
     }
 
     fn pause(&self, key: &str) -> Arc<Pause> {
@@ -148,6 +177,7 @@ mod tests {
         assert_eq!(waited, Duration::ZERO);
         let told_at = Instant::now();
         permit.record(PAUSE_2S);
+        assert_eq!(pauses.paused(), [PauseStatus { key: "p/m".into(), resumes_in: Duration::from_secs(2) }]);
 
         let mut waiters = Vec::new();
         for _ in 0..5 {

@@ -13,7 +13,7 @@
 //! that model (the file records its id). With any other model the cache falls back to the
 //! plain decision (cosine threshold and guards).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -43,11 +43,61 @@ pub const TEXT_FEATURES: &[&str] = &[
     "entities_differ",
     "numbers_differ",
     "reordered",
+    "idf_content_share",
+    "idf_word_share",
+    "idf_unshared_max",
+    "idf_unshared_sum",
+    "idf_unshared_fewer_side",
+    "idf_unshared_more_side",
 ];
+
+/// How much each word says, learned from the dev sentences (inverse document frequency): a
+/// rare word that only one of two questions has ("grammar" in "How do I learn French
+/// grammar?") tells them apart far better than a common one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WordWeights {
+    /// ln(sentences / sentences with the word), for words seen in at least two sentences.
+    pub idf: BTreeMap<String, f32>,
+    /// The weight of any other word: one seen once or never, as rare as words get.
+    pub unseen: f32,
+}
+
+impl WordWeights {
+    /// From distinct sentences (prepared as the cache prepares requests). Words seen once are
+    /// left out: they would make the file large and say nothing a rare word does not.
+    pub fn learn<'a>(sentences: impl Iterator<Item = &'a Prepared>) -> Self {
+        let mut documents = 0usize;
+        let mut frequency: HashMap<&str, usize> = HashMap::new();
+        for sentence in sentences {
+            documents += 1;
+            for word in set(sentence.words.iter().map(String::as_str)) {
+                *frequency.entry(word).or_default() += 1;
+            }
+        }
+        let idf = |count: usize| ((documents.max(1) as f64) / count as f64).ln() as f32;
+        Self {
+            idf: frequency
+                .into_iter()
+                .filter(|(_, count)| *count >= 2)
+                .map(|(word, count)| (word.to_owned(), idf(count)))
+                .collect(),
+            unseen: idf(1),
+        }
+    }
+
+    pub fn weight(&self, word: &str) -> f32 {
+        self.idf.get(word).copied().unwrap_or(self.unseen)
+    }
+
+    fn sum<'a>(&self, words: impl Iterator<Item = &'a String>) -> f32 {
+        words.map(|word| self.weight(word)).sum()
+    }
+}
 
 /// Every feature's name for embeddings of `dimensions`: [`TEXT_FEATURES`], then `|a-b|` and
 /// `a*b` per dimension (the comparison of sentence embeddings that Sentence-BERT's classifiers
-/// read: it lets the forest learn which directions of meaning matter for "same request").
+/// read); `dimensions` 0 for the text measures alone.
 pub fn feature_names(dimensions: usize) -> Vec<String> {
     let mut names: Vec<String> = TEXT_FEATURES.iter().map(|name| (*name).to_owned()).collect();
     names.extend((0..dimensions).map(|d| format!("abs_diff_{d}")));
@@ -62,15 +112,18 @@ pub struct Side<'a> {
     pub vector: &'a [f32],
 }
 
-/// The features of [`feature_names`] for two texts and their cosine similarity.
-pub fn features(a: Side<'_>, b: Side<'_>, cosine: f32) -> Vec<f32> {
-    let mut features = text_features(a.prepared, b.prepared, cosine);
-    features.extend(a.vector.iter().zip(b.vector).map(|(x, y)| (x - y).abs()));
-    features.extend(a.vector.iter().zip(b.vector).map(|(x, y)| x * y));
+/// The features of [`feature_names`] for two texts and their cosine similarity; the embeddings
+/// compared per dimension only `with_embeddings`.
+pub fn features(a: Side<'_>, b: Side<'_>, cosine: f32, weights: &WordWeights, with_embeddings: bool) -> Vec<f32> {
+    let mut features = text_features(a.prepared, b.prepared, cosine, weights);
+    if with_embeddings {
+        features.extend(a.vector.iter().zip(b.vector).map(|(x, y)| (x - y).abs()));
+        features.extend(a.vector.iter().zip(b.vector).map(|(x, y)| x * y));
+    }
     features
 }
 
-fn text_features(a: &Prepared, b: &Prepared, cosine: f32) -> Vec<f32> {
+fn text_features(a: &Prepared, b: &Prepared, cosine: f32, weights: &WordWeights) -> Vec<f32> {
     let only_a: Vec<&String> = difference(&a.content_set, &b.content_set);
     let only_b: Vec<&String> = difference(&b.content_set, &a.content_set);
     let unshared_lengths = || only_a.iter().chain(&only_b).map(|word| word.chars().count());
@@ -80,6 +133,13 @@ fn text_features(a: &Prepared, b: &Prepared, cosine: f32) -> Vec<f32> {
     let weighted_shared: usize =
         a.content_set.iter().filter(|word| b.content_set.binary_search(word).is_ok()).map(|w| w.chars().count()).sum();
     let weighted_union = weighted_shared + unshared_lengths().sum::<usize>();
+    let shared_content = a.content_set.iter().filter(|word| b.content_set.binary_search(word).is_ok());
+    let idf_shared = weights.sum(shared_content);
+    let (idf_only_a, idf_only_b) = (weights.sum(only_a.iter().copied()), weights.sum(only_b.iter().copied()));
+    let (word_set_a, word_set_b) = (set(a.words.iter()), set(b.words.iter()));
+    let idf_shared_words = weights.sum(word_set_a.intersection(&word_set_b).copied());
+    let idf_all_words = weights.sum(word_set_a.union(&word_set_b).copied());
+    let idf_unshared_max = only_a.iter().chain(&only_b).map(|word| weights.weight(word)).fold(0.0, f32::max);
     vec![
         cosine,
         ratio(union - only_a.len() - only_b.len(), union),
@@ -101,7 +161,17 @@ fn text_features(a: &Prepared, b: &Prepared, cosine: f32) -> Vec<f32> {
         flag(entities_differ(a, b)),
         flag(numbers_differ(a, b)),
         flag(reordered(a, b)),
+        share(idf_shared, idf_shared + idf_only_a + idf_only_b),
+        share(idf_shared_words, idf_all_words),
+        idf_unshared_max,
+        idf_only_a + idf_only_b,
+        idf_only_a.min(idf_only_b),
+        idf_only_a.max(idf_only_b),
     ]
+}
+
+fn share(part: f32, whole: f32) -> f32 {
+    if whole > 0.0 { part / whole } else { 0.0 }
 }
 
 /// How a step decides: by the learned verifier, or (for a model it was not trained for) by the
@@ -130,6 +200,8 @@ pub struct Verifier {
     pub cuts: Vec<Cut>,
     /// What it was trained on and how it did there, for people reading the file.
     pub trained_on: serde_json::Value,
+    /// Word weights learned from the dev sentences, which some features read.
+    pub weights: WordWeights,
     pub forest: Forest,
 }
 
@@ -180,9 +252,15 @@ impl Verifier {
         Ok(verifier)
     }
 
+    /// Whether the forest reads the embeddings compared per dimension besides the text
+    /// measures.
+    pub fn reads_embeddings(&self) -> bool {
+        self.forest.features.len() > TEXT_FEATURES.len()
+    }
+
     /// The probability that `candidate`'s answer serves `query`.
     pub fn confidence(&self, query: Side<'_>, candidate: Side<'_>, cosine: f32) -> f32 {
-        self.forest.probability(&features(query, candidate, cosine))
+        self.forest.probability(&features(query, candidate, cosine, &self.weights, self.reads_embeddings()))
     }
 
     /// The served decision with this verifier: the floor, the strict guards, then the
@@ -296,7 +374,9 @@ mod tests {
     #[test]
     fn the_shipped_verifier_loads_and_matches_these_features() {
         let verifier = Verifier::shipped();
-        assert_eq!(verifier.forest.features, feature_names(384));
+        let dimensions = if verifier.reads_embeddings() { 384 } else { 0 };
+        assert_eq!(verifier.forest.features, feature_names(dimensions));
+        assert!(verifier.weights.idf.len() > 1_000 && verifier.weights.unseen > 0.0);
         assert!(verifier.floor > 0.0 && verifier.floor < 1.0);
         assert!(verifier.min_confidence > 0.0 && verifier.min_confidence < 1.0);
     }
@@ -306,7 +386,8 @@ mod tests {
         let a = prepared("How do I learn French fast?");
         let b = prepared("What is the fastest way to learn French grammar?");
         let (u, v) = ([0.6, 0.8, 0.0], [0.0, 0.8, 0.6]);
-        let f = features(Side { prepared: &a, vector: &u }, Side { prepared: &b, vector: &v }, 0.64);
+        let weights = WordWeights::learn([&a, &b, &prepared("How do I learn Spanish?")].into_iter());
+        let f = features(Side { prepared: &a, vector: &u }, Side { prepared: &b, vector: &v }, 0.64, &weights, true);
         assert_eq!(f.len(), feature_names(3).len());
         let names = feature_names(3);
         let named = |name: &str| f[names.iter().position(|n| *n == name).unwrap()];
@@ -320,8 +401,18 @@ mod tests {
         assert_eq!(named("abs_diff_0"), 0.6);
         assert!((named("product_1") - 0.64).abs() < 1e-6);
         assert_eq!(
-            text_features(&a, &a, 1.0)[TEXT_FEATURES.iter().position(|n| *n == "word_edit_ratio").unwrap()],
+            text_features(&a, &a, 1.0, &weights)[TEXT_FEATURES.iter().position(|n| *n == "word_edit_ratio").unwrap()],
             0.0
+        );
+        // "learn" is in every sentence (weight 0), "french" in two of three; "grammar" only in
+        // one, so it weighs most among the words only one side has.
+        assert_eq!(weights.weight("learn"), 0.0);
+        assert!(weights.weight("french") > 0.0 && weights.weight("grammar") == weights.unseen);
+        assert_eq!(named("idf_unshared_max"), weights.unseen);
+        assert!(named("idf_content_share") > 0.0 && named("idf_content_share") < 1.0);
+        assert_eq!(
+            features(Side { prepared: &a, vector: &u }, Side { prepared: &b, vector: &v }, 0.64, &weights, false).len(),
+            TEXT_FEATURES.len()
         );
     }
 

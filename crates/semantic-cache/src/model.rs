@@ -4,7 +4,7 @@
 //! packages, checked against pinned hashes), and a missing file is an error that says so.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use fastembed::{InitOptionsUserDefined, Pooling, TextEmbedding, TokenizerFiles, UserDefinedEmbeddingModel};
@@ -67,6 +67,24 @@ pub struct Embedder {
     recent: Option<moka::sync::Cache<String, Arc<[f32]>>>,
     dimensions: usize,
     model_id: String,
+    /// Texts the model ran on, and the time those runs took (summed over the sessions).
+    runs: AtomicU64,
+    busy_nanos: AtomicU64,
+}
+
+/// What the model has done so far: how many texts it embedded and how long that took, one
+/// text at a time on one session (concurrent sessions add up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbeddingWork {
+    pub texts: u64,
+    pub busy: std::time::Duration,
+}
+
+impl EmbeddingWork {
+    /// What one text takes on one core: what a call waits when it embeds its own text.
+    pub fn per_text(&self) -> Option<std::time::Duration> {
+        (self.texts > 0).then(|| self.busy / u32::try_from(self.texts).unwrap_or(u32::MAX))
+    }
 }
 
 impl std::fmt::Debug for Embedder {
@@ -115,9 +133,18 @@ impl Embedder {
                 })?;
             loaded.push(Mutex::new(session));
         }
-        let mut embedder =
-            Self { sessions: loaded, next_session: AtomicUsize::new(0), recent: None, dimensions: 0, model_id };
+        let mut embedder = Self {
+            sessions: loaded,
+            next_session: AtomicUsize::new(0),
+            recent: None,
+            dimensions: 0,
+            model_id,
+            runs: AtomicU64::new(0),
+            busy_nanos: AtomicU64::new(0),
+        };
         embedder.dimensions = embedder.run_model("dimension probe")?.len();
+        embedder.runs.store(0, Ordering::Relaxed);
+        embedder.busy_nanos.store(0, Ordering::Relaxed);
         Ok(embedder.remembering(RECENT_EMBEDDINGS))
     }
 
@@ -175,6 +202,14 @@ impl Embedder {
         done.into_iter().map(|(_, vector)| vector).collect()
     }
 
+    /// Texts embedded and the time the model took for them, since it was loaded.
+    pub fn work(&self) -> EmbeddingWork {
+        EmbeddingWork {
+            texts: self.runs.load(Ordering::Relaxed),
+            busy: std::time::Duration::from_nanos(self.busy_nanos.load(Ordering::Relaxed)),
+        }
+    }
+
     /// The vector of a text embedded lately, without running the model.
     pub fn remembered(&self, text: &str) -> Option<Vec<f32>> {
         self.recent.as_ref()?.get(text).map(|vector| vector.to_vec())
@@ -197,12 +232,15 @@ impl Embedder {
         let mut session = (0..sessions)
             .find_map(|offset| self.sessions[(first + offset) % sessions].try_lock().ok())
             .unwrap_or_else(|| self.sessions[first].lock().unwrap_or_else(PoisonError::into_inner));
+        let started = std::time::Instant::now();
         let mut vector = session
             .embed([text], None)
             .map_err(|err| CacheError::Embedding(err.to_string()))?
             .pop()
             .ok_or_else(|| CacheError::Embedding("the model returned no vector".into()))?;
         drop(session);
+        self.busy_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.runs.fetch_add(1, Ordering::Relaxed);
         normalise(&mut vector);
         Ok(vector)
     }

@@ -140,6 +140,70 @@ impl ErrorClass {
     pub fn is_invalid_call(self) -> bool {
         matches!(self, Self::UnknownStep | Self::InvalidContext | Self::InvalidInput | Self::PromptTooLarge)
     }
+
+    /// The upstream could not answer now (rate limited, out of quota, failing, unreachable,
+    /// too slow, or held back by a guard), rather than the request being wrong: what stand-ins
+    /// answer for, and what an outage is made of.
+    pub fn is_upstream_unavailable(self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited
+                | Self::QuotaExhausted
+                | Self::ServerError
+                | Self::Timeout
+                | Self::Connection
+                | Self::MalformedReply
+                | Self::RateLimitedLocally
+                | Self::CircuitOpen
+                | Self::UpstreamPaused
+                | Self::DeadlineExceeded
+        )
+    }
+}
+
+/// What one call says of the upstream's health, for recovery times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// The upstream could not answer it: a failure of an upstream-unavailable class, or a
+    /// stand-in answered instead.
+    Down,
+    /// A model answered it just then (upstream, a fallback model, or an identical call in
+    /// flight).
+    Up,
+    /// It says nothing either way: a cache hit, or a request that was wrong.
+    Unknown,
+}
+
+impl Health {
+    /// A call's health from what its row says.
+    pub fn of(source: Source, error_class: Option<ErrorClass>) -> Self {
+        match source {
+            Source::Upstream | Source::FallbackModel | Source::Coalesced => Self::Up,
+            Source::FallbackSimilar | Source::FallbackRule => Self::Down,
+            Source::None if error_class.is_some_and(ErrorClass::is_upstream_unavailable) => Self::Down,
+            Source::Exact | Source::Semantic | Source::None => Self::Unknown,
+        }
+    }
+}
+
+/// Mean time to recovery, in seconds, over calls in time order (Unix milliseconds and their
+/// [`Health`]): an outage starts at the first call the upstream could not answer, whatever its
+/// component, and ends at the next call a model answered; `None` if no outage ended. The one
+/// definition the telemetry report and the replay share (docs/benchmarks.md).
+pub fn mean_recovery_secs(calls: impl IntoIterator<Item = (i64, Health)>) -> Option<f64> {
+    let mut down_since = None;
+    let mut recoveries = Vec::new();
+    for (ts_ms, health) in calls {
+        match (health, down_since) {
+            (Health::Down, None) => down_since = Some(ts_ms),
+            (Health::Up, Some(since)) => {
+                recoveries.push((ts_ms - since) as f64 / 1000.0);
+                down_since = None;
+            }
+            _ => {}
+        }
+    }
+    (!recoveries.is_empty()).then(|| recoveries.iter().sum::<f64>() / recoveries.len() as f64)
 }
 
 /// One AI call as it happened. Plain data: the engine fills it, this crate stores it.
@@ -183,6 +247,21 @@ pub struct CallRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outage_lasts_from_the_first_unanswered_call_to_the_next_answer() {
+        use Health::{Down, Unknown, Up};
+        assert_eq!(mean_recovery_secs([(0, Up), (1_000, Unknown)]), None);
+        // Down at 1 s (a second Down does not restart it; a cache hit says nothing), up at 4 s;
+        // down at 10 s, up at 12 s; down at 20 s and never up again.
+        let calls = [(0, Up), (1_000, Down), (2_000, Down), (3_000, Unknown), (4_000, Up), (10_000, Down)];
+        let calls = calls.into_iter().chain([(12_000, Up), (20_000, Down)]);
+        assert_eq!(mean_recovery_secs(calls), Some(2.5));
+        assert_eq!(Health::of(Source::FallbackRule, Some(ErrorClass::ServerError)), Down);
+        assert_eq!(Health::of(Source::None, Some(ErrorClass::BadRequest)), Unknown);
+        assert_eq!(Health::of(Source::None, Some(ErrorClass::CircuitOpen)), Down);
+        assert_eq!(Health::of(Source::Coalesced, None), Up);
+    }
 
     #[test]
     fn every_word_parses_back() {

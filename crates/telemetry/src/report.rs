@@ -4,9 +4,9 @@ use serde::Serialize;
 use sqlx::Row as _;
 
 use crate::store::{optional_word, word};
-use crate::{BreakerState, CallStatus, Source, TelemetryError, TelemetryStore};
+use crate::{CallStatus, ErrorClass, Health, Source, TelemetryError, TelemetryStore, mean_recovery_secs};
 
-const REPORT_ROWS: &str = "SELECT ts_ms, component, latency_ms, status, source, attempts, cost_usd, \
+const REPORT_ROWS: &str = "SELECT ts_ms, component, latency_ms, status, source, error_class, attempts, cost_usd, \
      saved_cost_usd, breaker_state FROM calls WHERE ts_ms >= $1 AND ts_ms < $2 ORDER BY ts_ms, id";
 
 /// The figures of a time window, overall and per component.
@@ -36,8 +36,9 @@ pub struct Figures {
     pub cache_hit_rate: f64,
     /// Calls answered by a fallback (another model, a similar answer, a rule), over all calls.
     pub fallback_rate: f64,
-    /// Mean time from a circuit breaker opening to the next call an upstream answered, over the
-    /// outages that ended in the window; `None` if none did.
+    /// Mean time from the first call the upstream could not answer to the next call a model
+    /// answered, over the outages that ended in the window ([`mean_recovery_secs`]); `None` if
+    /// none did.
     pub mttr_secs: Option<f64>,
 }
 
@@ -47,10 +48,10 @@ struct Call {
     latency_ms: f64,
     failed: bool,
     source: Source,
+    health: Health,
     attempts: i64,
     cost_usd: f64,
     saved_cost_usd: f64,
-    breaker_open: bool,
 }
 
 impl TelemetryStore {
@@ -60,16 +61,18 @@ impl TelemetryStore {
         let rows = rows
             .iter()
             .map(|row| {
+                let source = word(row, "source", Source::parse)?;
+                let error_class = optional_word(row, "error_class", ErrorClass::parse)?;
                 Ok(Call {
                     ts_ms: row.try_get("ts_ms")?,
                     component: row.try_get("component")?,
                     latency_ms: row.try_get("latency_ms")?,
                     failed: word(row, "status", CallStatus::parse)? == CallStatus::Error,
-                    source: word(row, "source", Source::parse)?,
+                    source,
+                    health: Health::of(source, error_class),
                     attempts: row.try_get("attempts")?,
                     cost_usd: row.try_get("cost_usd")?,
                     saved_cost_usd: row.try_get("saved_cost_usd")?,
-                    breaker_open: optional_word(row, "breaker_state", BreakerState::parse)? == Some(BreakerState::Open),
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()
@@ -103,7 +106,7 @@ fn figures(rows: &[&Call]) -> Figures {
         error_rate: share(rows.iter().filter(|row| row.failed).count()),
         cache_hit_rate: share(rows.iter().filter(|row| row.source.is_cache()).count()),
         fallback_rate: share(rows.iter().filter(|row| row.source.is_fallback()).count()),
-        mttr_secs: mttr_secs(rows),
+        mttr_secs: mean_recovery_secs(rows.iter().map(|row| (row.ts_ms, row.health))),
     }
 }
 
@@ -116,24 +119,6 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
-}
-
-/// An outage starts with the first call that saw a breaker open and ends with the next call
-/// an upstream answered (rows in time order).
-fn mttr_secs(rows: &[&Call]) -> Option<f64> {
-    let mut opened_at = None;
-    let mut recoveries = Vec::new();
-    for row in rows {
-        match opened_at {
-            None if row.breaker_open => opened_at = Some(row.ts_ms),
-            Some(since) if !row.failed && row.source == Source::Upstream => {
-                recoveries.push((row.ts_ms - since) as f64 / 1000.0);
-                opened_at = None;
-            }
-            _ => {}
-        }
-    }
-    (!recoveries.is_empty()).then(|| recoveries.iter().sum::<f64>() / recoveries.len() as f64)
 }
 
 #[cfg(test)]

@@ -81,8 +81,9 @@ async fn check(store: &TelemetryStore) {
     close(all.error_rate, 1.0 / 8.0);
     close(all.cache_hit_rate, 2.0 / 8.0);
     close(all.fallback_rate, 1.0 / 8.0);
-    // The breaker was first seen open at 3 s; an upstream answered again at 9 s.
-    close(all.mttr_secs.unwrap(), 6.0);
+    // The upstream could not answer the call at 3 s (a 503); a model answered again at 5 s
+    // (the coalesced call).
+    close(all.mttr_secs.unwrap(), 2.0);
 
     let a = &report.components["a"];
     assert_eq!((a.calls, a.upstream_requests, a.saved_calls), (4, 3, 2));
@@ -97,7 +98,7 @@ async fn check(store: &TelemetryStore) {
     close(b.p50_latency_ms, 5.0);
     close(b.error_rate, 0.25);
     close(b.fallback_rate, 0.25);
-    close(b.mttr_secs.unwrap(), 6.0);
+    close(b.mttr_secs.unwrap(), 2.0);
     assert_eq!(report.components.len(), 2);
 }
 

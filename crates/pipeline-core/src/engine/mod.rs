@@ -25,7 +25,7 @@ use std::time::SystemTime;
 
 pub use builder::EngineBuilder;
 use providers::{ChatMessage, ProviderService};
-use resilience::{BreakerStatus, Deadline, Guards, RetryPolicy};
+use resilience::{BreakerStatus, Deadline, Guards, PauseStatus, RetryPolicy};
 use semantic_cache::{CacheKey, ExactCache, SemanticCache};
 use serde_json::Value;
 use telemetry::{Recorder, TelemetryError};
@@ -267,6 +267,11 @@ impl Engine {
     /// The state of every circuit breaker used so far (empty when breakers are off).
     pub fn breakers(&self) -> Vec<BreakerStatus> {
         self.inner.guards.breakers()
+    }
+
+    /// Every provider/model that a Retry-After from the upstream holds back now.
+    pub fn paused(&self) -> Vec<PauseStatus> {
+        self.inner.guards.paused()
     }
 
     /// Waits until every telemetry record of the calls made so far is written.

@@ -38,7 +38,7 @@ async fn crowd(
 }
 
 #[tokio::test]
-async fn a_429_storm_pauses_every_call_for_its_retry_after() {
+async fn a_429_storm_pauses_every_call_for_its_retry_after_then_lets_one_probe_go_first() {
     let h = Arc::new(Harness::start("").await);
     // The first two requests are told to come back in 2 s; then the upstream answers.
     h.upstream.push(Reply::rate_limited(2));
@@ -50,15 +50,19 @@ async fn a_429_storm_pauses_every_call_for_its_retry_after() {
         let h = h.clone();
         tokio::spawn(async move { h.classify("ws-a", "the first one", within(deadline)).await })
     };
-    while h.upstream.requests() == 0 {
+    // A crowd arrives while the provider/model is paused. It waits until the engine has the
+    // first 429: requests sent while that answer was still on the wire could not have known.
+    while h.engine.paused().is_empty() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // A crowd arrives while the provider/model is paused.
     let outcomes = crowd(&h, 20, within(deadline)).await;
     let first = first.await.unwrap();
 
-    let exchanges = h.upstream.exchanges();
-    for told in exchanges.iter().filter(|exchange| exchange.status == 429) {
+    let mut exchanges = h.upstream.exchanges();
+    exchanges.sort_by_key(|exchange| exchange.arrived);
+    let told: Vec<&Exchange> = exchanges.iter().filter(|exchange| exchange.status == 429).collect();
+    assert_eq!(told.len(), 2, "{exchanges:?}");
+    for told in &told {
         let answered = told.answered.unwrap();
         let too_soon: Vec<&Exchange> = exchanges
             .iter()
@@ -66,18 +70,23 @@ async fn a_429_storm_pauses_every_call_for_its_retry_after() {
             .collect();
         assert!(too_soon.is_empty(), "requests within 2 s of a 429: {too_soon:?}");
     }
-    assert_eq!(exchanges.iter().filter(|exchange| exchange.status == 429).count(), 2);
+    // When the last pause ends, one request goes first; the crowd follows once it is answered.
+    let last_told = told[1].arrived;
+    let mut after = exchanges.iter().filter(|exchange| exchange.arrived > last_told);
+    let probe = after.next().unwrap();
+    let probe_answered = probe.answered.unwrap();
+    assert!(after.all(|other| other.arrived >= probe_answered), "a crowd went with the probe: {exchanges:?}");
 
     assert_eq!(first.unwrap().source, Source::Upstream);
     for (outcome, took) in &outcomes {
         assert!(*took < deadline + Duration::from_millis(500), "a call took {took:?}");
         let result = outcome.as_ref().unwrap();
         assert_eq!(result.source, Source::Upstream);
-        assert!(result.rate_limit_wait >= Duration::from_secs(3), "waited only {:?}", result.rate_limit_wait);
+        assert!(result.rate_limit_wait >= Duration::from_secs(2), "waited only {:?}", result.rate_limit_wait);
     }
     let rows = h.rows().await;
     assert_eq!(rows.len(), 21, "one telemetry row per call");
-    assert!(rows.iter().filter(|row| row.rate_limit_wait_ms >= 3000.0).count() >= 20);
+    assert!(rows.iter().filter(|row| row.rate_limit_wait_ms >= 2000.0).count() >= 20);
 }
 
 #[tokio::test]
