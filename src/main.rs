@@ -2,9 +2,7 @@
 
 mod gateway;
 mod html;
-mod log;
 mod migrate;
-mod openai;
 mod replay;
 mod report;
 mod setup;

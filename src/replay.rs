@@ -17,7 +17,7 @@ use pipeline_core::telemetry::{
 use pipeline_core::{CallContext, CallOptions, Config, Engine, Source, StepKind, StepType, TokioSystemClock};
 use serde::Serialize;
 
-use crate::log::{BadLine, LoggedCall, read_log};
+use aipipe::log::{BadLine, LoggedCall, read_log};
 
 /// The figures of one side of the comparison.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -242,6 +242,15 @@ async fn replay(
         let db = db.clone();
         telemetry.spawn(async move { TelemetryStore::connect(&db).await }).await??
     };
+    // Run again onto the same database (after an interruption, or to compare configs), a
+    // replay replaces the rows of its calls rather than adding a second copy.
+    let replaced = {
+        let (store, trace_ids) = (store.clone(), calls.iter().map(|call| call.trace_id.clone()).collect::<Vec<_>>());
+        telemetry.spawn(async move { store.delete_traces(&trace_ids).await }).await??
+    };
+    if replaced > 0 {
+        eprintln!("{}: replaced {replaced} rows of an earlier replay of these calls", db_path.display());
+    }
     let rows_before = count_rows(&telemetry, &store).await?;
     let recorder = {
         let _on_telemetry_runtime = telemetry.enter();

@@ -45,8 +45,7 @@ impl ApiKeys {
         let key = headers
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(bearer_token)
             .ok_or_else(|| {
                 ApiError::unauthorized("You didn't provide an API key: send `Authorization: Bearer KEY`.")
             })?;
@@ -56,6 +55,29 @@ impl ApiKeys {
     }
 }
 
+/// The token of an `Authorization: Bearer TOKEN` header; the scheme's case does not matter
+/// (RFC 9110).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(char::is_whitespace)?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 fn digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_scheme_is_case_insensitive() {
+        for header in ["Bearer sk-1", "bearer sk-1", "BEARER   sk-1 ", " Bearer\tsk-1"] {
+            assert_eq!(bearer_token(header), Some("sk-1"), "{header:?}");
+        }
+        for header in ["Basic sk-1", "Bearer", "Bearer   ", "sk-1"] {
+            assert_eq!(bearer_token(header), None, "{header:?}");
+        }
+    }
 }

@@ -7,9 +7,10 @@ use axum::response::{IntoResponse, Response};
 use pipeline_core::PipelineError;
 use pipeline_core::providers::ErrorClass;
 use pipeline_core::resilience::Refusal;
+use pipeline_core::telemetry;
 use serde_json::json;
 
-use crate::openai::Unsupported;
+use aipipe::openai::Unsupported;
 
 /// An error in OpenAI's shape, with the status an OpenAI SDK expects for it.
 #[derive(Debug)]
@@ -20,22 +21,44 @@ pub(super) struct ApiError {
     param: Option<String>,
     message: String,
     retry_after: Option<Duration>,
+    /// For a request refused before the engine saw it: what to record for it (the engine
+    /// records its own failures).
+    pub(super) refused: Option<telemetry::ErrorClass>,
 }
 
 impl ApiError {
     pub(super) fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, kind, code, param: None, message: message.into(), retry_after: None }
+        Self { status, kind, code, param: None, message: message.into(), retry_after: None, refused: None }
     }
 
+    /// A request the gateway cannot read or honour, refused before the engine.
     pub(super) fn invalid(param: Option<&str>, message: String) -> Self {
         Self {
             param: param.map(str::to_owned),
+            refused: Some(telemetry::ErrorClass::InvalidRequest),
             ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request", message)
         }
     }
 
     pub(super) fn unauthorized(message: &str) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key", message)
+        Self {
+            refused: Some(telemetry::ErrorClass::Unauthenticated),
+            ..Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key", message)
+        }
+    }
+
+    /// The body could not be read: too large (413), or not bytes at all.
+    pub(super) fn unreadable_body(status: StatusCode, message: String) -> Self {
+        let refused = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            telemetry::ErrorClass::RequestTooLarge
+        } else {
+            telemetry::ErrorClass::InvalidRequest
+        };
+        Self { refused: Some(refused), ..Self::new(status, "invalid_request_error", "invalid_body", message) }
+    }
+
+    pub(super) fn message(&self) -> &str {
+        &self.message
     }
 
     fn retry_after(mut self, after: Option<Duration>) -> Self {
@@ -66,9 +89,11 @@ impl From<PipelineError> for ApiError {
             PipelineError::CostLimitExceeded { .. } => {
                 (StatusCode::BAD_REQUEST, "invalid_request_error", "cost_limit_exceeded", None)
             }
-            PipelineError::Refused { source: source @ Refusal::RateLimited { .. }, .. } => {
-                (StatusCode::TOO_MANY_REQUESTS, "requests", "rate_limit_exceeded", Some(source.retry_after()))
-            }
+            // Our limits, or the upstream's Retry-After outlasting what a caller may wait: the
+            // caller should come back after Retry-After, as from the upstream itself.
+            PipelineError::Refused {
+                source: source @ (Refusal::RateLimited { .. } | Refusal::Paused { .. }), ..
+            } => (StatusCode::TOO_MANY_REQUESTS, "requests", "rate_limit_exceeded", Some(source.retry_after())),
             PipelineError::Refused { source, .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_error", "upstream_unavailable", Some(source.retry_after()))
             }

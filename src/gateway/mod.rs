@@ -36,7 +36,7 @@ use self::error::ApiError;
 use self::options::{call_options, header_text};
 use self::response::{completion, describe_source, streamed};
 pub use self::settings::{GatewaySettings, RawGateway};
-use crate::openai::CompletionRequest;
+use aipipe::openai::CompletionRequest;
 
 /// Where `aipipe serve` listens and what it talks to.
 #[derive(Debug)]
@@ -111,9 +111,22 @@ pub async fn serve(mut config: Config, settings: GatewaySettings, options: Serve
     Ok(())
 }
 
+/// The models a request can reach: the default model and every model a step or its fallbacks
+/// name.
+fn listed_models(config: &Config) -> Vec<String> {
+    let mut models: Vec<String> = std::iter::once(config.engine.default_model.clone())
+        .chain(config.steps().flat_map(|spec| {
+            std::iter::once(spec.model.clone()).chain(spec.fallbacks.iter().map(|target| target.model.clone()))
+        }))
+        .collect();
+    models.sort();
+    models.dedup();
+    models
+}
+
 fn router(gateway: Arc<Gateway>, max_body_bytes: usize) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/chat/completions", post(chat_completions).fallback(post_only))
         .route("/v1/models", get(list_models))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
@@ -129,18 +142,6 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
     ([(header::CONTENT_TYPE, Metrics::CONTENT_TYPE)], gateway.engine.metrics().render()).into_response()
 }
 
-fn listed_models(config: &Config) -> Vec<String> {
-    let mut models: Vec<String> = std::iter::once(config.engine.default_model.clone())
-        .chain(config.steps().flat_map(|spec| {
-            std::iter::once(spec.model.clone()).chain(spec.fallbacks.iter().map(|target| target.model.clone()))
-        }))
-        .chain(config.prices.models().map(str::to_owned))
-        .collect();
-    models.sort();
-    models.dedup();
-    models
-}
-
 async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
     if gateway.draining.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
@@ -149,46 +150,50 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
     }
 }
 
-async fn list_models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    gateway.keys.workspace(&headers)?;
+async fn list_models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    if let Err(error) = gateway.keys.workspace(&headers) {
+        return gateway.refuse(&headers, error);
+    }
     let data: Vec<Value> = gateway
         .models
         .iter()
         .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "aipipe"}))
         .collect();
-    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+    axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
 async fn chat_completions(
     State(gateway): State<Arc<Gateway>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match complete(&gateway, &headers, body).await {
+        Ok(response) => response,
+        Err(error) => gateway.refuse(&headers, error),
+    }
+}
+
+async fn complete(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let workspace = gateway.keys.workspace(&headers)?;
-    let body = body.map_err(|rejection| {
-        ApiError::new(rejection.status(), "invalid_request_error", "invalid_body", rejection.body_text())
-    })?;
+    let workspace = gateway.keys.workspace(headers)?;
+    let body = body.map_err(|rejection| ApiError::unreadable_body(rejection.status(), rejection.body_text()))?;
     let request: CompletionRequest = serde_json::from_slice(&body)
         .map_err(|err| ApiError::invalid(None, format!("the body is not a chat completion request: {err}")))?;
     if let Some(unsupported) = request.unsupported_field() {
         return Err(unsupported.into());
     }
-    let step = match header_text(&headers, "x-aipipe-step")? {
-        Some(name) => StepType::new(name).map_err(|err| ApiError::invalid(None, format!("x-aipipe-step: {err}")))?,
-        None => gateway.default_step.clone(),
-    };
+    let step = gateway.step(headers)?;
     let kind = gateway.engine.config().step(&step).map(|spec| spec.kind);
     let input = match kind {
         // An unknown step: the engine's error lists the known ones.
         None | Some(StepKind::Chat) => request.chat_input()?,
         Some(StepKind::Structured) => request.structured_input(&step)?,
     };
-    let component = header_text(&headers, "x-aipipe-component")?.unwrap_or(&gateway.default_component).to_owned();
-    let mut context = CallContext::new(workspace, component);
-    if let Some(trace_id) = header_text(&headers, "x-aipipe-trace-id")? {
-        context.trace_id = Some(TraceId::from(trace_id));
-    }
-    let options = call_options(&headers, &request)?;
+    let context = CallContext { workspace, ..gateway.context(headers)? };
+    let options = call_options(headers, &request)?;
     let result = gateway.engine.execute(step, input, context, options).await.map_err(ApiError::from)?;
     let content = match (&result.output, kind) {
         (Value::String(text), Some(StepKind::Chat)) => text.clone(),
@@ -202,6 +207,48 @@ async fn chat_completions(
     };
     describe_source(response.headers_mut(), &result);
     Ok(response)
+}
+
+/// Any method but POST on the chat endpoint: OpenAI's error shape, with the method allowed.
+async fn post_only() -> Response {
+    let mut response =
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_allowed", "use POST")
+            .into_response();
+    response.headers_mut().insert(header::ALLOW, axum::http::HeaderValue::from_static("POST"));
+    response
+}
+
+impl Gateway {
+    /// The step the request names, or the default one.
+    fn step(&self, headers: &HeaderMap) -> Result<StepType, ApiError> {
+        match header_text(headers, "x-aipipe-step")? {
+            Some(name) => StepType::new(name).map_err(|err| ApiError::invalid(None, format!("x-aipipe-step: {err}"))),
+            None => Ok(self.default_step.clone()),
+        }
+    }
+
+    /// The call's context from the headers (component, trace id); the workspace is the key's.
+    fn context(&self, headers: &HeaderMap) -> Result<CallContext, ApiError> {
+        let component = header_text(headers, "x-aipipe-component")?.unwrap_or(&self.default_component).to_owned();
+        let mut context = CallContext::new("", component);
+        if let Some(trace_id) = header_text(headers, "x-aipipe-trace-id")? {
+            context.trace_id = Some(TraceId::from(trace_id));
+        }
+        Ok(context)
+    }
+
+    /// Answers a request that failed; one refused before the engine leaves its own row (the
+    /// engine records the failures of the calls it made).
+    fn refuse(&self, headers: &HeaderMap, error: ApiError) -> Response {
+        if let Some(class) = error.refused {
+            let workspace = self.keys.workspace(headers).unwrap_or_else(|_| "unknown".to_owned());
+            let context = self.context(headers).unwrap_or_else(|_| CallContext::new("", &self.default_component));
+            let step = self.step(headers).ok();
+            let context = CallContext { workspace, ..context };
+            self.engine.record_refused(step.as_ref(), &context, class, error.message());
+        }
+        error.into_response()
+    }
 }
 
 async fn shutdown_signal() {

@@ -7,7 +7,7 @@ use axum::http::HeaderMap;
 use pipeline_core::{CachePolicy, CallOptions};
 
 use super::error::ApiError;
-use crate::openai::CompletionRequest;
+use aipipe::openai::CompletionRequest;
 
 pub(super) fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
     match headers.get(name) {

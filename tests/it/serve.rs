@@ -258,3 +258,179 @@ async fn an_answer_cut_off_at_max_tokens_says_so_when_served_again_too() {
     assert!(text.contains(r#""finish_reason":"length""#), "{text}");
     assert_eq!(upstream.requests(), 1);
 }
+
+/// Every row of the gateway's telemetry file, as text.
+async fn rows_as_text(dir: &Path) -> Vec<String> {
+    let store = TelemetryStore::connect(dir.join("telemetry.db").to_str().unwrap()).await.unwrap();
+    let rows = store.records().await.unwrap();
+    store.close().await;
+    rows.iter().map(|row| format!("{row:?}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_before_the_engine_leave_a_trace_and_labels_stay_bounded() {
+    let upstream = ScriptedUpstream::start().await.unwrap();
+    upstream.respond_with(|_| Reply::completion("fine"));
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start(dir.path(), &upstream, "[gateway]\nmax_body_bytes = 2000\n");
+
+    // The scheme of the Authorization header is case-insensitive.
+    let lower = gateway
+        .http
+        .post(format!("{}/chat/completions", gateway.base_url))
+        .header(AUTHORIZATION, format!("bearer {KEY_A}"))
+        .header(CONTENT_TYPE, "application/json")
+        .body(chat("hello").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower.status(), 200);
+
+    // Refused before the engine: no key, a wrong key, not JSON, a parameter it cannot honour,
+    // a header it cannot read, a body over the limit.
+    assert_eq!(gateway.post(None, &[], &chat("hello")).await.status(), 401);
+    assert_eq!(gateway.post(Some("sk-wrong"), &[], &chat("hello")).await.status(), 401);
+    let unsupported = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "tools": []});
+    assert_eq!(gateway.post(Some(KEY_A), &[], &unsupported).await.status(), 400);
+    assert_eq!(gateway.post(Some(KEY_A), &[("x-aipipe-cache", "sometimes")], &chat("hi")).await.status(), 400);
+    let huge = chat(&"x".repeat(5000));
+    assert_eq!(gateway.post(Some(KEY_A), &[], &huge).await.status(), 413);
+    // Refused by the engine: a step no config declares.
+    assert_eq!(gateway.post(Some(KEY_A), &[("x-aipipe-step", "nope")], &chat("hi")).await.status(), 400);
+
+    // GET on the chat endpoint says what to use, in OpenAI's shape.
+    let get = gateway.http.get(format!("{}/chat/completions", gateway.base_url)).send().await.unwrap();
+    assert_eq!(get.status(), 405);
+    assert_eq!(get.headers()["allow"], "POST");
+    assert_openai_error(&json_body(get).await, "method_not_allowed");
+
+    // /v1/models lists what the gateway can reach, not every priced model.
+    let models = gateway
+        .http
+        .get(format!("{}/models", gateway.base_url))
+        .header(AUTHORIZATION, format!("Bearer {KEY_A}"))
+        .send()
+        .await
+        .unwrap();
+    let models = json_body(models).await;
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["gpt-4o-mini"], "{models}");
+
+    let root = gateway.base_url.trim_end_matches("/v1");
+    let metrics = gateway.http.get(format!("{root}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(!metrics.contains("nope"), "a caller's step name is no label: {metrics}");
+    assert!(metrics.contains(r#"step="unknown""#), "{metrics}");
+    gateway.terminate();
+    let mut gateway = gateway;
+    assert!(gateway.process.wait().unwrap().success());
+    let rows = rows_as_text(dir.path()).await;
+    assert_eq!(rows.len(), 7, "one row per chat request, refused or not: {rows:#?}");
+    for (class, count) in [("Unauthenticated", 2), ("InvalidRequest", 2), ("RequestTooLarge", 1), ("UnknownStep", 1)] {
+        assert_eq!(
+            rows.iter().filter(|row| row.contains(&format!("error_class: Some({class})"))).count(),
+            count,
+            "{class}"
+        );
+    }
+    assert!(rows.iter().all(|row| !row.contains("xxxxxxxxxx")), "no body is kept");
+    assert_eq!(upstream.requests(), 1, "nothing refused reached the upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_echoes_its_key_leaks_it_nowhere() {
+    const UPSTREAM_KEY: &str = "upstream-key-not-shaped-like-one-7f3a";
+    let upstream = ScriptedUpstream::start().await.unwrap();
+    upstream.push(Reply::EchoKey(401));
+    upstream.push(Reply::EchoKey(500));
+    upstream.respond_with(|_| Reply::EchoKey(500));
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("semantic.snapshot");
+    let db = dir.path().join("telemetry.db");
+    let config = format!(
+        "[telemetry]\ndatabase_url = \"sqlite://{}\"\n[semantic]\nsnapshot_path = \"{}\"\n\
+         [gateway.api_keys]\nteam-a = \"GATEWAY_TEST_KEY_A\"\n",
+        db.display(),
+        snapshot.display()
+    );
+    let stderr = dir.path().join("stderr.log");
+    let process = testkit::GatewayProcess::start_logging(
+        Path::new(env!("CARGO_BIN_EXE_aipipe")),
+        dir.path(),
+        &upstream.base_url(),
+        &config,
+        &[("GATEWAY_TEST_KEY_A", KEY_A), ("OPENAI_API_KEY", UPSTREAM_KEY), ("RUST_LOG", "trace")],
+        &stderr,
+    )
+    .unwrap();
+    let gateway = Gateway { base_url: process.base_url.clone(), process, http: reqwest::Client::new() };
+    let mut bodies = Vec::new();
+    for (step, deadline) in [("chat", "3000"), ("chat", "3000"), ("classifier", "3000")] {
+        let body = if step == "chat" { chat("hi") } else { chat(r#"{"text": "refund", "labels": ["a"]}"#) };
+        let response =
+            gateway.post(Some(KEY_A), &[("x-aipipe-step", step), ("x-aipipe-deadline-ms", deadline)], &body).await;
+        let head = format!("{} {:?}", response.status(), response.headers());
+        bodies.push(format!("{head} {}", response.text().await.unwrap()));
+    }
+    let root = gateway.base_url.trim_end_matches("/v1");
+    let metrics = gateway.http.get(format!("{root}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(upstream.received().len() >= 3, "the upstream was asked");
+    gateway.terminate();
+    let mut gateway = gateway;
+    assert!(gateway.process.wait().unwrap().success());
+
+    assert!(bodies.iter().any(|body| body.contains("Incorrect API key provided")), "{bodies:?}");
+    let sinks = [
+        ("response bodies", bodies.join("\n")),
+        ("stderr at trace level", std::fs::read_to_string(&stderr).unwrap()),
+        ("telemetry rows", rows_as_text(dir.path()).await.join("\n")),
+        ("metrics", metrics),
+        ("semantic snapshot", String::from_utf8_lossy(&std::fs::read(&snapshot).unwrap_or_default()).into_owned()),
+    ];
+    for (sink, text) in &sinks {
+        assert!(!text.is_empty() || *sink == "semantic snapshot", "{sink} is empty");
+        assert!(!text.contains(UPSTREAM_KEY), "the upstream key reached the {sink}");
+        assert!(!text.contains(KEY_A), "the workspace key reached the {sink}");
+    }
+    assert!(sinks[2].1.contains("[secret]"), "the rows say something was masked: {}", sinks[2].1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_declaring_600_a_minute_is_kept_under_and_callers_over_it_hear_429_at_once() {
+    let upstream = ScriptedUpstream::start().await.unwrap();
+    upstream.respond_with(|_| Reply::completion("fine"));
+    upstream.enforce_limit(600);
+    let dir = tempfile::tempdir().unwrap();
+    // The shipped defaults: no limits of the gateway's own, max_wait 500 ms.
+    let gateway = std::sync::Arc::new(Gateway::start(dir.path(), &upstream, ""));
+    let mut tasks = Vec::new();
+    for worker in 0..16 {
+        let gateway = gateway.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for n in 0..50 {
+                let started = std::time::Instant::now();
+                let response = gateway.post(Some(KEY_A), &[], &chat(&format!("question {worker}-{n}"))).await;
+                let status = response.status().as_u16();
+                let retry_after = response.headers().get("retry-after").is_some();
+                outcomes.push((status, retry_after, started.elapsed()));
+            }
+            outcomes
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.extend(task.await.unwrap());
+    }
+    let answered = outcomes.iter().filter(|(status, ..)| *status == 200).count();
+    let refused: Vec<_> = outcomes.iter().filter(|(status, ..)| *status == 429).collect();
+    assert_eq!(answered + refused.len(), 800, "every request answered or refused as rate limited");
+    assert!((600..700).contains(&answered), "the minute's 600 and what refilled meanwhile: {answered}");
+    assert!(refused.iter().all(|(_, retry_after, _)| *retry_after), "a 429 says when to come back");
+    assert!(
+        refused.iter().all(|(.., took)| *took < std::time::Duration::from_millis(900)),
+        "refused within max_wait (500 ms): {:?}",
+        refused.iter().map(|(.., took)| took).max()
+    );
+    let upstream_429s = upstream.exchanges().iter().filter(|exchange| exchange.status == 429).count();
+    assert_eq!(upstream_429s, 0, "the gateway stayed under what the upstream declared");
+}

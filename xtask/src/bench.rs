@@ -418,6 +418,7 @@ async fn bench_engine_with(toml: &str) -> anyhow::Result<pipeline_core::Engine> 
             usage: Usage { input_tokens: 120, output_tokens: 12 },
             finish_reason: FinishReason::Stop,
             latency: Duration::ZERO,
+            declared_limits: None,
         })
     });
     let store = TelemetryStore::connect("sqlite::memory:").await?;

@@ -16,7 +16,9 @@ mod bench_replay;
 mod boost;
 mod calibrate;
 mod eval;
+mod fuzz;
 mod record;
+mod soak;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "aipipe's project tasks")]
@@ -52,6 +54,30 @@ enum Task {
         #[arg(long, default_value_t = 0.90)]
         target_precision: f64,
         /// Print one JSON object per dev file.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Runs every fuzz target (`fuzz/`: the call-log reader, the config loader, the gateway's
+    /// request parser, the output-contract parser) for this many seconds each, with cargo-fuzz
+    /// on the nightly toolchain; a crash stops it and names the input that caused it.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// One target instead of all.
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Drives `aipipe serve` (release build) at a fixed rate against an upstream that cycles
+    /// through faults (answers, a 429 storm, a 503 outage, stalls, malformed replies), and
+    /// reports what was sent, answered and refused, the telemetry rows, and the gateway's
+    /// memory and open files at the start and the end.
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Requests per second.
+        #[arg(long, default_value_t = 40)]
+        rate: u32,
+        /// Print one JSON object per figure.
         #[arg(long)]
         json: bool,
     },
@@ -109,6 +135,12 @@ fn main() -> ExitCode {
             })
         }),
         Task::GenLog(args) => data_folder().and_then(|data| gen_log::gen_log(&args, &data)),
+        Task::Fuzz { seconds, target } => {
+            workspace_root().and_then(|root| fuzz::fuzz(&root, seconds, target.as_deref()))
+        }
+        Task::Soak { minutes, rate, json } => {
+            workspace_root().and_then(|root| soak::soak(&root, &soak::SoakOptions { minutes, rate, json }))
+        }
         Task::EvalCache { files, dev, limit, json, threshold, min_confidence, each } => {
             eval_cache(files, dev, limit, json, threshold, min_confidence, each)
         }

@@ -15,10 +15,16 @@ const FILE: &str = "docs/benchmarks.md";
 /// Replaces the `bench`'s block in docs/benchmarks.md (appending one if the file has none)
 /// with a table of `figures`: one row per figure, one column per field.
 pub fn record<F: Serialize>(root: &Path, bench: &str, figures: &[F]) -> anyhow::Result<()> {
+    record_run(root, bench, &format!("cargo xtask bench {bench}"), figures)
+}
+
+/// The same for a command other than `cargo xtask bench NAME`, under the block `key`.
+pub fn record_run<F: Serialize>(root: &Path, key: &str, command: &str, figures: &[F]) -> anyhow::Result<()> {
+    let bench = key;
     let rows: Vec<Value> = figures.iter().map(serde_json::to_value).collect::<Result<_, _>>()?;
     let begin = format!("<!-- bench {bench}: begin -->");
     let end = format!("<!-- bench {bench}: end -->");
-    let block = format!("{begin}\n{}{end}", block(bench, &rows));
+    let block = format!("{begin}\n{}{end}", block(command, &rows));
     let path = root.join(FILE);
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read `{}`", path.display()))?;
     let updated = match (text.find(&begin), text.find(&end)) {
@@ -30,7 +36,7 @@ pub fn record<F: Serialize>(root: &Path, bench: &str, figures: &[F]) -> anyhow::
     Ok(())
 }
 
-fn block(bench: &str, rows: &[Value]) -> String {
+fn block(command: &str, rows: &[Value]) -> String {
     let mut columns: Vec<&str> = Vec::new();
     for row in rows {
         for key in row.as_object().into_iter().flat_map(|fields| fields.keys()) {
@@ -45,7 +51,7 @@ fn block(bench: &str, rows: &[Value]) -> String {
         columns.insert(0, name);
     }
     let mut text = format!(
-        "Latest `cargo xtask bench {bench}`, {}, on {} (written by the command):\n\n| {} |\n|{}\n",
+        "Latest `{command}`, {}, on {} (written by the command):\n\n| {} |\n|{}\n",
         jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M UTC"),
         machine(),
         columns.join(" | "),

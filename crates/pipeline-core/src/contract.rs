@@ -1,5 +1,6 @@
 use std::sync::Arc;
 
+use providers::ResponseFormat;
 use serde_json::Value;
 
 /// How many schema violations a message lists; the first few are enough to repair a reply.
@@ -15,8 +16,17 @@ pub(crate) enum ReplyContract {
 }
 
 impl ReplyContract {
-    pub(crate) fn json_mode(&self) -> bool {
-        matches!(self, Self::Json(_))
+    /// What to ask a provider for: the step's schema for a structured step (strict where it
+    /// allows), free text for a chat step.
+    pub(crate) fn response_format(&self, step: &str, schema: &Value) -> ResponseFormat {
+        match self {
+            Self::Json(_) => ResponseFormat::JsonSchema {
+                name: step.to_owned(),
+                schema: schema.clone(),
+                strict: within_strict_subset(schema),
+            },
+            Self::Text => ResponseFormat::Text,
+        }
     }
 
     /// The reply as the call's output, or what is wrong with it.
@@ -65,6 +75,56 @@ impl OutputContract {
             .collect();
         if violations.is_empty() { Ok(value) } else { Err(violations.join("; ")) }
     }
+}
+
+/// Keywords OpenAI's strict structured outputs accept.
+const STRICT_KEYWORDS: &[&str] = &[
+    "type",
+    "properties",
+    "required",
+    "additionalProperties",
+    "items",
+    "enum",
+    "const",
+    "anyOf",
+    "description",
+    "title",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "pattern",
+    "format",
+    "minItems",
+    "maxItems",
+    "$defs",
+    "$ref",
+];
+
+/// Whether OpenAI can guarantee a reply valid against `schema` (`strict: true`): every object
+/// lists all its properties as required and allows no others, and only keywords of its subset
+/// are used. Outside it, the schema is still sent, without the guarantee.
+pub(crate) fn within_strict_subset(schema: &Value) -> bool {
+    let Some(map) = schema.as_object() else { return false };
+    if map.keys().any(|keyword| !STRICT_KEYWORDS.contains(&keyword.as_str())) {
+        return false;
+    }
+    let is_object = map.get("type").and_then(Value::as_str) == Some("object");
+    let properties_ok = match map.get("properties").and_then(Value::as_object) {
+        Some(properties) => {
+            let required: Vec<&str> =
+                map.get("required").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+            properties.keys().all(|name| required.contains(&name.as_str()))
+                && map.get("additionalProperties") == Some(&Value::Bool(false))
+                && properties.values().all(within_strict_subset)
+        }
+        // An object without properties is free-form, which the strict subset cannot say.
+        None => !is_object,
+    };
+    let nested_ok = map.get("items").is_none_or(within_strict_subset)
+        && map.get("anyOf").and_then(Value::as_array).is_none_or(|options| options.iter().all(within_strict_subset));
+    properties_ok && nested_ok
 }
 
 /// Models often wrap JSON in a Markdown fence or a sentence even in JSON mode; the object
@@ -117,8 +177,27 @@ mod tests {
     #[test]
     fn text_replies_pass_as_they_are() {
         assert_eq!(ReplyContract::Text.check(" not JSON ").unwrap(), json!(" not JSON "));
-        assert!(!ReplyContract::Text.json_mode());
+        assert_eq!(ReplyContract::Text.response_format("chat", &Value::Null), ResponseFormat::Text);
         assert!(ReplyContract::Json(contract()).check("prose").is_err());
+    }
+
+    #[test]
+    fn the_strict_subset() {
+        let strict = json!({"type": "object", "required": ["a", "b"], "additionalProperties": false, "properties": {
+            "a": {"type": "string", "pattern": "^x$"},
+            "b": {"type": "array", "items": {"type": "number", "minimum": 0}}}});
+        assert!(within_strict_subset(&strict));
+        let optional = json!({"type": "object", "required": ["a"], "additionalProperties": false, "properties": {
+            "a": {"type": "string"}, "b": {"type": "string"}}});
+        assert!(!within_strict_subset(&optional), "b is not required");
+        let open = json!({"type": "object", "required": ["a"], "properties": {"a": {"type": "string"}}});
+        assert!(!within_strict_subset(&open), "additional properties allowed");
+        let keyword = json!({"type": "object", "required": ["a"], "additionalProperties": false, "properties": {
+            "a": {"type": "string", "minLength": 1}}});
+        assert!(!within_strict_subset(&keyword), "minLength is not in the subset");
+        let free_form = json!({"type": "object", "required": ["f"], "additionalProperties": false, "properties": {
+            "f": {"type": "object"}}});
+        assert!(!within_strict_subset(&free_form));
     }
 
     #[test]

@@ -132,6 +132,13 @@ impl PipelineError {
     pub fn upstream_unavailable(&self) -> bool {
         self.class().is_upstream_unavailable()
     }
+
+    /// Whether a stand-in may answer in its place: when no model could answer, and when the
+    /// model's answer broke the step's output contract even after a repair (a small model
+    /// that cannot meet a schema is as unavailable to the step as one that is down).
+    pub fn stand_in_may_answer(&self) -> bool {
+        self.upstream_unavailable() || matches!(self, Self::ContractViolation { .. })
+    }
 }
 
 fn upstream_class(class: providers::ErrorClass) -> ErrorClass {

@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use reqwest::header::HeaderMap;
 
-use crate::ProviderError;
+use crate::{DeclaredLimits, LimitWindow, ProviderError, scrub};
 
 /// Longest error body we keep in a message; upstream error pages can be large HTML.
 const MAX_MESSAGE_CHARS: usize = 500;
@@ -52,12 +52,14 @@ fn error_message_and_code(body: &[u8]) -> (String, Option<String>) {
     (truncate(&text), None)
 }
 
+/// Upstream text as it may be kept: secrets masked (before cutting, so that no half key is left
+/// to slip past the mask), then cut to a readable length.
 pub(crate) fn truncate(text: &str) -> String {
-    let trimmed = text.trim();
-    match trimmed.char_indices().nth(MAX_MESSAGE_CHARS) {
-        Some((cut, _)) => format!("{}...", &trimmed[..cut]),
-        None if trimmed.is_empty() => "(empty body)".to_owned(),
-        None => trimmed.to_owned(),
+    let scrubbed = scrub(text.trim(), &[]);
+    match scrubbed.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((cut, _)) => format!("{}...", &scrubbed[..cut]),
+        None if scrubbed.is_empty() => "(empty body)".to_owned(),
+        None => scrubbed,
     }
 }
 
@@ -75,6 +77,28 @@ pub fn parse_retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duratio
     let now = jiff::Timestamp::try_from(now).ok()?;
     let wait = now.until(at).ok()?.total(jiff::Unit::Millisecond).ok()?;
     duration_from_secs(wait.max(0.0) / 1000.0)
+}
+
+/// The rate limits an upstream declares in its response headers: OpenAI's
+/// `x-ratelimit-{limit,remaining}-{requests,tokens}` or Anthropic's
+/// `anthropic-ratelimit-{requests,tokens}-{limit,remaining}`. `None` when it declares none.
+pub fn declared_limits(headers: &HeaderMap) -> Option<DeclaredLimits> {
+    let number = |name: &str| header_str(headers, name).and_then(|value| value.trim().parse::<u64>().ok());
+    let window = |kind: &str| {
+        let openai = (number(&format!("x-ratelimit-limit-{kind}")), number(&format!("x-ratelimit-remaining-{kind}")));
+        let anthropic = (
+            number(&format!("anthropic-ratelimit-{kind}-limit")),
+            number(&format!("anthropic-ratelimit-{kind}-remaining")),
+        );
+        match (openai, anthropic) {
+            ((Some(limit), Some(remaining)), _) | (_, (Some(limit), Some(remaining))) => {
+                Some(LimitWindow { limit, remaining: remaining.min(limit) })
+            }
+            _ => None,
+        }
+    };
+    let declared = DeclaredLimits { requests: window("requests"), tokens: window("tokens") };
+    (declared != DeclaredLimits::default()).then_some(declared)
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -148,6 +172,24 @@ mod tests {
         );
         assert_eq!(parse_retry_after(&headers(&[("retry-after", "soon")]), now), None);
         assert_eq!(parse_retry_after(&HeaderMap::new(), now), None);
+    }
+
+    #[test]
+    fn declared_limits_in_either_vendors_headers() {
+        let openai = headers(&[
+            ("x-ratelimit-limit-requests", "600"),
+            ("x-ratelimit-remaining-requests", "598"),
+            ("x-ratelimit-limit-tokens", "150000"),
+            ("x-ratelimit-remaining-tokens", "149000"),
+        ]);
+        let declared = declared_limits(&openai).unwrap();
+        assert_eq!(declared.requests, Some(LimitWindow { limit: 600, remaining: 598 }));
+        assert_eq!(declared.tokens, Some(LimitWindow { limit: 150_000, remaining: 149_000 }));
+        let anthropic =
+            headers(&[("anthropic-ratelimit-requests-limit", "50"), ("anthropic-ratelimit-requests-remaining", "49")]);
+        assert_eq!(declared_limits(&anthropic).unwrap().requests, Some(LimitWindow { limit: 50, remaining: 49 }));
+        assert_eq!(declared_limits(&HeaderMap::new()), None);
+        assert_eq!(declared_limits(&headers(&[("x-ratelimit-limit-requests", "soon")])), None);
     }
 
     #[test]

@@ -25,9 +25,10 @@ impl ErrorClass {
     }
 
     /// Whether this failure says something about the upstream's health (what a circuit breaker
-    /// counts). A bad request or a quota problem is the caller's, not the upstream's.
+    /// counts). A bad request or a quota problem is the caller's, not the upstream's; a 200 that
+    /// is not a completion is the upstream's.
     pub fn is_upstream_fault(self) -> bool {
-        matches!(self, Self::RateLimited | Self::ServerError | Self::Timeout | Self::Connection)
+        matches!(self, Self::RateLimited | Self::ServerError | Self::Timeout | Self::Connection | Self::MalformedReply)
     }
 
     /// A low-cardinality label for metrics and telemetry rows.
@@ -123,6 +124,25 @@ impl ProviderError {
 
     pub fn metric_label(&self) -> &'static str {
         self.class().label()
+    }
+
+    /// The same failure with `secrets` (and anything shaped like a key) masked in its message.
+    #[must_use]
+    pub fn scrubbed(self, secrets: &[&str]) -> Self {
+        let clean = |message: String| crate::scrub(&message, secrets);
+        match self {
+            Self::RateLimited { retry_after, message } => Self::RateLimited { retry_after, message: clean(message) },
+            Self::QuotaExhausted { message } => Self::QuotaExhausted { message: clean(message) },
+            Self::ServerError { status, message, retry_after } => {
+                Self::ServerError { status, message: clean(message), retry_after }
+            }
+            Self::Connection { message } => Self::Connection { message: clean(message) },
+            Self::BadRequest { status, message } => Self::BadRequest { status, message: clean(message) },
+            Self::Unauthorized { status, message } => Self::Unauthorized { status, message: clean(message) },
+            Self::MalformedReply { message } => Self::MalformedReply { message: clean(message) },
+            Self::InvalidRequest { message } => Self::InvalidRequest { message: clean(message) },
+            other @ (Self::Timeout { .. } | Self::NotRecorded { .. }) => other,
+        }
     }
 
     /// The HTTP status the upstream answered with, where there was one.

@@ -10,13 +10,17 @@ mod classify;
 mod error;
 mod openai;
 mod recorded;
+mod scrub;
 mod types;
 
-pub use classify::{classify_http_failure, parse_retry_after};
+pub use classify::{classify_http_failure, declared_limits, parse_retry_after};
 pub use error::{ErrorClass, ProviderError};
 pub use openai::{OpenAiCompatible, OpenAiSettings};
 pub use recorded::{RecordedCall, RecordedProvider, RecordedReply};
-pub use types::{ChatMessage, ChatRequest, ChatResponse, FinishReason, Role, Usage};
+pub use scrub::{MASK, scrub};
+pub use types::{
+    ChatMessage, ChatRequest, ChatResponse, DeclaredLimits, FinishReason, LimitWindow, ResponseFormat, Role, Usage,
+};
 
 /// The shape the engine holds a provider in: cloneable per call, type-erased, `Sync` so that
 /// an engine can be shared across tasks.

@@ -12,12 +12,19 @@ use async_openai::traits::RequestOptionsBuilder;
 use async_openai::types::chat::{
     self, ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
     ChatCompletionRequestUserMessage, CreateChatCompletionRequest, CreateChatCompletionResponse, ResponseFormat,
+    ResponseFormatJsonSchema,
 };
 
 use tower::Service;
 
-use crate::classify::{classify_http_failure, truncate};
-use crate::{ChatMessage, ChatRequest, ChatResponse, FinishReason, ProviderError, Role, Usage};
+use crate::classify::{classify_http_failure, declared_limits, truncate};
+use crate::{ChatMessage, ChatRequest, ChatResponse, DeclaredLimits, FinishReason, ProviderError, Role, Usage};
+
+tokio::task_local! {
+    /// The rate limits the transport read from the response's headers, for the call that is
+    /// waiting for it: async-openai hands back the parsed body only.
+    static DECLARED: std::cell::Cell<Option<DeclaredLimits>>;
+}
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -56,6 +63,8 @@ struct Inner {
     client: async_openai::Client<OpenAIConfig>,
     name: String,
     request_timeout: Duration,
+    /// Masked in every error message, should the upstream echo it.
+    api_key: String,
 }
 
 impl fmt::Debug for OpenAiCompatible {
@@ -71,14 +80,22 @@ impl OpenAiCompatible {
             .connect_timeout(settings.connect_timeout)
             .build()
             .map_err(|err| ProviderError::InvalidRequest { message: format!("cannot build the HTTP client: {err}") })?;
-        let config =
-            OpenAIConfig::new().with_api_base(settings.base_url.trim_end_matches('/')).with_api_key(settings.api_key);
+        let config = OpenAIConfig::new()
+            .with_api_base(settings.base_url.trim_end_matches('/'))
+            .with_api_key(settings.api_key.clone());
         // Our own transport replaces async-openai's default executor, which retries 429 and 5xx
         // by itself: retries must have one owner (the engine), and the classifier needs the
         // status, headers and body of a failure, which the default path drops (Retry-After).
         let transport = SurfaceFailures { inner: ReqwestService::new(http.clone()), timeout: settings.request_timeout };
         let client = async_openai::Client::build(http, config).with_http_service(transport);
-        Ok(Self { inner: Arc::new(Inner { client, name: settings.name, request_timeout: settings.request_timeout }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                name: settings.name,
+                request_timeout: settings.request_timeout,
+                api_key: settings.api_key,
+            }),
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -96,8 +113,16 @@ impl OpenAiCompatible {
             Ok(with_header) => with_header,
             Err(_) => inner.client.chat(),
         };
-        let reply = chat.create(body).await.map_err(|err| from_openai_error(err, inner.request_timeout))?;
-        from_openai_reply(reply, &inner.name, started.elapsed())
+        let (reply, declared) = DECLARED
+            .scope(std::cell::Cell::new(None), async {
+                let reply = chat.create(body).await;
+                (reply, DECLARED.with(std::cell::Cell::get))
+            })
+            .await;
+        let reply = reply.map_err(|err| from_openai_error(err, inner.request_timeout).scrubbed(&[&inner.api_key]))?;
+        let mut response = from_openai_reply(reply, &inner.name, started.elapsed())?;
+        response.declared_limits = declared;
+        Ok(response)
     }
 }
 
@@ -133,7 +158,13 @@ fn to_openai_request(request: ChatRequest) -> Result<CreateChatCompletionRequest
         messages,
         temperature: request.temperature,
         max_completion_tokens: request.max_output_tokens,
-        response_format: request.json_mode.then_some(ResponseFormat::JsonObject),
+        response_format: match request.response_format {
+            crate::ResponseFormat::Text => None,
+            crate::ResponseFormat::JsonObject => Some(ResponseFormat::JsonObject),
+            crate::ResponseFormat::JsonSchema { name, schema, strict } => Some(ResponseFormat::JsonSchema {
+                json_schema: ResponseFormatJsonSchema { description: None, name, schema, strict: Some(strict) },
+            }),
+        },
         ..Default::default()
     })
 }
@@ -170,7 +201,15 @@ fn from_openai_reply(
             return Err(ProviderError::MalformedReply { message: "the reply has no content".into() });
         }
     };
-    Ok(ChatResponse { content, model: reply.model, provider: provider.to_owned(), usage, finish_reason, latency })
+    Ok(ChatResponse {
+        content,
+        model: reply.model,
+        provider: provider.to_owned(),
+        usage,
+        finish_reason,
+        latency,
+        declared_limits: None,
+    })
 }
 
 fn from_openai_error(err: OpenAIError, timeout: Duration) -> ProviderError {
@@ -246,6 +285,8 @@ impl Service<HttpRequestFactory> for SurfaceFailures {
         Box::pin(async move {
             let response = sent.await.map_err(|err| boxed(from_openai_error(err, timeout)))?;
             let status = response.status();
+            // Outside a call's scope (none here today) the limits are simply not kept.
+            let _ = DECLARED.try_with(|declared| declared.set(declared_limits(response.headers())));
             if status.is_success() {
                 return Ok(response);
             }

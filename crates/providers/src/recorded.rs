@@ -63,6 +63,7 @@ impl RecordedProvider {
             // Call logs do not keep why a reply ended.
             finish_reason: FinishReason::Stop,
             latency: call.latency,
+            declared_limits: None,
         })
     }
 }

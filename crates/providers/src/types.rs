@@ -51,6 +51,20 @@ impl ChatMessage {
     }
 }
 
+/// The shape a reply must have.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum ResponseFormat {
+    /// Free text.
+    #[default]
+    Text,
+    /// Any JSON object (OpenAI's `json_object` mode).
+    JsonObject,
+    /// A JSON object valid against `schema` (OpenAI's structured outputs; llama.cpp's server
+    /// and vLLM constrain decoding to it). `strict` asks OpenAI to guarantee it, which it can
+    /// only for schemas within its strict subset.
+    JsonSchema { name: String, schema: serde_json::Value, strict: bool },
+}
+
 /// One chat completion, as the engine asks for it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatRequest {
@@ -58,8 +72,7 @@ pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     pub temperature: Option<f32>,
     pub max_output_tokens: Option<u32>,
-    /// Ask for a JSON object reply (`response_format: json_object`).
-    pub json_mode: bool,
+    pub response_format: ResponseFormat,
     /// The caller's trace id. Sent upstream as `x-request-id`, and the key under which the
     /// recorded provider finds its answer.
     pub trace_id: String,
@@ -69,6 +82,22 @@ pub struct ChatRequest {
 pub struct Usage {
     pub input_tokens: u32,
     pub output_tokens: u32,
+}
+
+/// What an upstream said about one of its rate limits in a response's headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitWindow {
+    /// How many it allows per minute.
+    pub limit: u64,
+    /// How many are left now.
+    pub remaining: u64,
+}
+
+/// The rate limits an upstream declared in a response, where it did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeclaredLimits {
+    pub requests: Option<LimitWindow>,
+    pub tokens: Option<LimitWindow>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -82,4 +111,6 @@ pub struct ChatResponse {
     /// How long the upstream took. Measured for live providers; as logged for the recorded one,
     /// which answers at once but must report the latency the call really had.
     pub latency: Duration,
+    /// The rate limits the upstream declared in its headers, if it did.
+    pub declared_limits: Option<DeclaredLimits>,
 }

@@ -18,7 +18,7 @@ fn request() -> ChatRequest {
         messages: vec![ChatMessage::system("Answer in JSON."), ChatMessage::user("Classify: hello")],
         temperature: Some(0.0),
         max_output_tokens: Some(50),
-        json_mode: true,
+        response_format: providers::ResponseFormat::JsonObject,
         trace_id: "trace-1".into(),
     }
 }

@@ -11,6 +11,11 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// Whether it counts requests (else tokens).
+    pub fn is_requests(self) -> bool {
+        matches!(self, Self::WorkspaceRequests | Self::ModelRequests)
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Self::WorkspaceRequests => "workspace_requests",

@@ -4,8 +4,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{
-    BreakerPermit, BreakerSettings, BreakerState, BreakerStatus, Breakers, Deadline, LimitSettings, Outcome,
-    PausePermit, PauseStatus, Pauses, RateLimits, Refusal, TokenReservation,
+    BreakerPermit, BreakerSettings, BreakerState, BreakerStatus, Breakers, Deadline, Declared, Headroom, LimitSettings,
+    Outcome, PausePermit, PauseStatus, Pauses, RateLimits, Refusal, TokenReservation,
 };
 
 /// Which guards an upstream request passes; `None` or `false` turns one off.
@@ -14,6 +14,9 @@ pub struct GuardSettings {
     pub limits: Option<LimitSettings>,
     pub breaker: Option<BreakerSettings>,
     pub pause_on_retry_after: bool,
+    /// The longest a call waits for capacity or for a Retry-After pause to end; past that it
+    /// is refused at once, with the time it could go.
+    pub max_wait: Duration,
 }
 
 /// Every guard an upstream request passes, in one fixed order: the Retry-After pause, the
@@ -25,6 +28,7 @@ pub struct Guards {
     pauses: Option<Pauses>,
     limits: Option<RateLimits>,
     breakers: Option<Breakers>,
+    max_wait: Duration,
 }
 
 /// A guard kept a request from being sent.
@@ -55,6 +59,7 @@ impl Guards {
             pauses: settings.pause_on_retry_after.then(Pauses::new),
             limits: settings.limits.map(RateLimits::new),
             breakers: settings.breaker.map(Breakers::new),
+            max_wait: settings.max_wait,
         }
     }
 
@@ -78,7 +83,8 @@ impl Guards {
         let pause = match &self.pauses {
             Some(pauses) => {
                 let asked = Instant::now();
-                let admitted = pauses.admit(key, deadline).instrument(tracing::info_span!("limit.pause")).await;
+                let admitted =
+                    pauses.admit(key, self.max_wait, deadline).instrument(tracing::info_span!("limit.pause")).await;
                 let (permit, pause_wait) = admitted.map_err(|refusal| refused(refusal, waited, asked))?;
                 waited += pause_wait;
                 Some(permit)
@@ -89,7 +95,7 @@ impl Guards {
             Some(limits) => {
                 let asked = Instant::now();
                 let acquired = limits
-                    .acquire(workspace, key, estimated_tokens, deadline)
+                    .acquire(workspace, key, estimated_tokens, self.max_wait, deadline)
                     .instrument(tracing::info_span!("limit.acquire"))
                     .await;
                 let (limit_wait, reservation) = acquired.map_err(|refusal| refused(refusal, waited, asked))?;
@@ -115,9 +121,27 @@ impl Guards {
         self.breakers.as_ref().map(Breakers::statuses).unwrap_or_default()
     }
 
+    /// The longest a call waits for capacity or a pause.
+    pub fn max_wait(&self) -> Duration {
+        self.max_wait
+    }
+
     /// Every provider/model a Retry-After holds back now.
     pub fn paused(&self) -> Vec<PauseStatus> {
         self.pauses.as_ref().map(Pauses::paused).unwrap_or_default()
+    }
+
+    /// The limits the upstream declared for `key` in a response: the provider/model's
+    /// limiter holds to them (see [`RateLimits::declare`]).
+    pub fn declare(&self, key: &str, declared: Declared) {
+        if let Some(limits) = &self.limits {
+            limits.declare(key, declared);
+        }
+    }
+
+    /// Each limit's headroom now (empty when limits are off).
+    pub fn headroom(&self) -> Vec<Headroom> {
+        self.limits.as_ref().map(RateLimits::headroom).unwrap_or_default()
     }
 }
 
@@ -157,13 +181,14 @@ mod tests {
     fn guards() -> Guards {
         Guards::new(GuardSettings {
             limits: Some(LimitSettings {
-                workspace_requests: quota(600, 100),
-                workspace_tokens: quota(60_000, 1000),
-                model_requests: quota(600, 100),
-                model_tokens: quota(60_000, 10_000),
+                workspace_requests: Some(quota(600, 100)),
+                workspace_tokens: Some(quota(60_000, 1000)),
+                model_requests: Some(quota(600, 100)),
+                model_tokens: Some(quota(60_000, 10_000)),
             }),
             breaker: Some(BreakerSettings { failures_to_open: 2, open_for: Duration::from_secs(60) }),
             pause_on_retry_after: true,
+            max_wait: Duration::from_secs(10),
         })
     }
 
@@ -201,7 +226,12 @@ mod tests {
 
     #[tokio::test]
     async fn without_guards_everything_is_admitted_at_once() {
-        let guards = Guards::new(GuardSettings { limits: None, breaker: None, pause_on_retry_after: false });
+        let guards = Guards::new(GuardSettings {
+            limits: None,
+            breaker: None,
+            pause_on_retry_after: false,
+            max_wait: Duration::ZERO,
+        });
         let admitted = guards.admit("ws", "p/m", u64::MAX, &Deadline::after(Duration::from_millis(1))).await.unwrap();
         assert_eq!(admitted.waited(), Duration::ZERO);
         assert_eq!(admitted.finish(Outcome::Fault { retry_after: None }, None), None);

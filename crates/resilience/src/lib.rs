@@ -7,11 +7,14 @@
 //!
 //! - [`Guards`]: the pause, the limits and the breaker in their fixed order, as one
 //!   [`Guards::admit`] whose [`Admission`] is settled once with the request's outcome.
-//! - [`RateLimits`]: requests (governor) and tokens (a reconcilable budget) per workspace and
-//!   per provider/model, waiting for capacity up to the deadline.
+//! - [`RateLimits`]: requests and tokens per workspace and per provider/model (token buckets
+//!   that a call settles with its real usage), a provider/model held to the limits its upstream
+//!   declares; a call waits for capacity up to a short `max_wait`, then is refused with the
+//!   time to retry.
 //! - [`Breakers`]: a failsafe circuit breaker per provider/model that admits one half-open probe
 //!   at a time and reports its state.
-//! - [`Pauses`]: a Retry-After from the upstream holds back every call to that provider/model.
+//! - [`Pauses`]: a Retry-After from the upstream holds back every call to that provider/model
+//!   (up to `max_wait`, then it is refused with the time the pause ends).
 //! - [`RetryPolicy`]: exponential backoff with jitter (backon), never sooner than Retry-After,
 //!   within a retry budget (tower's) so that an outage does not multiply traffic.
 
@@ -27,7 +30,7 @@ pub use breaker::{BreakerPermit, BreakerSettings, BreakerState, BreakerStatus, B
 pub use deadline::{Deadline, DeadlineExceeded};
 pub use error::{Refusal, Scope};
 pub use guards::{Admission, GuardSettings, Guards, Refused};
-pub use limit::{LimitSettings, Quota, RateLimits, TokenReservation, TokioClock};
+pub use limit::{Declared, Headroom, LimitSettings, Quota, RateLimits, TokenReservation, Window};
 pub use pause::{PausePermit, PauseStatus, Pauses};
 pub use retry::{GiveUp, Retries, RetryPolicy, RetrySettings};
 

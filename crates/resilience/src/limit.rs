@@ -3,10 +3,6 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use governor::clock::Clock;
-use governor::middleware::NoOpMiddleware;
-use governor::nanos::Nanos;
-use governor::state::keyed::DefaultKeyedStateStore;
 use tokio::time::Instant;
 
 use crate::{Deadline, Refusal, Scope};
@@ -19,222 +15,246 @@ pub struct Quota {
 }
 
 impl Quota {
-    fn governor(self) -> governor::Quota {
-        governor::Quota::per_minute(self.per_minute).allow_burst(self.burst)
-    }
-
     fn per_second(self) -> f64 {
         f64::from(self.per_minute.get()) / 60.0
     }
+
+    /// The tighter of two quotas, rate and burst each.
+    fn min(self, other: Self) -> Self {
+        Self { per_minute: self.per_minute.min(other.per_minute), burst: self.burst.min(other.burst) }
+    }
 }
 
+/// Which limits a call meets. Every quota is optional: a workspace's limits are an operator's
+/// choice for fairness between tenants; a provider/model is held to what the upstream declares
+/// in its responses ([`Declared`]), and to these numbers too where they are given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimitSettings {
-    pub workspace_requests: Quota,
-    pub workspace_tokens: Quota,
-    pub model_requests: Quota,
-    pub model_tokens: Quota,
+    pub workspace_requests: Option<Quota>,
+    pub workspace_tokens: Option<Quota>,
+    pub model_requests: Option<Quota>,
+    pub model_tokens: Option<Quota>,
 }
 
-/// Governor's clock on tokio's time, like every other wait in this crate: under
-/// `tokio::time::pause` (a recorded replay, which runs on the log's time) request limits see
-/// that time too.
-#[derive(Debug, Clone, Copy)]
-pub struct TokioClock {
-    origin: Instant,
+/// What an upstream declared about one of its limits in a response (OpenAI's
+/// `x-ratelimit-*-requests` / `-tokens` headers, Anthropic's `anthropic-ratelimit-*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// How many it allows per minute.
+    pub limit: u64,
+    /// How many are left now.
+    pub remaining: u64,
 }
 
-impl Default for TokioClock {
-    fn default() -> Self {
-        Self { origin: Instant::now() }
-    }
+/// The limits an upstream declared for a provider/model in its latest response.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Declared {
+    pub requests: Option<Window>,
+    pub tokens: Option<Window>,
 }
 
-impl Clock for TokioClock {
-    type Instant = Nanos;
-
-    fn now(&self) -> Nanos {
-        self.origin.elapsed().into()
-    }
+/// Requests and tokens per minute, per workspace and per provider/model, as token buckets on
+/// tokio's clock (so that a replay under `tokio::time::pause` sees the log's time). Tokens are
+/// reserved before a call and settled with its real usage afterwards ([`TokenReservation`]).
+#[derive(Debug)]
+pub struct RateLimits {
+    settings: LimitSettings,
+    buckets: Arc<Buckets>,
 }
 
-type KeyedRequests<C> =
-    governor::RateLimiter<String, DefaultKeyedStateStore<String>, C, NoOpMiddleware<<C as Clock>::Instant>>;
-
-/// Requests and tokens per minute, per workspace and per provider/model. Requests are counted
-/// by governor. Tokens are not: a call's tokens are known only after it, and governor cannot
-/// give back what an estimate over-reserved, so they go through [`TokenBudgets`], which can.
-pub struct RateLimits<C: Clock = TokioClock> {
-    clock: C,
-    workspace_requests: KeyedRequests<C>,
-    model_requests: KeyedRequests<C>,
-    tokens: Arc<TokenBudgets>,
-}
-
-impl<C: Clock> std::fmt::Debug for RateLimits<C> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimits").finish_non_exhaustive()
-    }
-}
-
-impl RateLimits<TokioClock> {
+impl RateLimits {
     pub fn new(settings: LimitSettings) -> Self {
-        Self::with_clock(settings, TokioClock::default())
-    }
-}
-
-impl<C: Clock + Clone> RateLimits<C> {
-    /// Another governor clock, such as its `FakeRelativeClock` in tests.
-    pub fn with_clock(settings: LimitSettings, clock: C) -> Self {
-        Self {
-            workspace_requests: governor::RateLimiter::dashmap_with_clock(
-                settings.workspace_requests.governor(),
-                clock.clone(),
-            ),
-            model_requests: governor::RateLimiter::dashmap_with_clock(
-                settings.model_requests.governor(),
-                clock.clone(),
-            ),
-            tokens: Arc::new(TokenBudgets::new(settings.workspace_tokens, settings.model_tokens)),
-            clock,
-        }
+        Self { settings, buckets: Arc::default() }
     }
 
-    /// Takes one request and `tokens` estimated tokens from the workspace's and the model's
-    /// limits, waiting for capacity while the deadline allows. Returns the time spent waiting
-    /// and the reservation to settle once the real usage is known.
+    /// Takes one request and `tokens` estimated tokens from the workspace's and the
+    /// provider/model's limits, waiting for capacity up to `max_wait` (and never past the
+    /// deadline). Returns the time spent waiting and the reservation to settle once the real
+    /// usage is known.
     pub async fn acquire(
         &self,
         workspace: &str,
         model_key: &str,
         tokens: u64,
+        max_wait: Duration,
         deadline: &Deadline,
     ) -> Result<(Duration, TokenReservation), Refusal> {
-        let mut waited =
-            self.take_request(&self.workspace_requests, workspace, Scope::WorkspaceRequests, deadline).await?;
-        waited += self.take_request(&self.model_requests, model_key, Scope::ModelRequests, deadline).await?;
-        let reservation = TokenReservation {
-            budgets: self.tokens.clone(),
-            workspace: workspace.to_owned(),
-            model_key: model_key.to_owned(),
-            reserved: tokens,
+        let mut reservation = TokenReservation {
+            buckets: self.buckets.clone(),
             taken: Vec::new(),
+            reserved: tokens,
+            requests: Vec::new(),
         };
-        let (reservation, token_wait) = self.tokens.take(reservation, tokens, deadline).await?;
-        Ok((waited + token_wait, reservation))
+        let mut waited = Duration::ZERO;
+        let asks = [
+            (Scope::WorkspaceRequests, workspace, self.settings.workspace_requests, 1),
+            (Scope::ModelRequests, model_key, self.settings.model_requests, 1),
+            (Scope::WorkspaceTokens, workspace, self.settings.workspace_tokens, tokens),
+            (Scope::ModelTokens, model_key, self.settings.model_tokens, tokens),
+        ];
+        for (scope, key, configured, amount) in asks {
+            loop {
+                let wait = match self.buckets.try_take(scope, key, configured, amount) {
+                    Taken::Yes => break,
+                    Taken::Unlimited => break,
+                    Taken::After(wait) => wait,
+                };
+                let allowed = max_wait.saturating_sub(waited);
+                if wait > allowed || !deadline.allows(wait) {
+                    // Dropping the reservation gives back what it took so far.
+                    return Err(Refusal::RateLimited { scope, retry_after: wait });
+                }
+                tokio::time::sleep(wait).await;
+                waited += wait;
+            }
+            let taken = (scope, key.to_owned(), amount);
+            if scope.is_requests() { reservation.requests.push(taken) } else { reservation.taken.push(taken) }
+        }
+        Ok((waited, reservation))
     }
 
-    async fn take_request(
-        &self,
-        limiter: &KeyedRequests<C>,
-        key: &str,
-        scope: Scope,
-        deadline: &Deadline,
-    ) -> Result<Duration, Refusal> {
-        let key = key.to_owned();
-        let mut waited = Duration::ZERO;
-        loop {
-            let wait = match limiter.check_key(&key) {
-                Ok(()) => return Ok(waited),
-                Err(not_until) => not_until.wait_time_from(self.clock.now()),
-            };
-            if !deadline.allows(wait) {
-                return Err(Refusal::RateLimited { scope, retry_after: wait });
+    /// What the upstream declared for `model_key` in a response: from now on the
+    /// provider/model's buckets hold no more than it allows, nor than it has left.
+    pub fn declare(&self, model_key: &str, declared: Declared) {
+        for (scope, window, configured) in [
+            (Scope::ModelRequests, declared.requests, self.settings.model_requests),
+            (Scope::ModelTokens, declared.tokens, self.settings.model_tokens),
+        ] {
+            if let Some(window) = window {
+                self.buckets.declare(scope, model_key, window, configured);
             }
-            tokio::time::sleep(wait).await;
-            waited += wait;
         }
+    }
+
+    /// Each limited workspace's and provider/model's headroom now, for a status page.
+    pub fn headroom(&self) -> Vec<Headroom> {
+        self.buckets.headroom()
     }
 }
 
-/// Token buckets per key that can run into debt: a call reserves its estimate up front and
-/// settles with its real usage afterwards, so the budget follows what the upstream counted.
-#[derive(Debug)]
-struct TokenBudgets {
-    workspace: Quota,
-    model: Quota,
+/// How much of one limit is left now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Headroom {
+    pub scope: Scope,
+    pub key: String,
+    /// Requests or tokens that could go now (negative: in debt after a large call).
+    pub available: f64,
+    pub per_minute: u32,
+    /// Whether the upstream declared this limit (else the config set it).
+    pub declared: bool,
+}
+
+enum Taken {
+    Yes,
+    /// No limit applies to this scope and key.
+    Unlimited,
+    After(Duration),
+}
+
+#[derive(Debug, Default)]
+struct Buckets {
     buckets: Mutex<HashMap<(Scope, String), Bucket>>,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
+    quota: Quota,
     level: f64,
     updated: Instant,
+    declared: bool,
 }
 
-impl TokenBudgets {
-    fn new(workspace: Quota, model: Quota) -> Self {
-        Self { workspace, model, buckets: Mutex::default() }
+impl Bucket {
+    fn full(quota: Quota, declared: bool) -> Self {
+        Self { quota, level: f64::from(quota.burst.get()), updated: Instant::now(), declared }
     }
 
-    fn quota(&self, scope: Scope) -> Quota {
-        if scope == Scope::WorkspaceTokens { self.workspace } else { self.model }
-    }
-
-    /// Takes `tokens` now, or says how long until the bucket holds them. A call larger than
-    /// the burst waits for a full bucket and runs it into debt, rather than never running.
-    fn try_take(&self, scope: Scope, key: &str, tokens: u64) -> Result<(), Duration> {
-        let quota = self.quota(scope);
-        let burst = f64::from(quota.burst.get());
-        let wanted = (tokens as f64).min(burst);
+    fn refill(&mut self) {
         let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        let bucket = buckets.entry((scope, key.to_owned())).or_insert(Bucket { level: burst, updated: now });
-        let refill = now.saturating_duration_since(bucket.updated).as_secs_f64() * quota.per_second();
-        bucket.level = (bucket.level + refill).min(burst);
-        bucket.updated = now;
+        let refill = now.saturating_duration_since(self.updated).as_secs_f64() * self.quota.per_second();
+        self.level = (self.level + refill).min(f64::from(self.quota.burst.get()));
+        self.updated = now;
+    }
+}
+
+impl Buckets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Scope, String), Bucket>> {
+        self.buckets.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes `amount` now, or says how long until the bucket holds it. An amount larger than
+    /// the burst waits for a full bucket and runs it into debt, rather than never going.
+    fn try_take(&self, scope: Scope, key: &str, configured: Option<Quota>, amount: u64) -> Taken {
+        let mut buckets = self.lock();
+        let bucket = match buckets.get_mut(&(scope, key.to_owned())) {
+            Some(bucket) => bucket,
+            None => match configured {
+                Some(quota) => buckets.entry((scope, key.to_owned())).or_insert(Bucket::full(quota, false)),
+                None => return Taken::Unlimited,
+            },
+        };
+        bucket.refill();
+        let wanted = (amount as f64).min(f64::from(bucket.quota.burst.get()));
         if bucket.level >= wanted {
-            bucket.level -= tokens as f64;
-            Ok(())
+            bucket.level -= amount as f64;
+            Taken::Yes
         } else {
-            Err(Duration::from_secs_f64((wanted - bucket.level) / quota.per_second()))
+            Taken::After(Duration::from_secs_f64((wanted - bucket.level) / bucket.quota.per_second()))
         }
     }
 
     fn adjust(&self, scope: Scope, key: &str, delta: f64) {
-        let burst = f64::from(self.quota(scope).burst.get());
-        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(bucket) = buckets.get_mut(&(scope, key.to_owned())) {
-            bucket.level = (bucket.level + delta).min(burst);
+        if let Some(bucket) = self.lock().get_mut(&(scope, key.to_owned())) {
+            bucket.refill();
+            bucket.level = (bucket.level + delta).min(f64::from(bucket.quota.burst.get()));
         }
     }
 
-    async fn take(
-        &self,
-        mut reservation: TokenReservation,
-        tokens: u64,
-        deadline: &Deadline,
-    ) -> Result<(TokenReservation, Duration), Refusal> {
-        let mut waited = Duration::ZERO;
-        for scope in [Scope::WorkspaceTokens, Scope::ModelTokens] {
-            let key = if scope == Scope::WorkspaceTokens { &reservation.workspace } else { &reservation.model_key };
-            loop {
-                match self.try_take(scope, key, tokens) {
-                    Ok(()) => break,
-                    Err(wait) if deadline.allows(wait) => {
-                        tokio::time::sleep(wait).await;
-                        waited += wait;
-                    }
-                    // Dropping the reservation gives back what the workspace bucket already took.
-                    Err(wait) => return Err(Refusal::RateLimited { scope, retry_after: wait }),
+    fn declare(&self, scope: Scope, key: &str, window: Window, configured: Option<Quota>) {
+        let Some(limit) = NonZeroU32::new(u32::try_from(window.limit).unwrap_or(u32::MAX)) else { return };
+        // Upstreams count per minute, with the whole minute's allowance usable at once.
+        let declared = Quota { per_minute: limit, burst: limit };
+        let quota = configured.map_or(declared, |configured| configured.min(declared));
+        let mut buckets = self.lock();
+        let bucket = buckets.entry((scope, key.to_owned())).or_insert(Bucket::full(quota, true));
+        bucket.refill();
+        bucket.quota = quota;
+        bucket.declared = true;
+        // What it has left is the truth, but requests sent since it answered have taken some
+        // more: never hold more than either says.
+        bucket.level = bucket.level.min(window.remaining as f64).min(f64::from(quota.burst.get()));
+    }
+
+    fn headroom(&self) -> Vec<Headroom> {
+        let mut buckets = self.lock();
+        let mut headroom: Vec<Headroom> = buckets
+            .iter_mut()
+            .map(|((scope, key), bucket)| {
+                bucket.refill();
+                Headroom {
+                    scope: *scope,
+                    key: key.clone(),
+                    available: bucket.level,
+                    per_minute: bucket.quota.per_minute.get(),
+                    declared: bucket.declared,
                 }
-            }
-            reservation.taken.push(scope);
-        }
-        Ok((reservation, waited))
+            })
+            .collect();
+        headroom.sort_by(|a, b| (a.scope.label(), &a.key).cmp(&(b.scope.label(), &b.key)));
+        headroom
     }
 }
 
-/// Tokens a call reserved before it was sent. Settle it with the real usage; dropped
-/// unsettled (the request was never sent), it gives the tokens back.
+/// What a call took from the limits before it was sent. Settle it with the real usage;
+/// dropped unsettled (the request was never sent), it gives everything back.
 #[derive(Debug)]
 pub struct TokenReservation {
-    budgets: Arc<TokenBudgets>,
-    workspace: String,
-    model_key: String,
+    buckets: Arc<Buckets>,
+    /// Token buckets taken from so far: scope, key, tokens.
+    taken: Vec<(Scope, String, u64)>,
     reserved: u64,
-    /// The buckets this reservation took from, so far.
-    taken: Vec<Scope>,
+    /// Request buckets taken from: a request once sent stays counted.
+    requests: Vec<(Scope, String, u64)>,
 }
 
 impl TokenReservation {
@@ -243,31 +263,28 @@ impl TokenReservation {
     }
 
     /// The call used `used` tokens: the difference with the estimate goes back to (or is
-    /// charged to) both buckets. `None` when the usage is unknown (a timeout may still have
-    /// been billed): the estimate stands.
+    /// charged to) the token buckets. `None` when the usage is unknown (a timeout may still
+    /// have been billed): the estimate stands.
     pub fn settle(mut self, used: Option<u64>) {
-        let delta = used.map_or(0.0, |used| self.reserved as f64 - used as f64);
-        self.give_back(delta);
-    }
-
-    fn give_back(&mut self, delta: f64) {
-        for scope in std::mem::take(&mut self.taken) {
-            let key = if scope == Scope::WorkspaceTokens { &self.workspace } else { &self.model_key };
-            self.budgets.adjust(scope, key, delta);
+        self.requests.clear();
+        let taken = std::mem::take(&mut self.taken);
+        for (scope, key, reserved) in taken {
+            let delta = used.map_or(0.0, |used| reserved as f64 - used as f64);
+            self.buckets.adjust(scope, &key, delta);
         }
     }
 }
 
 impl Drop for TokenReservation {
     fn drop(&mut self) {
-        self.give_back(self.reserved as f64);
+        for (scope, key, amount) in self.taken.drain(..).chain(self.requests.drain(..)) {
+            self.buckets.adjust(scope, &key, amount as f64);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use governor::clock::FakeRelativeClock;
-
     use super::*;
 
     fn quota(per_minute: u32, burst: u32) -> Quota {
@@ -276,53 +293,54 @@ mod tests {
 
     fn settings() -> LimitSettings {
         LimitSettings {
-            workspace_requests: quota(600, 100),
-            workspace_tokens: quota(6000, 1000),
-            model_requests: quota(600, 100),
-            model_tokens: quota(60_000, 10_000),
+            workspace_requests: Some(quota(600, 100)),
+            workspace_tokens: Some(quota(6000, 1000)),
+            model_requests: Some(quota(600, 100)),
+            model_tokens: Some(quota(60_000, 10_000)),
         }
     }
 
-    #[tokio::test]
+    const WAIT: Duration = Duration::from_secs(60);
+
+    #[tokio::test(start_paused = true)]
     async fn requests_beyond_the_burst_wait_or_are_refused_with_a_retry_time() {
-        let clock = FakeRelativeClock::default();
-        let limits =
-            RateLimits::with_clock(LimitSettings { workspace_requests: quota(60, 2), ..settings() }, clock.clone());
-        let short = Deadline::after(Duration::from_millis(100));
-        limits.acquire("ws", "openai/m", 10, &short).await.unwrap();
-        limits.acquire("ws", "openai/m", 10, &short).await.unwrap();
-        let refused = limits.acquire("ws", "openai/m", 10, &short).await.unwrap_err();
+        let limits = RateLimits::new(LimitSettings { workspace_requests: Some(quota(60, 2)), ..settings() });
+        let short = Deadline::after(Duration::from_secs(10));
+        let max_wait = Duration::from_millis(100);
+        limits.acquire("ws", "openai/m", 10, max_wait, &short).await.unwrap().1.settle(Some(10));
+        limits.acquire("ws", "openai/m", 10, max_wait, &short).await.unwrap().1.settle(Some(10));
+        let refused = limits.acquire("ws", "openai/m", 10, max_wait, &short).await.unwrap_err();
         match refused {
             Refusal::RateLimited { scope: Scope::WorkspaceRequests, retry_after } => {
                 assert!(retry_after > Duration::from_millis(900) && retry_after <= Duration::from_secs(1));
             }
             other => panic!("unexpected {other:?}"),
         }
-        // Another workspace has its own budget.
-        limits.acquire("other", "openai/m", 10, &short).await.unwrap();
-        clock.advance(Duration::from_secs(1));
-        limits.acquire("ws", "openai/m", 10, &short).await.unwrap();
+        // Another workspace has its own budget; a patient call waits its second.
+        limits.acquire("other", "openai/m", 10, max_wait, &short).await.unwrap();
+        let (waited, _) = limits.acquire("ws", "openai/m", 10, WAIT, &short).await.unwrap();
+        assert!(waited > Duration::from_millis(900), "{waited:?}");
     }
 
     #[tokio::test(start_paused = true)]
     async fn tokens_follow_the_real_usage() {
         let limits = RateLimits::new(settings());
-        let deadline = Deadline::after(Duration::from_millis(10));
+        let deadline = Deadline::after(Duration::from_secs(10));
+        let no_wait = Duration::ZERO;
         // The estimate takes the whole workspace burst...
-        let (_, reservation) = limits.acquire("ws", "m", 1000, &deadline).await.unwrap();
+        let (_, reservation) = limits.acquire("ws", "m", 1000, no_wait, &deadline).await.unwrap();
         assert!(matches!(
-            limits.acquire("ws", "m", 100, &deadline).await,
+            limits.acquire("ws", "m", 100, no_wait, &deadline).await,
             Err(Refusal::RateLimited { scope: Scope::WorkspaceTokens, .. })
         ));
         // ...but the call used 200: 800 come back.
         reservation.settle(Some(200));
-        let (_, second) = limits.acquire("ws", "m", 800, &deadline).await.unwrap();
+        let (_, second) = limits.acquire("ws", "m", 800, no_wait, &deadline).await.unwrap();
         second.settle(Some(800));
         // Refill is 100 tokens a second: 50 tokens take half a second.
-        let refused = limits.acquire("ws", "m", 50, &deadline).await.unwrap_err();
+        let refused = limits.acquire("ws", "m", 50, no_wait, &deadline).await.unwrap_err();
         assert!((refused.retry_after().as_secs_f64() - 0.5).abs() < 0.01, "{refused:?}");
-        let patient = Deadline::after(Duration::from_secs(1));
-        let (waited, _) = limits.acquire("ws", "m", 50, &patient).await.unwrap();
+        let (waited, _) = limits.acquire("ws", "m", 50, Duration::from_secs(1), &deadline).await.unwrap();
         assert!(waited >= Duration::from_millis(490), "{waited:?}");
     }
 
@@ -330,24 +348,57 @@ mod tests {
     async fn a_call_larger_than_the_burst_waits_for_a_full_bucket() {
         let limits = RateLimits::new(settings());
         let deadline = Deadline::after(Duration::from_secs(30));
-        let (_, reservation) = limits.acquire("ws", "m", 5000, &deadline).await.unwrap();
+        let (_, reservation) = limits.acquire("ws", "m", 5000, WAIT, &deadline).await.unwrap();
         // It ran, and left the bucket in debt: the next call waits for the real usage to refill.
         reservation.settle(Some(5000));
-        let refused = limits.acquire("ws", "m", 10, &Deadline::after(Duration::from_secs(1))).await.unwrap_err();
+        let refused = limits.acquire("ws", "m", 10, WAIT, &Deadline::after(Duration::from_secs(1))).await.unwrap_err();
         assert!(refused.retry_after() > Duration::from_secs(40), "{refused:?}");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_refused_call_gives_its_workspace_tokens_back() {
-        let mut tight = settings();
-        tight.model_tokens = quota(60, 100);
-        let limits = RateLimits::new(tight);
-        let deadline = Deadline::after(Duration::from_millis(10));
-        let (_, first) = limits.acquire("ws", "m", 100, &deadline).await.unwrap();
+    async fn a_refused_call_gives_back_what_it_took() {
+        let limits = RateLimits::new(LimitSettings { model_tokens: Some(quota(60, 100)), ..settings() });
+        let deadline = Deadline::after(Duration::from_secs(10));
+        let (_, first) = limits.acquire("ws", "m", 100, Duration::ZERO, &deadline).await.unwrap();
         first.settle(Some(100));
-        assert!(limits.acquire("ws", "m", 100, &deadline).await.is_err());
-        // The workspace bucket holds 900 - not 800 - for another model.
-        let (_, other) = limits.acquire("ws", "other-model", 900, &deadline).await.unwrap();
+        assert!(limits.acquire("ws", "m", 100, Duration::ZERO, &deadline).await.is_err());
+        // The workspace bucket holds 900 - not 800 - for another model, and its requests
+        // bucket did not count the refused call.
+        let (_, other) = limits.acquire("ws", "other-model", 900, Duration::ZERO, &deadline).await.unwrap();
         other.settle(Some(900));
+        let requests = limits.headroom().into_iter().find(|h| h.scope == Scope::WorkspaceRequests).unwrap();
+        assert_eq!(requests.available, 98.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_provider_model_is_held_to_what_the_upstream_declares() {
+        // No limits of our own: only what the upstream says.
+        let limits = RateLimits::new(LimitSettings {
+            workspace_requests: None,
+            workspace_tokens: None,
+            model_requests: None,
+            model_tokens: None,
+        });
+        let deadline = Deadline::after(Duration::from_secs(60));
+        let max_wait = Duration::from_millis(50);
+        for _ in 0..1000 {
+            limits.acquire("ws", "p/m", 10, max_wait, &deadline).await.unwrap().1.settle(Some(10));
+        }
+        // 600 a minute, 3 left.
+        limits.declare("p/m", Declared { requests: Some(Window { limit: 600, remaining: 3 }), tokens: None });
+        for _ in 0..3 {
+            limits.acquire("ws", "p/m", 10, max_wait, &deadline).await.unwrap().1.settle(Some(10));
+        }
+        let refused = limits.acquire("ws", "p/m", 10, max_wait, &deadline).await.unwrap_err();
+        assert!(matches!(refused, Refusal::RateLimited { scope: Scope::ModelRequests, .. }), "{refused:?}");
+        // 10 a second come back.
+        assert!((refused.retry_after().as_secs_f64() - 0.1).abs() < 1e-3, "{refused:?}");
+        let headroom = limits.headroom();
+        assert_eq!((headroom.len(), headroom[0].per_minute, headroom[0].declared), (1, 600, true));
+        // A configured number caps what is declared.
+        let capped = RateLimits::new(LimitSettings { model_requests: Some(quota(60, 5)), ..limits.settings });
+        capped.declare("p/m", Declared { requests: Some(Window { limit: 600, remaining: 600 }), tokens: None });
+        assert_eq!(capped.headroom()[0].per_minute, 60);
+        assert_eq!(capped.headroom()[0].available, 5.0);
     }
 }

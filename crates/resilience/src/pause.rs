@@ -7,6 +7,10 @@ use tokio::time::Instant;
 
 use crate::{Deadline, Outcome, Refusal};
 
+/// Tests wait as long as their deadlines allow.
+#[cfg(test)]
+const FOREVER: Duration = Duration::from_secs(3600);
+
 /// Retry-After, honoured for everyone: when the upstream answers one call with "wait 2 s",
 /// every call to that provider/model waits, not only the one that was told. When the pause
 /// ends, one request goes first; the rest follow once it is back without a new pause, so a
@@ -76,11 +80,19 @@ impl Pauses {
         pauses.entry(key.to_owned()).or_default().clone()
     }
 
-    /// Waits until requests to `key` may be sent, unless that is past the deadline. Returns
-    /// the permit and how long the call waited.
-    pub async fn admit(&self, key: &str, deadline: &Deadline) -> Result<(PausePermit, Duration), Refusal> {
+    /// Waits until requests to `key` may be sent, unless that takes longer than `max_wait` or
+    /// past the deadline. Returns the permit and how long the call waited.
+    pub async fn admit(
+        &self,
+        key: &str,
+        max_wait: Duration,
+        deadline: &Deadline,
+    ) -> Result<(PausePermit, Duration), Refusal> {
         let pause = self.pause(key);
         let mut waited = Duration::ZERO;
+        // The latest a caller is still held: a pause longer than that is refused at once, with
+        // the time it ends, so the caller hears "retry after N" instead of waiting.
+        let held_until = deadline.at().min(Instant::now() + max_wait);
         loop {
             let changed = pause.changed.notified();
             tokio::pin!(changed);
@@ -95,26 +107,26 @@ impl Pauses {
                         return Ok((PausePermit { pause: pause.clone(), probe: true }, waited));
                     }
                     PauseState::Until(until) => Some(until),
-                    PauseState::Probing => Some(deadline.at()),
+                    PauseState::Probing => Some(held_until),
                 }
             };
             let Some(resume_at) = resume_at else {
                 return Ok((PausePermit { pause: pause.clone(), probe: false }, waited));
             };
-            if resume_at >= deadline.at() {
-                // Waiting on a pause that outlasts the deadline helps no one: refuse now, so
-                // the caller still has time for a fallback.
+            if resume_at >= held_until {
+                // Waiting on a pause that outlasts what the caller may wait helps no one:
+                // refuse now, so the caller can retry when it ends or take a fallback.
                 let state = *pause.lock();
                 if let PauseState::Until(until) = state {
                     return Err(Refusal::Paused { key: key.to_owned(), retry_after: until - now });
                 }
-                // A probe is out: wait for its verdict as long as the deadline allows.
+                // A probe is out: wait for its verdict as long as the caller may.
                 tokio::select! {
                     () = &mut changed => {
                         waited += now.elapsed();
                         continue;
                     }
-                    () = tokio::time::sleep_until(deadline.at()) => {
+                    () = tokio::time::sleep_until(held_until) => {
                         return Err(Refusal::Paused { key: key.to_owned(), retry_after: Duration::ZERO });
                     }
                 }
@@ -173,7 +185,7 @@ mod tests {
     async fn a_retry_after_holds_back_every_call_then_lets_one_go_first() {
         let pauses = Arc::new(Pauses::new());
         let deadline = Deadline::after(Duration::from_secs(10));
-        let (permit, waited) = pauses.admit("p/m", &deadline).await.unwrap();
+        let (permit, waited) = pauses.admit("p/m", FOREVER, &deadline).await.unwrap();
         assert_eq!(waited, Duration::ZERO);
         let told_at = Instant::now();
         permit.record(PAUSE_2S);
@@ -184,7 +196,7 @@ mod tests {
             let pauses = pauses.clone();
             waiters.push(tokio::spawn(async move {
                 let deadline = Deadline::after(Duration::from_secs(10));
-                let (permit, _) = pauses.admit("p/m", &deadline).await.unwrap();
+                let (permit, _) = pauses.admit("p/m", FOREVER, &deadline).await.unwrap();
                 let admitted_at = Instant::now();
                 // Each request takes 100 ms upstream.
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -206,26 +218,40 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_pause_past_the_deadline_is_refused_at_once() {
         let pauses = Pauses::new();
-        let (permit, _) = pauses.admit("p/m", &Deadline::after(Duration::from_secs(1))).await.unwrap();
+        let (permit, _) = pauses.admit("p/m", FOREVER, &Deadline::after(Duration::from_secs(1))).await.unwrap();
         permit.record(Outcome::Fault { retry_after: Some(Duration::from_secs(30)) });
         let started = Instant::now();
-        let refused = pauses.admit("p/m", &Deadline::after(Duration::from_secs(5))).await.unwrap_err();
+        let refused = pauses.admit("p/m", FOREVER, &Deadline::after(Duration::from_secs(5))).await.unwrap_err();
         assert_eq!(started.elapsed(), Duration::ZERO);
         assert_eq!(refused.retry_after(), Duration::from_secs(30));
         // Another model is not paused.
-        assert!(pauses.admit("p/other", &Deadline::after(Duration::from_secs(1))).await.is_ok());
+        assert!(pauses.admit("p/other", FOREVER, &Deadline::after(Duration::from_secs(1))).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_longer_than_a_caller_may_wait_is_refused_with_its_end() {
+        let pauses = Pauses::new();
+        let deadline = Deadline::after(Duration::from_secs(60));
+        let (permit, _) = pauses.admit("p/m", FOREVER, &deadline).await.unwrap();
+        permit.record(PAUSE_2S);
+        let refused = pauses.admit("p/m", Duration::from_millis(500), &deadline).await.unwrap_err();
+        assert_eq!(refused.retry_after(), Duration::from_secs(2));
+        tokio::time::advance(Duration::from_millis(1600)).await;
+        // 400 ms left: within the 500 ms it may wait.
+        let (_, waited) = pauses.admit("p/m", Duration::from_millis(500), &deadline).await.unwrap();
+        assert_eq!(waited, Duration::from_millis(400));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_probe_told_to_wait_again_extends_the_pause() {
         let pauses = Pauses::new();
         let deadline = Deadline::after(Duration::from_secs(60));
-        let (permit, _) = pauses.admit("p/m", &deadline).await.unwrap();
+        let (permit, _) = pauses.admit("p/m", FOREVER, &deadline).await.unwrap();
         permit.record(PAUSE_2S);
-        let (probe, waited) = pauses.admit("p/m", &deadline).await.unwrap();
+        let (probe, waited) = pauses.admit("p/m", FOREVER, &deadline).await.unwrap();
         assert_eq!(waited, Duration::from_secs(2));
         probe.record(PAUSE_2S);
-        let (_, waited) = pauses.admit("p/m", &deadline).await.unwrap();
+        let (_, waited) = pauses.admit("p/m", FOREVER, &deadline).await.unwrap();
         assert_eq!(waited, Duration::from_secs(2));
     }
 }

@@ -7,6 +7,10 @@ use prometheus::{
 
 use crate::{CallRecord, CallStatus};
 
+/// Distinct models the metrics label before the rest count as `other`: a model name can come
+/// from a caller (the request's `model`), and every label value is a series Prometheus keeps.
+const MAX_MODEL_LABELS: usize = 64;
+
 /// Seconds; calls range from a microsecond cache hit to a 30 s deadline.
 const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
@@ -32,6 +36,7 @@ struct Inner {
     breaker_state: IntGaugeVec,
     dropped: IntCounter,
     alerts: IntCounterVec,
+    models: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Metrics {
@@ -112,22 +117,37 @@ impl Metrics {
                 breaker_state,
                 dropped,
                 alerts,
+                models: std::sync::Mutex::default(),
             }),
         })
     }
 
-    /// Counts one call.
+    /// The label of a model: its name while fewer than [`MAX_MODEL_LABELS`] have been seen,
+    /// else `other`.
+    fn model_label(&self, model: &str) -> String {
+        let mut models = self.inner.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if models.contains(model) || (models.len() < MAX_MODEL_LABELS && models.insert(model.to_owned())) {
+            model.to_owned()
+        } else {
+            "other".to_owned()
+        }
+    }
+
+    /// Counts one call. The step label is the record's (the engine records configured names
+    /// only); the model label is bounded by [`MAX_MODEL_LABELS`].
     pub fn observe(&self, record: &CallRecord) {
         let inner = &self.inner;
         let step = record.step.as_str();
+        let model = self.model_label(&record.model);
+        let model = model.as_str();
         let source = record.source.label();
-        inner.requests.with_label_values(&[step, &record.model, source, record.status.label()]).inc();
+        inner.requests.with_label_values(&[step, model, source, record.status.label()]).inc();
         let tokens = |direction: &str, count: i64| {
-            inner.tokens.with_label_values(&[step, &record.model, direction]).inc_by(count.max(0) as u64);
+            inner.tokens.with_label_values(&[step, model, direction]).inc_by(count.max(0) as u64);
         };
         tokens("input", record.input_tokens);
         tokens("output", record.output_tokens);
-        inner.cost.with_label_values(&[step, &record.model]).inc_by(record.cost_usd.max(0.0));
+        inner.cost.with_label_values(&[step, model]).inc_by(record.cost_usd.max(0.0));
         if record.source.is_cache() {
             inner.cache_hits.with_label_values(&[step, source]).inc();
         } else {
@@ -149,7 +169,7 @@ impl Metrics {
             inner.rate_limit_wait.with_label_values(&[step]).observe(record.rate_limit_wait_ms / 1000.0);
         }
         if let Some(state) = record.breaker_state {
-            inner.breaker_state.with_label_values(&[&record.provider, &record.model]).set(state.gauge());
+            inner.breaker_state.with_label_values(&[&record.provider, model]).set(state.gauge());
         }
     }
 

@@ -132,13 +132,29 @@ vocabulary! {
         UpstreamPaused => "upstream_paused",
         ContractViolation => "contract_violation",
         DeadlineExceeded => "deadline_exceeded",
+        /// The gateway refused a request before the engine: no key, or one it does not know.
+        Unauthenticated => "unauthenticated",
+        /// The gateway refused a request before the engine: not a request it can read (bad JSON,
+        /// a parameter it cannot honour, a malformed header).
+        InvalidRequest => "invalid_request",
+        /// The gateway refused a request before the engine: a body over its size limit.
+        RequestTooLarge => "request_too_large",
     }
 }
 
 impl ErrorClass {
     /// The call itself was wrong and was refused before any cache was asked.
     pub fn is_invalid_call(self) -> bool {
-        matches!(self, Self::UnknownStep | Self::InvalidContext | Self::InvalidInput | Self::PromptTooLarge)
+        matches!(
+            self,
+            Self::UnknownStep
+                | Self::InvalidContext
+                | Self::InvalidInput
+                | Self::PromptTooLarge
+                | Self::Unauthenticated
+                | Self::InvalidRequest
+                | Self::RequestTooLarge
+        )
     }
 
     /// The upstream could not answer now (rate limited, out of quota, failing, unreachable,

@@ -139,6 +139,23 @@ impl TelemetryStore {
         rows.iter().map(record_from_row).collect::<Result<_, _>>().map_err(TelemetryError::Query)
     }
 
+    /// Deletes the rows of these trace ids, in one transaction; returns how many went. A replay
+    /// run again onto the same database replaces its earlier rows this way.
+    pub async fn delete_traces(&self, trace_ids: &[String]) -> Result<u64, TelemetryError> {
+        let mut tx = self.pool.begin().await.map_err(TelemetryError::Write)?;
+        let mut deleted = 0;
+        for trace_id in trace_ids {
+            let done = sqlx::query("DELETE FROM calls WHERE trace_id = $1")
+                .bind(trace_id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(TelemetryError::Write)?;
+            deleted += done.rows_affected();
+        }
+        tx.commit().await.map_err(TelemetryError::Write)?;
+        Ok(deleted)
+    }
+
     pub async fn count(&self) -> Result<i64, TelemetryError> {
         sqlx::query("SELECT COUNT(*) AS n FROM calls")
             .fetch_one(&self.pool)

@@ -24,6 +24,29 @@ impl GatewayProcess {
         config: &str,
         env: &[(&str, &str)],
     ) -> std::io::Result<Self> {
+        Self::launch(binary, dir, upstream, config, env, None)
+    }
+
+    /// The same, with its stderr (its log) written to `stderr`.
+    pub fn start_logging(
+        binary: &Path,
+        dir: &Path,
+        upstream: &str,
+        config: &str,
+        env: &[(&str, &str)],
+        stderr: &Path,
+    ) -> std::io::Result<Self> {
+        Self::launch(binary, dir, upstream, config, env, Some(stderr))
+    }
+
+    fn launch(
+        binary: &Path,
+        dir: &Path,
+        upstream: &str,
+        config: &str,
+        env: &[(&str, &str)],
+        stderr: Option<&Path>,
+    ) -> std::io::Result<Self> {
         let config_path = dir.join("aipipe.toml");
         std::fs::write(&config_path, config)?;
         let mut command = Command::new(binary);
@@ -34,6 +57,9 @@ impl GatewayProcess {
             .stdout(Stdio::piped());
         for (name, value) in env {
             command.env(name, value);
+        }
+        if let Some(stderr) = stderr {
+            command.stderr(std::fs::File::create(stderr)?);
         }
         let mut child = command.spawn()?;
         let mut first_line = String::new();

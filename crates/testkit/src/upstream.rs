@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
@@ -32,6 +32,9 @@ pub enum Reply {
     Stall,
     /// Waits, then answers.
     Delayed(Duration, Box<Reply>),
+    /// An error with this status whose message repeats the `Authorization` header the request
+    /// carried, as some upstreams do ("Incorrect API key provided: sk-...").
+    EchoKey(u16),
 }
 
 impl Reply {
@@ -48,6 +51,18 @@ impl Reply {
             status: 429,
             body: openai_error("Rate limit reached for requests", "requests", "rate_limit_exceeded"),
             headers: vec![("retry-after".into(), retry_after_secs.to_string())],
+        }
+    }
+
+    /// A 429 whose Retry-After (in milliseconds too) is `wait`.
+    pub fn rate_limited_for(wait: Duration) -> Self {
+        Self::Status {
+            status: 429,
+            body: openai_error("Rate limit reached for requests", "requests", "rate_limit_exceeded"),
+            headers: vec![
+                ("retry-after".into(), wait.as_secs().max(1).to_string()),
+                ("retry-after-ms".into(), wait.as_millis().to_string()),
+            ],
         }
     }
 
@@ -90,6 +105,7 @@ impl Reply {
             Self::Status { status, .. } => *status,
             Self::Stall => 504,
             Self::Delayed(_, then) => then.status(),
+            Self::EchoKey(status) => *status,
         }
     }
 }
@@ -100,7 +116,17 @@ fn openai_error(message: &str, kind: &str, code: &str) -> String {
 
 type Responder = Arc<dyn Fn(&Value) -> Reply + Send + Sync>;
 
+/// A request limit the upstream enforces and declares, as OpenAI does: a bucket of `limit` a
+/// minute, each answer saying what is left.
+#[derive(Debug, Clone, Copy)]
+struct Limit {
+    per_minute: u32,
+    level: f64,
+    updated: Instant,
+}
+
 struct Shared {
+    limit: Mutex<Option<Limit>>,
     script: Mutex<VecDeque<Reply>>,
     responder: Mutex<Responder>,
     requests: AtomicU64,
@@ -139,6 +165,7 @@ impl ScriptedUpstream {
     /// Starts on a free loopback port. Until scripted, every request gets a 500 saying so.
     pub async fn start() -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
+            limit: Mutex::new(None),
             script: Mutex::new(VecDeque::new()),
             responder: Mutex::new(Arc::new(|_: &Value| Reply::Status {
                 status: 500,
@@ -186,6 +213,13 @@ impl ScriptedUpstream {
         *lock(&self.shared.responder) = Arc::new(responder);
     }
 
+    /// From now on, allows `per_minute` requests a minute (all of them at once, then refilled
+    /// evenly), answers any beyond with a 429 and its Retry-After, and declares the limit and
+    /// what is left in `x-ratelimit-*-requests` headers on every answer.
+    pub fn enforce_limit(&self, per_minute: u32) {
+        *lock(&self.shared.limit) = Some(Limit { per_minute, level: f64::from(per_minute), updated: Instant::now() });
+    }
+
     /// Requests received so far, whatever they were answered with.
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::SeqCst)
@@ -208,29 +242,71 @@ impl Drop for ScriptedUpstream {
     }
 }
 
-async fn chat_completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+async fn chat_completions(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let arrived = Instant::now();
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let sequence = shared.requests.fetch_add(1, Ordering::SeqCst) + 1;
     lock(&shared.received).push(request.clone());
-    let scripted = lock(&shared.script).pop_front();
-    let reply = match scripted {
-        Some(reply) => reply,
-        None => {
-            let responder = lock(&shared.responder).clone();
-            responder(&request)
+    let admitted = admit(&shared);
+    let reply = match admitted {
+        Some(Err(wait)) => Reply::rate_limited_for(wait),
+        _ => match lock(&shared.script).pop_front() {
+            Some(reply) => reply,
+            None => {
+                let responder = lock(&shared.responder).clone();
+                responder(&request)
+            }
+        },
+    };
+    let reply = match reply {
+        Reply::EchoKey(status) => {
+            let key = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()).unwrap_or("");
+            let key = key.trim_start_matches("Bearer ");
+            Reply::Status {
+                status,
+                body: openai_error(
+                    &format!("Incorrect API key provided: {key}."),
+                    "invalid_request_error",
+                    "invalid_api_key",
+                ),
+                headers: Vec::new(),
+            }
         }
+        other => other,
     };
     let index = {
         let mut exchanges = lock(&shared.exchanges);
         exchanges.push(Exchange { arrived, answered: None, status: reply.status() });
         exchanges.len() - 1
     };
-    let response = answer(reply, &request, sequence).await;
+    let mut response = answer(reply, &request, sequence).await;
+    if let Some(Ok((limit, remaining))) = admitted {
+        for (name, value) in [("x-ratelimit-limit-requests", limit), ("x-ratelimit-remaining-requests", remaining)] {
+            response.headers_mut().insert(name, HeaderValue::from(value));
+        }
+    }
     if let Some(exchange) = lock(&shared.exchanges).get_mut(index) {
         exchange.answered = Some(Instant::now());
     }
     response
+}
+
+/// Takes one request from the enforced limit, if there is one: `Ok` with the limit and what is
+/// left, or `Err` with the time until one is free.
+fn admit(shared: &Shared) -> Option<Result<(u32, u32), Duration>> {
+    let mut limit = lock(&shared.limit);
+    let limit = limit.as_mut()?;
+    let now = Instant::now();
+    let rate = f64::from(limit.per_minute) / 60.0;
+    limit.level =
+        (limit.level + now.duration_since(limit.updated).as_secs_f64() * rate).min(f64::from(limit.per_minute));
+    limit.updated = now;
+    if limit.level >= 1.0 {
+        limit.level -= 1.0;
+        Some(Ok((limit.per_minute, limit.level.floor() as u32)))
+    } else {
+        Some(Err(Duration::from_secs_f64((1.0 - limit.level) / rate)))
+    }
 }
 
 async fn answer(mut reply: Reply, request: &Value, sequence: u64) -> Response {
@@ -253,6 +329,10 @@ async fn answer(mut reply: Reply, request: &Value, sequence: u64) -> Response {
             }
             Reply::Malformed(body) => {
                 return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+            }
+            // Resolved with the request's headers before it gets here.
+            Reply::EchoKey(status) => {
+                return StatusCode::from_u16(status).unwrap_or(StatusCode::UNAUTHORIZED).into_response();
             }
             Reply::Status { status, body, headers } => {
                 let mut response =

@@ -63,6 +63,8 @@ pub(crate) struct RawProvider {
     pub(crate) api_key_env: String,
     pub(crate) request_timeout_ms: u64,
     pub(crate) connect_timeout_ms: u64,
+    #[serde(default = "yes")]
+    pub(crate) structured_outputs: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,12 +74,19 @@ pub(crate) struct RawExtraProvider {
     pub(crate) api_key_env: String,
     pub(crate) request_timeout_ms: u64,
     pub(crate) connect_timeout_ms: u64,
+    #[serde(default = "yes")]
+    pub(crate) structured_outputs: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawLimits {
     pub(crate) enabled: bool,
+    pub(crate) max_wait_ms: u64,
     pub(crate) workspace_requests_per_minute: u32,
     pub(crate) workspace_request_burst: u32,
     pub(crate) workspace_tokens_per_minute: u32,

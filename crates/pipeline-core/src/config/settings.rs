@@ -2,6 +2,7 @@
 //! the key.
 
 use std::collections::BTreeMap;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use super::raw::{
     RawAlerts, RawBreaker, RawCache, RawEngine, RawExtraProvider, RawFallback, RawLimits, RawProvider, RawRetry,
     RawSemantic, RawTelemetry,
 };
-use super::validate::{cosine, finite_positive, http_url, non_empty, non_zero, positive, positive_millis, probability};
+use super::validate::{cosine, finite_positive, http_url, non_empty, positive, positive_millis, probability};
 use crate::SetupError;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +41,9 @@ pub struct ProviderSettings {
     pub api_key_env: String,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Whether it takes `response_format: json_schema` (OpenAI, llama.cpp's server, vLLM);
+    /// else a structured step asks for JSON mode.
+    pub structured_outputs: bool,
 }
 
 impl ProviderSettings {
@@ -49,6 +53,7 @@ impl ProviderSettings {
             api_key_env: raw.api_key_env,
             request_timeout_ms: raw.request_timeout_ms,
             connect_timeout_ms: raw.connect_timeout_ms,
+            structured_outputs: raw.structured_outputs,
         };
         Self::validate("provider", non_empty("provider.name", raw.name)?, endpoint)
     }
@@ -66,6 +71,7 @@ impl ProviderSettings {
             api_key_env: non_empty(&key("api_key_env"), raw.api_key_env)?,
             request_timeout: positive_millis(&key("request_timeout_ms"), raw.request_timeout_ms)?,
             connect_timeout: positive_millis(&key("connect_timeout_ms"), raw.connect_timeout_ms)?,
+            structured_outputs: raw.structured_outputs,
         })
     }
 }
@@ -79,42 +85,26 @@ pub struct ResilienceSettings {
     pub breaker: Option<resilience::BreakerSettings>,
     pub retry: resilience::RetrySettings,
     pub pause_on_retry_after: bool,
+    /// The longest a call waits for capacity or for a Retry-After pause to end; past that it
+    /// is refused at once, with the time it could go.
+    pub max_wait: Duration,
 }
 
 impl ResilienceSettings {
     pub(super) fn validate(limits: &RawLimits, breaker: &RawBreaker, retry: &RawRetry) -> Result<Self, SetupError> {
-        let quota = |name: &str, per_minute: u32, burst_name: &str, burst: u32| {
-            Ok::<_, SetupError>(resilience::Quota {
-                per_minute: non_zero(&format!("limits.{name}"), per_minute)?,
-                burst: non_zero(&format!("limits.{burst_name}"), burst)?,
-            })
+        let max_wait = Duration::from_millis(limits.max_wait_ms);
+        // 0 turns a limit off; a burst of 0 is three seconds' worth.
+        let quota = |per_minute: u32, burst: u32| {
+            let per_minute = NonZeroU32::new(per_minute)?;
+            let burst = NonZeroU32::new(burst).or(NonZeroU32::new(per_minute.get() / 20)).unwrap_or(NonZeroU32::MIN);
+            Some(resilience::Quota { per_minute, burst })
         };
         let limits = if limits.enabled {
             Some(resilience::LimitSettings {
-                workspace_requests: quota(
-                    "workspace_requests_per_minute",
-                    limits.workspace_requests_per_minute,
-                    "workspace_request_burst",
-                    limits.workspace_request_burst,
-                )?,
-                workspace_tokens: quota(
-                    "workspace_tokens_per_minute",
-                    limits.workspace_tokens_per_minute,
-                    "workspace_token_burst",
-                    limits.workspace_token_burst,
-                )?,
-                model_requests: quota(
-                    "model_requests_per_minute",
-                    limits.model_requests_per_minute,
-                    "model_request_burst",
-                    limits.model_request_burst,
-                )?,
-                model_tokens: quota(
-                    "model_tokens_per_minute",
-                    limits.model_tokens_per_minute,
-                    "model_token_burst",
-                    limits.model_token_burst,
-                )?,
+                workspace_requests: quota(limits.workspace_requests_per_minute, limits.workspace_request_burst),
+                workspace_tokens: quota(limits.workspace_tokens_per_minute, limits.workspace_token_burst),
+                model_requests: quota(limits.model_requests_per_minute, limits.model_request_burst),
+                model_tokens: quota(limits.model_tokens_per_minute, limits.model_token_burst),
             })
         } else {
             None
@@ -152,6 +142,7 @@ impl ResilienceSettings {
                 budget_min_per_second: retry.budget_min_per_second,
             },
             pause_on_retry_after: retry.pause_on_retry_after,
+            max_wait,
         })
     }
 }

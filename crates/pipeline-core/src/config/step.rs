@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use providers::ResponseFormat;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -38,12 +39,20 @@ pub struct StepSpec {
     /// string for a chat step).
     pub fallback_answer: Option<Value>,
     pub(crate) contract: ReplyContract,
+    /// What a provider that supports structured outputs is asked for.
+    pub(crate) response_format: ResponseFormat,
     /// Changes whenever anything that shapes the answer changes (templates, schema, sampling),
     /// so that editing a prompt retires its cached answers.
     pub(crate) fingerprint: String,
 }
 
 impl StepSpec {
+    /// A reply checked against the step's output contract: its output, or what is wrong with
+    /// it in words a model can act on.
+    pub fn check_reply(&self, reply: &str) -> Result<Value, String> {
+        self.contract.check(reply)
+    }
+
     /// What a similar request must clear for this step's cached answer to serve it.
     pub fn serve_bar(&self) -> semantic_cache::ServeBar {
         semantic_cache::ServeBar { threshold: self.semantic_threshold, min_confidence: self.semantic_min_confidence }
@@ -158,7 +167,9 @@ impl StepSpec {
             }
             hex::encode(&hasher.finalize()[..8])
         };
+        let response_format = contract.response_format(step.as_str(), &output_schema);
         Ok(Self {
+            response_format,
             step,
             kind: raw.kind,
             system: raw.system,

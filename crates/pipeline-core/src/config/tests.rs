@@ -70,8 +70,21 @@ fn errors_name_the_key() {
 #[test]
 fn resilience_settings_are_checked_and_named() {
     let defaults = Config::defaults().unwrap();
+    // No limits of our own by default: a provider/model is held to what its upstream declares,
+    // a workspace to nothing unless an operator says.
     let limits = defaults.resilience.limits.unwrap();
-    assert_eq!((limits.workspace_requests.per_minute.get(), limits.workspace_requests.burst.get()), (1000, 50));
+    assert_eq!((limits.workspace_requests, limits.model_requests, limits.model_tokens), (None, None, None));
+    assert_eq!(defaults.resilience.max_wait, Duration::from_millis(500));
+    let set = Config::from_toml(
+        "[limits]
+workspace_requests_per_minute = 1200",
+    )
+    .unwrap()
+    .resilience
+    .limits
+    .unwrap();
+    let quota = set.workspace_requests.unwrap();
+    assert_eq!((quota.per_minute.get(), quota.burst.get()), (1200, 60), "a burst of three seconds' worth");
     assert_eq!(defaults.resilience.breaker.unwrap().failures_to_open, 5);
     let classifier = defaults.step(&StepType::CLASSIFIER).unwrap();
     assert_eq!(classifier.fallback_answer.as_ref().unwrap()["label"], "unclassified");
@@ -81,7 +94,7 @@ fn resilience_settings_are_checked_and_named() {
     let no_rule = Config::from_toml("[steps.classifier]\nfallback_answer = ''").unwrap();
     assert!(no_rule.step(&StepType::CLASSIFIER).unwrap().fallback_answer.is_none());
 
-    let burst = error_of("[limits]\nworkspace_request_burst = 0");
+    let burst = error_of("[limits]\nworkspace_request_burst = -1");
     assert!(burst.contains("limits.workspace_request_burst"), "{burst}");
     let backoff = error_of("[retry]\ninitial_backoff_ms = 5000\nmax_backoff_ms = 100");
     assert!(backoff.contains("retry.max_backoff_ms"), "{backoff}");

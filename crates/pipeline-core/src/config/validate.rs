@@ -19,10 +19,6 @@ pub(super) fn positive<T: PartialOrd + Default + std::fmt::Display>(key: &str, v
     Ok(value)
 }
 
-pub(super) fn non_zero(key: &str, value: u32) -> Result<std::num::NonZeroU32, SetupError> {
-    std::num::NonZeroU32::new(value).ok_or_else(|| SetupError::invalid(key, "must be greater than zero"))
-}
-
 pub(super) fn finite_positive(key: &str, value: f64) -> Result<f64, SetupError> {
     if value.is_finite() && value > 0.0 {
         Ok(value)

@@ -84,6 +84,7 @@ impl EngineBuilder {
             limits: resilience.limits,
             breaker: resilience.breaker,
             pause_on_retry_after: resilience.pause_on_retry_after,
+            max_wait: resilience.max_wait,
         });
         let retry = RetryPolicy::new(resilience.retry);
         Ok(Engine {

@@ -231,8 +231,9 @@ impl Engine {
                 }
                 Ok(served)
             }
-            // 9. No model could answer: a stand-in, if the caller takes one.
-            Err(err) if err.upstream_unavailable() && call.options.allow_stand_in => {
+            // 9. No model could answer, or not in the step's shape: a stand-in, if the caller
+            //    takes one.
+            Err(err) if err.stand_in_may_answer() && call.options.allow_stand_in => {
                 match self.stand_in(spec, similar.as_ref(), &err, at) {
                     Some(served) => {
                         tracing::warn!(error = %err, source = served.source.label(), "the upstream could not answer; a fallback did");

@@ -3,11 +3,15 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use telemetry::{BreakerState, CallRecord, CallStatus};
+use telemetry::{BreakerState, CallRecord, CallStatus, ErrorClass, Source};
 
 use super::served::{Served, Spent};
 use super::{Call, Engine};
-use crate::PipelineError;
+use crate::{CallContext, PipelineError, StepType, TraceId};
+
+/// The step label of a name the config does not declare: metric labels come from configured
+/// names only, so that a caller cannot grow them without bound.
+const UNKNOWN_STEP: &str = "unknown";
 
 /// Longest error text kept in a telemetry row.
 const MAX_ERROR_MESSAGE_CHARS: usize = 500;
@@ -42,11 +46,10 @@ impl Engine {
             }
         };
         span.record("status", status.label());
-        let component = if call.context.component.is_empty() { "unspecified" } else { &call.context.component };
         self.inner.recorder.record(CallRecord {
-            ts_ms: at.duration_since(UNIX_EPOCH).map(|since| since.as_millis() as i64).unwrap_or(0),
-            step: call.step.to_string(),
-            component: component.to_owned(),
+            ts_ms: unix_ms(at),
+            step: self.step_label(Some(call.step)),
+            component: component(call.context),
             workspace: call.context.workspace.clone(),
             trace_id: call.trace_id.to_string(),
             model,
@@ -69,6 +72,56 @@ impl Engine {
             breaker_state: spent.breaker_state.map(breaker_state),
         });
     }
+}
+
+impl Engine {
+    /// One row for a request refused before it became a call (the gateway's: no key, a body
+    /// it cannot read, a parameter it cannot honour), so that every request leaves a trace. No
+    /// body is kept: only the class and the message, with secrets masked.
+    pub fn record_refused(&self, step: Option<&StepType>, context: &CallContext, class: ErrorClass, message: &str) {
+        let trace_id = context.trace_id.clone().unwrap_or_else(TraceId::random);
+        let message: String = providers::scrub(message, &[]).chars().take(MAX_ERROR_MESSAGE_CHARS).collect();
+        self.inner.recorder.record(CallRecord {
+            ts_ms: unix_ms(self.now()),
+            step: self.step_label(step),
+            component: component(context),
+            workspace: context.workspace.clone(),
+            trace_id: trace_id.to_string(),
+            model: String::new(),
+            provider: String::new(),
+            input_tokens: 0,
+            output_tokens: 0,
+            latency_ms: 0.0,
+            cost_usd: 0.0,
+            saved_cost_usd: 0.0,
+            saved_tokens: 0,
+            source: Source::None,
+            cache_hit: false,
+            confidence: 0.0,
+            similarity: None,
+            status: CallStatus::Error,
+            error_class: Some(class),
+            error_message: Some(message),
+            attempts: 0,
+            rate_limit_wait_ms: 0.0,
+            breaker_state: None,
+        });
+    }
+
+    fn step_label(&self, step: Option<&StepType>) -> String {
+        match step.filter(|step| self.inner.config.step(step).is_some()) {
+            Some(step) => step.to_string(),
+            None => UNKNOWN_STEP.to_owned(),
+        }
+    }
+}
+
+fn component(context: &CallContext) -> String {
+    if context.component.is_empty() { "unspecified".to_owned() } else { context.component.clone() }
+}
+
+fn unix_ms(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH).map(|since| since.as_millis() as i64).unwrap_or(0)
 }
 
 fn breaker_state(state: resilience::BreakerState) -> BreakerState {

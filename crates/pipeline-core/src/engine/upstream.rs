@@ -3,7 +3,7 @@
 
 use std::sync::PoisonError;
 
-use providers::{ChatMessage, ChatRequest, ChatResponse, ErrorClass, ProviderError};
+use providers::{ChatMessage, ChatRequest, ChatResponse, ErrorClass, ProviderError, ResponseFormat};
 use resilience::{Deadline, Outcome};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -18,6 +18,9 @@ use crate::{PipelineError, RouteTarget, StepSpec};
 /// Average characters per token of English text under OpenAI's tokenizers; used only to
 /// estimate a call's cost and tokens before it is made.
 pub(super) const CHARS_PER_TOKEN: usize = 4;
+
+/// Retries of a malformed reply, whatever the retry policy allows.
+const MALFORMED_RETRIES: u32 = 1;
 
 /// A model on a named provider: the unit of rate limits, breakers and Retry-After pauses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +155,7 @@ impl Engine {
         spent: &mut Spent,
     ) -> Result<ChatResponse, PipelineError> {
         let mut retries = self.inner.retry.start();
+        let mut malformed = 0;
         loop {
             let err = match self.attempt(ask, target, messages, spent).await {
                 Ok(reply) => return Ok(reply),
@@ -161,7 +165,20 @@ impl Engine {
             if !source.is_retryable() {
                 return Err(err);
             }
+            // A reply that is not a completion is the upstream's fault, and one that repeats is
+            // likely to: once more, not as often as the policy would.
+            if source.class() == ErrorClass::MalformedReply {
+                malformed += 1;
+                if malformed > MALFORMED_RETRIES {
+                    return Err(err);
+                }
+            }
             match retries.next_delay(source.retry_after(), ask.deadline) {
+                // Waiting out a rate limit is waiting for capacity: no longer than a caller may.
+                Ok(delay) if source.class() == ErrorClass::RateLimited && delay > self.inner.guards.max_wait() => {
+                    tracing::debug!(delay_ms = delay.as_millis() as u64, "the rate limit outlasts max_wait");
+                    return Err(err);
+                }
                 Ok(delay) => {
                     tracing::info!(error = %source, delay_ms = delay.as_millis() as u64, "retrying");
                     tokio::time::sleep(delay).await;
@@ -209,7 +226,7 @@ impl Engine {
             messages: messages.to_vec(),
             temperature: Some(ask.sampling.temperature),
             max_output_tokens: Some(ask.sampling.max_output_tokens),
-            json_mode: ask.spec.contract.json_mode(),
+            response_format: self.response_format(ask.spec, &target.provider),
             trace_id: ask.call.trace_id.to_string(),
         };
         spent.attempts += 1;
@@ -245,6 +262,9 @@ impl Engine {
         spent.breaker_state = admission.finish(outcome, used_tokens).or(spent.breaker_state);
         match result {
             Ok(reply) => {
+                if let Some(declared) = reply.declared_limits {
+                    inner.guards.declare(&key, declared_limits(declared));
+                }
                 spent.upstream_reported += reply.latency;
                 spent.usage.input_tokens += reply.usage.input_tokens;
                 spent.usage.output_tokens += reply.usage.output_tokens;
@@ -264,6 +284,19 @@ impl Engine {
         }
     }
 
+    /// The step's reply shape as `provider` can be asked for it: the schema where it takes
+    /// structured outputs, JSON mode where it does not. A provider the config does not
+    /// describe (one handed to the builder) is taken to be like the primary one.
+    fn response_format(&self, spec: &StepSpec, provider: &str) -> ResponseFormat {
+        let config = &self.inner.config;
+        let structured =
+            config.providers.get(provider).map_or(config.provider.structured_outputs, |p| p.structured_outputs);
+        match (&spec.response_format, structured) {
+            (ResponseFormat::JsonSchema { .. }, false) => ResponseFormat::JsonObject,
+            (format, _) => format.clone(),
+        }
+    }
+
     fn cost_of(&self, reply: &ChatResponse) -> f64 {
         let usage = reply.usage;
         let cost =
@@ -280,6 +313,13 @@ impl Engine {
             0.0
         })
     }
+}
+
+/// What the upstream declared, in the guards' terms.
+fn declared_limits(declared: providers::DeclaredLimits) -> resilience::Declared {
+    let window =
+        |window: providers::LimitWindow| resilience::Window { limit: window.limit, remaining: window.remaining };
+    resilience::Declared { requests: declared.requests.map(window), tokens: declared.tokens.map(window) }
 }
 
 fn validate(spec: &StepSpec, reply: &str) -> Result<Value, String> {

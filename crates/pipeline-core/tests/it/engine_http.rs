@@ -71,7 +71,8 @@ async fn a_reply_that_breaks_the_contract_gets_one_repair_then_a_typed_error() {
     h.upstream.push(Reply::completion_with_usage(r#"{"label": "billing"}"#, 100, 5));
     h.upstream.push(Reply::completion_with_usage("Sure! It is about billing.", 130, 8));
 
-    let err = h.classify("ws-a", "refund", CallOptions::default()).await.unwrap_err();
+    let strict = CallOptions { allow_stand_in: false, ..CallOptions::default() };
+    let err = h.classify("ws-a", "refund", strict).await.unwrap_err();
     match &err {
         PipelineError::ContractViolation { step, attempts, violations } => {
             assert_eq!(step, &StepType::CLASSIFIER);
@@ -99,6 +100,22 @@ async fn a_reply_that_breaks_the_contract_gets_one_repair_then_a_typed_error() {
     assert_eq!((failed.input_tokens, failed.output_tokens), (230, 13), "a failed call still reports its spend");
     assert!(failed.cost_usd > 0.0);
     assert_eq!(failed.source, telemetry::Source::None);
+}
+
+#[tokio::test]
+async fn a_model_that_cannot_meet_the_contract_gets_the_steps_stand_in() {
+    let h = Harness::start("").await;
+    h.upstream.respond_with(|_| Reply::completion("I am a small model and I like labels."));
+    let result = h.classify("ws-a", "refund", CallOptions::default()).await.unwrap();
+    assert_eq!((result.source, result.degraded_by), (Source::FallbackRule, Some(ErrorClass::ContractViolation)));
+    assert_eq!(result.output["label"], "unclassified");
+    assert!(result.confidence < 0.5);
+    assert_eq!(h.upstream.requests(), 2, "the reply and one repair");
+    // The step asked for its schema, as structured outputs.
+    let request = &h.upstream.received()[0];
+    assert_eq!(request["response_format"]["type"], "json_schema", "{request}");
+    assert_eq!(request["response_format"]["json_schema"]["strict"], true, "{request}");
+    assert_eq!(request["response_format"]["json_schema"]["schema"]["required"][0], "label", "{request}");
 }
 
 #[tokio::test]

@@ -39,7 +39,8 @@ async fn crowd(
 
 #[tokio::test]
 async fn a_429_storm_pauses_every_call_for_its_retry_after_then_lets_one_probe_go_first() {
-    let h = Arc::new(Harness::start("").await);
+    // Callers that may wait out a pause (the shipped 500 ms would refuse them at once).
+    let h = Arc::new(Harness::start("[limits]\nmax_wait_ms = 8000").await);
     // The first two requests are told to come back in 2 s; then the upstream answers.
     h.upstream.push(Reply::rate_limited(2));
     h.upstream.push(Reply::rate_limited(2));
@@ -324,4 +325,19 @@ async fn a_call_that_refuses_stand_ins_never_gets_one_through_another_call() {
     assert_eq!(err.metric_label(), "server_error");
     assert_eq!(lenient.await.unwrap().unwrap().source, Source::FallbackRule);
     assert_eq!(h.upstream.requests(), 2, "the strict call made its own request");
+}
+
+#[tokio::test]
+async fn a_malformed_reply_is_an_upstream_fault_retried_once() {
+    let h = Harness::start("[breaker]\nfailures_to_open = 4\nopen_for_ms = 60000").await;
+    h.upstream.respond_with(|_| Reply::malformed());
+    let strict = CallOptions { allow_stand_in: false, ..CallOptions::default() };
+    let first = h.classify("ws-a", "one", strict.clone()).await.unwrap_err();
+    assert_eq!(first.metric_label(), "malformed_reply");
+    assert_eq!(first.attempts(), 2, "the reply and one retry, whatever the policy's three");
+    h.classify("ws-a", "two", strict.clone()).await.unwrap_err();
+    // Four malformed replies in a row opened the breaker: the next call is refused at once.
+    let refused = h.classify("ws-a", "three", strict).await.unwrap_err();
+    assert_eq!(refused.metric_label(), "circuit_open");
+    assert_eq!(h.upstream.requests(), 4);
 }
