@@ -1,7 +1,8 @@
 //! `cargo xtask bench gateway`: what `aipipe serve` adds to a call, against a loopback
-//! upstream that answers at once. The same load generator calls the upstream directly and
-//! through the gateway, in the same run, on this machine (load generator, upstream and
-//! gateway share its cores).
+//! upstream that answers at once (and declares generous rate limits, as OpenAI does). The same
+//! load generator calls the upstream directly, the gateway on the shipped defaults, and the
+//! same gateway with its limits off, in the same run, on this machine (load generator,
+//! upstream and gateways share its cores).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use crate::bench::percentile_us;
 const LATENCY_ROUND: usize = 1_000;
 const LATENCY_ROUNDS: usize = 5;
 /// Closed-loop load: this many requests in flight at all times, for this long.
-const CONCURRENCY: usize = 32;
+const CONCURRENCY: usize = 16;
 const THROUGHPUT_WINDOW: Duration = Duration::from_secs(5);
 const API_KEY_VARIABLE: &str = "GATEWAY_BENCH_KEY";
 const API_KEY: &str = "sk-aipipe-bench";
@@ -37,6 +38,10 @@ struct GatewayFigure {
     added_p50_us: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     added_p99_us: Option<f64>,
+    /// Requests per second of this gateway over the same gateway with `[limits] enabled =
+    /// false`, measured in the same run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    share_of_limits_off: Option<f64>,
 }
 
 pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
@@ -45,13 +50,17 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
     let figures = runtime.block_on(async {
         let upstream = start_upstream().await?;
         let dir = tempfile::tempdir()?;
-        let gateway = start_gateway(&aipipe, dir.path(), &format!("http://{upstream}/v1"))?;
+        let limits_off = tempfile::tempdir()?;
+        let upstream_url = format!("http://{upstream}/v1");
+        let gateway = start_gateway(&aipipe, dir.path(), &upstream_url, "")?;
+        let unlimited = start_gateway(&aipipe, limits_off.path(), &upstream_url, "[limits]\nenabled = false\n")?;
         let direct_url = format!("http://{upstream}/v1/chat/completions");
         let gateway_url = format!("{}/chat/completions", gateway.base_url);
+        let unlimited_url = format!("{}/chat/completions", unlimited.base_url);
         let client = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build()?;
         let counter = Arc::new(AtomicUsize::new(0));
 
-        for url in [&direct_url, &gateway_url] {
+        for url in [&direct_url, &gateway_url, &unlimited_url] {
             sequential(&client, url, LATENCY_ROUND, &counter).await?;
         }
         let (mut direct, mut through) = (Vec::new(), Vec::new());
@@ -60,8 +69,13 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
             through.extend(sequential(&client, &gateway_url, LATENCY_ROUND, &counter).await?);
         }
         let direct_rps = closed_loop(&client, &direct_url, &counter).await?;
-        let gateway_rps = closed_loop(&client, &gateway_url, &counter).await?;
-        drop(gateway);
+        // Alternated, so that drift in the machine's speed falls on both alike.
+        let (mut gateway_rps, mut unlimited_rps) = (0.0, 0.0);
+        for _ in 0..2 {
+            gateway_rps += closed_loop(&client, &gateway_url, &counter).await? / 2.0;
+            unlimited_rps += closed_loop(&client, &unlimited_url, &counter).await? / 2.0;
+        }
+        drop((gateway, unlimited));
         direct.sort();
         through.sort();
         let (direct_p50, direct_p99) = (percentile_us(&direct, 0.50), percentile_us(&direct, 0.99));
@@ -74,6 +88,7 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
                 p99_us: direct_p99,
                 added_p50_us: None,
                 added_p99_us: None,
+                share_of_limits_off: None,
             },
             GatewayFigure {
                 name: "gateway",
@@ -82,6 +97,7 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
                 p99_us: gateway_p99,
                 added_p50_us: Some(gateway_p50 - direct_p50),
                 added_p99_us: Some(gateway_p99 - direct_p99),
+                share_of_limits_off: Some(gateway_rps / unlimited_rps),
             },
         ])
     })?;
@@ -90,8 +106,10 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
         if json {
             println!("{}", serde_json::to_string(figure)?);
         } else {
-            let added = match (figure.added_p50_us, figure.added_p99_us) {
-                (Some(p50), Some(p99)) => format!("   added p50 {p50:.0} us, p99 {p99:.0} us"),
+            let added = match (figure.added_p50_us, figure.added_p99_us, figure.share_of_limits_off) {
+                (Some(p50), Some(p99), Some(share)) => {
+                    format!("   added p50 {p50:.0} us, p99 {p99:.0} us; {:.0}% of limits off", share * 100.0)
+                }
                 _ => String::new(),
             };
             println!(
@@ -103,11 +121,23 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An OpenAI-compatible endpoint that answers every completion at once with the same reply.
+/// An OpenAI-compatible endpoint that answers every completion at once with the same reply,
+/// declaring generous rate limits in its headers as OpenAI does.
 async fn start_upstream() -> anyhow::Result<std::net::SocketAddr> {
     let app = axum::Router::new().route(
         "/v1/chat/completions",
-        axum::routing::post(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], UPSTREAM_REPLY) }),
+        axum::routing::post(|| async {
+            (
+                [
+                    (axum::http::header::CONTENT_TYPE.as_str(), "application/json"),
+                    ("x-ratelimit-limit-requests", "10000000"),
+                    ("x-ratelimit-remaining-requests", "9999999"),
+                    ("x-ratelimit-limit-tokens", "1000000000"),
+                    ("x-ratelimit-remaining-tokens", "999999000"),
+                ],
+                UPSTREAM_REPLY,
+            )
+        }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
@@ -119,17 +149,12 @@ async fn start_upstream() -> anyhow::Result<std::net::SocketAddr> {
     Ok(address)
 }
 
-/// `aipipe serve` with the engine's whole call path on (exact cache, limits far above the
-/// load, breaker, telemetry into a SQLite file); each request is new, so every call misses
-/// the cache and goes upstream.
-fn start_gateway(aipipe: &Path, dir: &Path, upstream: &str) -> anyhow::Result<GatewayProcess> {
+/// `aipipe serve` on the shipped defaults, plus `extra` config; each request is new, so every
+/// call misses the cache and goes upstream. The only things set: where telemetry goes and the
+/// workspace's key.
+fn start_gateway(aipipe: &Path, dir: &Path, upstream: &str, extra: &str) -> anyhow::Result<GatewayProcess> {
     let config = format!(
-        "[semantic]\nenabled = false\n[cache]\nmax_entries = 1000000\n\
-         [limits]\nworkspace_requests_per_minute = 4000000000\nworkspace_request_burst = 1000000\n\
-         workspace_tokens_per_minute = 4000000000\nworkspace_token_burst = 100000000\n\
-         model_requests_per_minute = 4000000000\nmodel_request_burst = 1000000\n\
-         model_tokens_per_minute = 4000000000\nmodel_token_burst = 100000000\n\
-         [telemetry]\ndatabase_url = \"sqlite://{}\"\n[gateway.api_keys]\nbench = \"{API_KEY_VARIABLE}\"\n",
+        "[telemetry]\ndatabase_url = \"sqlite://{}\"\n[gateway.api_keys]\nbench = \"{API_KEY_VARIABLE}\"\n{extra}",
         dir.join("telemetry.db").display()
     );
     let env = [(API_KEY_VARIABLE, API_KEY), ("OPENAI_API_KEY", "sk-bench-upstream")];

@@ -1,0 +1,57 @@
+//! `aipipe serve` in front of a real local model: llama.cpp's server with SmolLM2-135M-Instruct
+//! (both from PyPI), as a team that runs its own model would have it.
+use std::path::Path;
+
+use serde_json::{Value, json};
+use testkit::{GatewayProcess, LlamaServer};
+
+const KEY: &str = "sk-aipipe-local-model";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_local_model_meets_the_structured_steps() {
+    let Some(llama) = LlamaServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[semantic]\nenabled = false\n[telemetry]\ndatabase_url = \"sqlite://{}\"\n[gateway.api_keys]\nlocal = \"LOCAL_KEY\"\n",
+        dir.path().join("telemetry.db").display()
+    );
+    let gateway = GatewayProcess::start(
+        Path::new(env!("CARGO_BIN_EXE_aipipe")),
+        dir.path(),
+        &llama.base_url,
+        &config,
+        &[("LOCAL_KEY", KEY), ("OPENAI_API_KEY", "not-needed")],
+    )
+    .unwrap();
+    let http = reqwest::Client::new();
+    let cases = [
+        ("classifier", json!({"text": "The app crashes when I upload a photo", "labels": ["billing", "bug", "other"]})),
+        ("validator", json!({"text": "Company: TBD. Contact: John. Need: ???"})),
+        (
+            "extractor",
+            json!({"text": "Hi, I am Ada Lovelace, reach me at ada@example.com", "fields": ["name", "email"]}),
+        ),
+    ];
+    for (step, input) in cases {
+        let body = json!({"model": "smollm2", "messages": [{"role": "user", "content": input.to_string()}]});
+        let response = http
+            .post(format!("{}/chat/completions", gateway.base_url))
+            .bearer_auth(KEY)
+            .header("x-aipipe-step", step)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{step}");
+        // `upstream`: the model's own answer, which the engine served only because it is valid
+        // against the step's schema (a contract violation would have been a stand-in).
+        assert_eq!(response.headers()["x-aipipe-source"], "upstream", "{step}");
+        let body: Value = response.json().await.unwrap();
+        let output: Value = serde_json::from_str(body["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+        match step {
+            "classifier" => assert!(output["label"].is_string() && output["confidence"].is_number(), "{output}"),
+            "validator" => assert!(output["valid"].is_boolean() && output["issues"].is_array(), "{output}"),
+            _ => assert!(output["fields"].is_object(), "{output}"),
+        }
+    }
+}
