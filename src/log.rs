@@ -148,7 +148,7 @@ fn parse_line(line: usize, text: &str) -> Result<LoggedCall, String> {
         model: raw.model,
         input: raw.input,
         outcome,
-        usage: Usage { input_tokens: raw.usage.input_tokens, output_tokens: raw.usage.output_tokens },
+        usage: Usage::new(raw.usage.input_tokens, raw.usage.output_tokens),
         latency: Duration::from_secs_f64(raw.latency_ms / 1000.0),
         meaning: raw.meaning.filter(|meaning| !meaning.trim().is_empty()),
     })
@@ -262,7 +262,7 @@ fn parse_openai_line(line: usize, value: Value) -> Result<LoggedCall, String> {
     let outcome = match (raw.response, raw.error) {
         (Some(response), None) => {
             if let Some(reported) = response.usage {
-                usage = Usage { input_tokens: reported.prompt_tokens, output_tokens: reported.completion_tokens };
+                usage = Usage::new(reported.prompt_tokens, reported.completion_tokens);
             }
             let content = response.choices.into_iter().next().and_then(|choice| choice.message.content);
             Ok(content.ok_or("`response.choices[0].message.content` is missing: only text replies can be replayed")?)
@@ -345,6 +345,7 @@ impl LoggedError {
             ErrorClass::Timeout => ProviderError::Timeout { after: latency },
             ErrorClass::Connection => ProviderError::Connection { message },
             ErrorClass::BadRequest => ProviderError::BadRequest { status: status.unwrap_or(400), message },
+            ErrorClass::ContextLength => ProviderError::ContextLength { message },
             ErrorClass::Unauthorized => ProviderError::Unauthorized { status: status.unwrap_or(401), message },
             ErrorClass::MalformedReply => ProviderError::MalformedReply { message },
         }

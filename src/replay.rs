@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pipeline_core::providers::RecordedProvider;
+use pipeline_core::providers::{RecordedProvider, is_same_model};
 use pipeline_core::semantic_cache::Embedder;
 use pipeline_core::telemetry::{
     self, Health, PriceTable, Recorder, RecorderSettings, TelemetryStore, mean_recovery_secs, percentile,
@@ -84,6 +84,27 @@ pub struct TimeBucket {
     pub after_cost_usd: f64,
 }
 
+/// One model's share of a side: the calls that reached it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ModelFigures {
+    /// Upstream requests it answered or failed.
+    pub calls: u64,
+    pub cost_usd: f64,
+    pub p50_ms: f64,
+    pub errors: u64,
+    /// Of `calls`, answered by a model the log never asked for that call: the log's answer,
+    /// at this model's price and an estimated latency (docs/log-format.md).
+    pub estimated: u64,
+}
+
+/// Cost, latency and errors per model, before and after.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelReport {
+    pub model: String,
+    pub before: ModelFigures,
+    pub after: ModelFigures,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ReplayReport {
     pub log: String,
@@ -94,6 +115,8 @@ pub struct ReplayReport {
     pub before: Figures,
     pub after: Figures,
     pub components: Vec<ComponentReport>,
+    /// Per model: what a routing policy changed (`aipipe replay LOG --config ROUTES.toml`).
+    pub models: Vec<ModelReport>,
     pub semantic_pairs: Vec<SemanticPair>,
     pub timeline: Vec<TimeBucket>,
     /// Where the HTML report went.
@@ -123,6 +146,10 @@ struct Outcome {
     health: Health,
     /// For a semantic hit: whether it served the answer of a request that means the same.
     semantic: Option<Verdict>,
+    /// The model its upstream requests went to, when it made any.
+    model: Option<String>,
+    /// Answered by a model the log never asked for this call.
+    estimated: bool,
 }
 
 impl Outcome {
@@ -142,6 +169,8 @@ impl Outcome {
             cache_hit: false,
             health,
             semantic: None,
+            model: Some(call.model.clone()),
+            estimated: false,
         }
     }
 }
@@ -273,12 +302,17 @@ async fn replay(
         true => Some(Arc::new(Embedder::load(&config.semantic.model, config.semantic.threads)?)),
         false => None,
     };
+    let provider_names: Vec<String> = config.providers.keys().cloned().collect();
     let mut builder = Engine::builder(config).recorder(recorder.clone());
     if let Some(embedder) = &embedder {
         builder = builder.embedder(embedder.clone());
     }
     if let Some((provider, clock)) = &recorded {
+        // Every provider a route can pick answers from the log too: a replay reaches no network.
         builder = builder.provider("recorded", provider.clone()).clock(clock.clone());
+        for name in provider_names {
+            builder = builder.provider(name, provider.clone());
+        }
     }
     let engine = builder.build().await?;
 
@@ -342,6 +376,15 @@ async fn replay(
                     cache_hit: result.source.is_cache(),
                     health: Health::of(result.source.into(), result.degraded_by),
                     semantic,
+                    // A stand-in's attempts went to the model the route asked.
+                    model: match (&recorded, stand_in) {
+                        (Some((provider, _)), true) => provider.model_asked(&call.trace_id),
+                        _ => (result.attempts > 0).then(|| result.model.clone()),
+                    },
+                    estimated: recorded.is_some()
+                        && result.attempts > 0
+                        && !stand_in
+                        && !is_same_model(&result.model, &call.model),
                 }
             }
             // A recorded failure that reached the upstream costs what it did in the log; one
@@ -357,6 +400,8 @@ async fn replay(
                 cache_hit: false,
                 health: Health::of(telemetry::Source::None, Some(err.class())),
                 semantic: None,
+                model: recorded.as_ref().and_then(|(provider, _)| provider.model_asked(&call.trace_id)),
+                estimated: false,
             },
         });
     }
@@ -394,6 +439,7 @@ async fn replay(
         before: figures(before.iter()),
         after: figures(after.iter()),
         components,
+        models: by_model(&before, &after),
         semantic_pairs,
         timeline: timeline(&before, &after),
         html: None,
@@ -529,6 +575,34 @@ fn timeline(before: &[Outcome], after: &[Outcome]) -> Vec<TimeBucket> {
         }
     }
     buckets
+}
+
+fn by_model(before: &[Outcome], after: &[Outcome]) -> Vec<ModelReport> {
+    let mut models: BTreeMap<String, (Vec<&Outcome>, Vec<&Outcome>)> = BTreeMap::new();
+    for (side, outcomes) in [(0, before), (1, after)] {
+        for outcome in outcomes {
+            if let Some(model) = &outcome.model {
+                let entry = models.entry(model.clone()).or_default();
+                if side == 0 { entry.0.push(outcome) } else { entry.1.push(outcome) }
+            }
+        }
+    }
+    let figures = |outcomes: &[&Outcome]| {
+        let mut latencies: Vec<f64> = outcomes.iter().map(|o| o.latency.as_secs_f64() * 1000.0).collect();
+        latencies.sort_by(f64::total_cmp);
+        ModelFigures {
+            calls: outcomes.iter().map(|o| o.upstream_requests).sum(),
+            // Not `sum`: an empty float sum is -0.0, which would print as such.
+            cost_usd: outcomes.iter().map(|o| o.cost_usd).fold(0.0, |total, cost| total + cost),
+            p50_ms: percentile(&latencies, 0.50),
+            errors: outcomes.iter().filter(|o| o.failed).count() as u64,
+            estimated: outcomes.iter().filter(|o| o.estimated).map(|o| o.upstream_requests).sum(),
+        }
+    };
+    models
+        .into_iter()
+        .map(|(model, (before, after))| ModelReport { model, before: figures(&before), after: figures(&after) })
+        .collect()
 }
 
 fn figures<'a>(outcomes: impl Iterator<Item = &'a Outcome> + Clone) -> Figures {

@@ -63,6 +63,25 @@ pub fn table(report: &ReplayReport) -> String {
         );
     }
     let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<24} {:>15} {:>22} {:>15} {:>9} {:>10}",
+        "by model", "AI calls", "cost (USD)", "p50 (ms)", "errors", "estimated"
+    );
+    for model in &report.models {
+        let (b, a) = (&model.before, &model.after);
+        let _ = writeln!(
+            out,
+            "{:<24} {:>15} {:>22} {:>15} {:>9} {:>10}",
+            truncate(&model.model, 24),
+            format!("{} -> {}", b.calls, a.calls),
+            format!("{:.6} -> {:.6}", b.cost_usd, a.cost_usd),
+            format!("{:.0} -> {:.0}", b.p50_ms, a.p50_ms),
+            format!("{} -> {}", b.errors, a.errors),
+            a.estimated
+        );
+    }
+    let _ = writeln!(out);
     let semantic = report.semantic_pairs.iter().filter(|pair| pair.source == Source::SemanticCache).count();
     let _ = writeln!(
         out,

@@ -89,6 +89,14 @@ impl From<PipelineError> for ApiError {
             PipelineError::CostLimitExceeded { .. } => {
                 (StatusCode::BAD_REQUEST, "invalid_request_error", "cost_limit_exceeded", None)
             }
+            PipelineError::InvalidOptions { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request", None)
+            }
+            // As OpenAI says an exhausted quota: waiting a few seconds does not help.
+            PipelineError::BudgetExhausted { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", "budget_exhausted", None)
+            }
+            PipelineError::NoRoute { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error", "no_route", None),
             // Our limits, or the upstream's Retry-After outlasting what a caller may wait: the
             // caller should come back after Retry-After, as from the upstream itself.
             PipelineError::Refused {
@@ -105,6 +113,9 @@ impl From<PipelineError> for ApiError {
                     (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", "insufficient_quota", None)
                 }
                 ErrorClass::BadRequest => (StatusCode::BAD_REQUEST, "invalid_request_error", "upstream_rejected", None),
+                ErrorClass::ContextLength => {
+                    (StatusCode::BAD_REQUEST, "invalid_request_error", "context_length_exceeded", None)
+                }
                 ErrorClass::Timeout => (StatusCode::GATEWAY_TIMEOUT, "server_error", "upstream_timeout", None),
                 // The gateway's own upstream key is wrong: not the caller's fault.
                 ErrorClass::Unauthorized => (StatusCode::BAD_GATEWAY, "server_error", "upstream_unauthorized", None),

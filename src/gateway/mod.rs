@@ -111,13 +111,10 @@ pub async fn serve(mut config: Config, settings: GatewaySettings, options: Serve
     Ok(())
 }
 
-/// The models a request can reach: the default model and every model a step or its fallbacks
-/// name.
+/// The models a request can reach: the default model and every candidate of a step's route.
 fn listed_models(config: &Config) -> Vec<String> {
     let mut models: Vec<String> = std::iter::once(config.engine.default_model.clone())
-        .chain(config.steps().flat_map(|spec| {
-            std::iter::once(spec.model.clone()).chain(spec.fallbacks.iter().map(|target| target.model.clone()))
-        }))
+        .chain(config.steps().flat_map(|spec| spec.route.candidates.iter().map(|candidate| candidate.name.clone())))
         .collect();
     models.sort();
     models.dedup();

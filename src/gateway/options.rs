@@ -1,10 +1,10 @@
 //! What a request's headers ask of the engine: the step, the component, the trace id, the
-//! cache policy, the deadline and whether a stand-in may answer.
+//! cache policy, the deadline, the route and whether a stand-in may answer.
 
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use pipeline_core::{CachePolicy, CallOptions};
+use pipeline_core::{CachePolicy, CallOptions, RouteChoice};
 
 use super::error::ApiError;
 use aipipe::openai::CompletionRequest;
@@ -19,9 +19,21 @@ pub(super) fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Opti
     }
 }
 
+/// The body's `model` that leaves the choice to the step's route.
+const ANY_MODEL: &str = "auto";
+
 pub(super) fn call_options(headers: &HeaderMap, request: &CompletionRequest) -> Result<CallOptions, ApiError> {
-    let mut options =
-        CallOptions { model: request.model.clone().filter(|model| !model.is_empty()), ..Default::default() };
+    let model = request.model.clone().filter(|model| !model.is_empty() && model != ANY_MODEL);
+    let mut options = CallOptions { model, ..Default::default() };
+    if let Some(route) = header_text(headers, "x-aipipe-route")? {
+        let route: RouteChoice = route.parse().map_err(|reason| {
+            ApiError::invalid(
+                None,
+                format!("x-aipipe-route: {reason} (e.g. `cheapest` or `fastest: gpt-4o-mini, gpt-4.1-nano`)"),
+            )
+        })?;
+        options.route = Some(route);
+    }
     if let Some(policy) = header_text(headers, "x-aipipe-cache")? {
         options.cache = match policy {
             "use" => CachePolicy::Use,

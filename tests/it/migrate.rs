@@ -104,6 +104,7 @@ fn call(ts_ms: i64, component: &str, cost_usd: f64) -> CallRecord {
         attempts: i64::from(cost_usd > 0.0),
         rate_limit_wait_ms: 0.0,
         breaker_state: None,
+        route: None,
     }
 }
 

@@ -434,3 +434,61 @@ async fn an_upstream_declaring_600_a_minute_is_kept_under_and_callers_over_it_he
     let upstream_429s = upstream.exchanges().iter().filter(|exchange| exchange.status == 429).count();
     assert_eq!(upstream_429s, 0, "the gateway stayed under what the upstream declared");
 }
+
+/// The classifier step routed to a Claude model through the native Anthropic provider, called
+/// with the same OpenAI client request as ever: the answer comes back in OpenAI's shape, and the
+/// upstream saw Anthropic's (the system prompt on top, `max_tokens`, its own key header).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_routed_to_anthropic_answers_an_unchanged_openai_call() {
+    let openai = ScriptedUpstream::start().await.unwrap();
+    let anthropic = ScriptedUpstream::start().await.unwrap();
+    anthropic.respond_with(|_| Reply::completion_with_cache(r#"{"label": "billing", "confidence": 0.9}"#, 420, 400, 9));
+    let dir = tempfile::tempdir().unwrap();
+    let routes = format!(
+        "[providers.claude]\nkind = \"anthropic\"\nbase_url = \"{}\"\napi_key_env = \"ANTHROPIC_TEST_KEY\"\n\
+         request_timeout_ms = 5000\nconnect_timeout_ms = 1000\n\
+         [models.\"claude-haiku-4-5\"]\nprovider = \"claude\"\ninput_per_million_usd = 1.0\n\
+         cached_input_per_million_usd = 0.1\noutput_per_million_usd = 5.0\ncontext_window = 200000\ntier = 2\n\
+         [steps.classifier.route]\ncandidates = [\"claude-haiku-4-5\"]\n",
+        anthropic.base_url()
+    );
+    let config = format!(
+        "[semantic]\nenabled = false\n[telemetry]\ndatabase_url = \"sqlite://{}\"\n\
+         [gateway.api_keys]\nteam-a = \"GATEWAY_TEST_KEY_A\"\n{routes}",
+        dir.path().join("telemetry.db").display()
+    );
+    let env = [("GATEWAY_TEST_KEY_A", KEY_A), ("OPENAI_API_KEY", "sk-upstream"), ("ANTHROPIC_TEST_KEY", "sk-ant-test")];
+    let process =
+        GatewayProcess::start(Path::new(env!("CARGO_BIN_EXE_aipipe")), dir.path(), &openai.base_url(), &config, &env)
+            .unwrap();
+    let input = json!({"text": "I was charged twice", "labels": ["billing", "bug", "other"]});
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": input.to_string()}]});
+    let response = reqwest::Client::new()
+        .post(format!("{}/chat/completions", process.base_url))
+        .bearer_auth(KEY_A)
+        .header("x-aipipe-step", "classifier")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-aipipe-source"], "upstream");
+    let answer: Value = response.json().await.unwrap();
+    let output: Value = serde_json::from_str(answer["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    assert_eq!(output["label"], "billing");
+    assert_eq!(answer["usage"]["prompt_tokens"], 420);
+    assert_eq!(openai.requests(), 0, "the OpenAI upstream saw nothing");
+    let sent = &anthropic.received()[0];
+    assert_eq!(sent["model"], "claude-haiku-4-5");
+    assert!(sent["system"].as_str().unwrap().contains("You classify texts"), "{sent}");
+    assert!(sent["messages"].as_array().unwrap().iter().all(|m| m["role"] != "system"), "{sent}");
+    assert_eq!(sent["max_tokens"], 100);
+    process.terminate().unwrap();
+
+    // Priced as the model's price sheet says: 20 plain and 400 cached input tokens, 9 output.
+    let store = TelemetryStore::connect(&dir.path().join("telemetry.db").display().to_string()).await.unwrap();
+    let row = store.records().await.unwrap().pop().unwrap();
+    assert_eq!((row.provider.as_str(), row.model.as_str()), ("claude", "claude-haiku-4-5"));
+    assert!((row.cost_usd - (20.0 * 1.0 + 400.0 * 0.1 + 9.0 * 5.0) / 1e6).abs() < 1e-12, "{}", row.cost_usd);
+    assert_eq!(row.route.unwrap().chosen.as_deref(), Some("claude-haiku-4-5"));
+}

@@ -415,7 +415,7 @@ async fn bench_engine_with(toml: &str) -> anyhow::Result<pipeline_core::Engine> 
             content: r#"{"label": "billing", "confidence": 0.9}"#.to_owned(),
             model: request.model,
             provider: "in-process".to_owned(),
-            usage: Usage { input_tokens: 120, output_tokens: 12 },
+            usage: Usage::new(120, 12),
             finish_reason: FinishReason::Stop,
             latency: Duration::ZERO,
             declared_limits: None,

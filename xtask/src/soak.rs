@@ -20,7 +20,8 @@ const API_KEY_VARIABLE: &str = "GATEWAY_SOAK_KEY";
 const API_KEY: &str = "sk-aipipe-soak";
 /// How long each phase of the upstream's cycle lasts.
 const PHASE: Duration = Duration::from_secs(20);
-/// Let the gateway warm up before its memory and open files are first read.
+/// Let the gateway warm up before its memory and open files are first read, when the run is
+/// too short for a whole cycle.
 const WARM_UP: Duration = Duration::from_secs(5);
 
 pub struct SoakOptions {
@@ -42,10 +43,15 @@ struct SoakFigure {
     /// Anything else: a connection dropped, a body that is not an error object.
     untyped: u64,
     telemetry_rows: i64,
+    /// Memory and open files are read at the end of every cycle of the upstream's phases, where
+    /// the connection pools hold what the same phases left (a stall fills them, idle
+    /// connections close 90 s later): start is the end of the first cycle, end the last.
     rss_start_kib: u64,
     rss_end_kib: u64,
     fds_start: u64,
     fds_end: u64,
+    /// Readings taken, one per cycle.
+    readings: usize,
     /// Responses by status, e.g. `200: 9000, 429: 400`.
     statuses: String,
 }
@@ -113,11 +119,16 @@ async fn run(aipipe: &Path, options: &SoakOptions) -> anyhow::Result<SoakFigure>
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tasks = tokio::task::JoinSet::new();
-    let mut start_reading = None;
+    let cycle = PHASE * CYCLE.len() as u32;
+    let mut warm_reading = None;
+    let mut cycle_readings = Vec::new();
     while started.elapsed() < total {
         ticker.tick().await;
-        if start_reading.is_none() && started.elapsed() >= WARM_UP {
-            start_reading = Some(process_reading(gateway.pid()));
+        if warm_reading.is_none() && started.elapsed() >= WARM_UP {
+            warm_reading = Some(process_reading(gateway.pid()));
+        }
+        if started.elapsed() >= cycle * (cycle_readings.len() as u32 + 1) {
+            cycle_readings.push(process_reading(gateway.pid()));
         }
         let (client, url, counter, outcomes) = (client.clone(), url.clone(), counter.clone(), outcomes.clone());
         tasks.spawn(async move {
@@ -136,7 +147,10 @@ async fn run(aipipe: &Path, options: &SoakOptions) -> anyhow::Result<SoakFigure>
     };
     let outcomes = outcomes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let count = |prefix: &str| outcomes.iter().filter(|(key, _)| key.starts_with(prefix)).map(|(_, n)| n).sum();
-    let ((rss_start_kib, fds_start), (rss_end_kib, fds_end)) = (start_reading.unwrap_or(end_reading), end_reading);
+    let ((rss_start_kib, fds_start), (rss_end_kib, fds_end)) = match cycle_readings.as_slice() {
+        [first, .., last] => (*first, *last),
+        _ => (warm_reading.unwrap_or(end_reading), end_reading),
+    };
     Ok(SoakFigure {
         name: "soak",
         minutes: options.minutes,
@@ -150,6 +164,7 @@ async fn run(aipipe: &Path, options: &SoakOptions) -> anyhow::Result<SoakFigure>
         rss_end_kib,
         fds_start,
         fds_end,
+        readings: cycle_readings.len(),
         statuses: outcomes.iter().map(|(key, n)| format!("{key}: {n}")).collect::<Vec<_>>().join(", "),
     })
 }

@@ -30,6 +30,7 @@ fn answered(output: Value) -> Result<PipelineResult, PipelineError> {
         degraded_by: None,
         similar_to: None,
         finish_reason: FinishReason::Stop,
+        route: None,
     })
 }
 

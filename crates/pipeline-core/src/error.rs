@@ -61,6 +61,15 @@ pub enum PipelineError {
     PromptTooLarge { step: StepType, chars: usize, limit: usize },
     #[error("{reason}")]
     CostLimitExceeded { reason: String },
+    #[error("invalid call options: {reason}")]
+    InvalidOptions { reason: String },
+    #[error(
+        "the daily budget of {scope} is spent (${spent_usd:.4} of ${limit_usd:.4}): calls that cost anything are \
+         refused until 00:00 UTC; raise it under [budgets] or use a free model"
+    )]
+    BudgetExhausted { scope: String, limit_usd: f64, spent_usd: f64 },
+    #[error("no model on the `{step}` route can take this call ({excluded}): {hint}")]
+    NoRoute { step: StepType, excluded: String, hint: String },
     #[error("upstream call for `{step}` failed after {attempts} attempt(s): {source}")]
     Upstream {
         step: StepType,
@@ -101,6 +110,9 @@ impl PipelineError {
             Self::InvalidInput { .. } => ErrorClass::InvalidInput,
             Self::PromptTooLarge { .. } => ErrorClass::PromptTooLarge,
             Self::CostLimitExceeded { .. } => ErrorClass::CostLimit,
+            Self::InvalidOptions { .. } => ErrorClass::InvalidRequest,
+            Self::BudgetExhausted { .. } => ErrorClass::BudgetExhausted,
+            Self::NoRoute { .. } => ErrorClass::NoRoute,
             Self::Upstream { source, .. } => upstream_class(source.class()),
             Self::Refused { source, .. } => refusal_class(source),
             Self::ContractViolation { .. } => ErrorClass::ContractViolation,
@@ -133,6 +145,20 @@ impl PipelineError {
         self.class().is_upstream_unavailable()
     }
 
+    /// Whether another candidate of the route may answer what this one could not: the
+    /// upstream failed in a way another model or provider may not (connection, timeout, 429,
+    /// 5xx/529, an exhausted quota, a context window too small), or a guard held this one back.
+    /// Never for a request that is wrong or refused credentials.
+    pub fn falls_through(&self) -> bool {
+        match self {
+            Self::Upstream { source, .. } => {
+                source.class().falls_through() || source.class() == providers::ErrorClass::QuotaExhausted
+            }
+            Self::Refused { .. } => true,
+            _ => false,
+        }
+    }
+
     /// Whether a stand-in may answer in its place: when no model could answer, and when the
     /// model's answer broke the step's output contract even after a repair (a small model
     /// that cannot meet a schema is as unavailable to the step as one that is down).
@@ -150,6 +176,7 @@ fn upstream_class(class: providers::ErrorClass) -> ErrorClass {
         Class::Timeout => ErrorClass::Timeout,
         Class::Connection => ErrorClass::Connection,
         Class::BadRequest => ErrorClass::BadRequest,
+        Class::ContextLength => ErrorClass::ContextLength,
         Class::Unauthorized => ErrorClass::Unauthorized,
         Class::MalformedReply => ErrorClass::MalformedReply,
     }
@@ -178,6 +205,7 @@ mod tests {
             providers::ErrorClass::Timeout,
             providers::ErrorClass::Connection,
             providers::ErrorClass::BadRequest,
+            providers::ErrorClass::ContextLength,
             providers::ErrorClass::Unauthorized,
             providers::ErrorClass::MalformedReply,
         ] {

@@ -22,12 +22,13 @@ mod step;
 
 pub use clock::{Clock, ManualClock, SystemClock, TokioSystemClock};
 pub use config::{
-    CacheSettings, Config, ConfigSource, EngineSettings, FallbackSettings, ProviderSettings, ResilienceSettings,
-    RouteTarget, SemanticSettings, StepSpec, TelemetrySettings,
+    BudgetSettings, CacheSettings, Config, ConfigSource, EngineSettings, FallbackSettings, ModelRegistry, ModelSpec,
+    OnBudget, ProviderKind, ProviderSettings, ResilienceSettings, RouteSpec, RoutingSettings, SemanticSettings,
+    StepSpec, TelemetrySettings,
 };
 pub use engine::{Engine, EngineBuilder};
 pub use error::{PipelineError, SetupError};
-pub use request::{CachePolicy, CallContext, CallOptions, TraceId};
+pub use request::{CachePolicy, CallContext, CallOptions, RouteChoice, TraceId};
 pub use result::{PipelineResult, SimilarRequest, Source};
 pub use step::{InvalidStepName, StepKind, StepType};
 

@@ -69,6 +69,38 @@ impl CallContext {
     }
 }
 
+/// A call's own route: a strategy, over the step's candidates or the models named (each
+/// from the registry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteChoice {
+    pub strategy: telemetry::RouteStrategy,
+    pub candidates: Option<Vec<String>>,
+}
+
+impl std::str::FromStr for RouteChoice {
+    type Err = String;
+
+    /// `STRATEGY` or `STRATEGY: MODEL, MODEL, ...`, as the gateway's `x-aipipe-route` header
+    /// carries it.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (strategy, candidates) = match text.split_once(':') {
+            Some((strategy, candidates)) => (strategy, Some(candidates)),
+            None => (text, None),
+        };
+        let strategy = telemetry::RouteStrategy::parse(strategy.trim()).ok_or_else(|| {
+            format!("`{}` is not a strategy: use ordered, cheapest, fastest or weighted", strategy.trim())
+        })?;
+        let candidates = candidates
+            .map(|names| {
+                let names: Vec<String> =
+                    names.split(',').map(str::trim).filter(|name| !name.is_empty()).map(str::to_owned).collect();
+                if names.is_empty() { Err("name at least one model after `:`".to_owned()) } else { Ok(names) }
+            })
+            .transpose()?;
+        Ok(Self { strategy, candidates })
+    }
+}
+
 /// How a call may use the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CachePolicy {
@@ -104,8 +136,11 @@ pub struct CallOptions {
     pub cache: CachePolicy,
     /// The whole call's time budget; the engine's default when absent.
     pub deadline: Option<Duration>,
-    /// Overrides the step's model.
+    /// The model to ask first. Overrides the step's model when the step has no configured
+    /// route; with one, the route decides, and a model among its candidates is tried first.
     pub model: Option<String>,
+    /// Another route than the step's for this call (the gateway's `x-aipipe-route`).
+    pub route: Option<RouteChoice>,
     /// Refuse the call if its estimated cost (prompt + the step's output budget) is higher.
     pub max_cost_usd: Option<f64>,
     /// Whether a stand-in (a similar cached answer, the step's rule-based answer) may answer
@@ -116,6 +151,13 @@ pub struct CallOptions {
 
 impl Default for CallOptions {
     fn default() -> Self {
-        Self { cache: CachePolicy::default(), deadline: None, model: None, max_cost_usd: None, allow_stand_in: true }
+        Self {
+            cache: CachePolicy::default(),
+            deadline: None,
+            model: None,
+            route: None,
+            max_cost_usd: None,
+            allow_stand_in: true,
+        }
     }
 }

@@ -97,6 +97,9 @@ pub struct PipelineResult {
     pub similar_to: Option<SimilarRequest>,
     /// Why the model stopped writing this answer (`Stop` for a stand-in).
     pub finish_reason: FinishReason,
+    /// How the route chose the model: the strategy, the candidate chosen, and every candidate
+    /// left out with its reason. `None` when no route was asked (a cache answered).
+    pub route: Option<telemetry::RouteRecord>,
 }
 
 /// The earlier request whose answer a semantic hit or a similar-answer fallback served.

@@ -9,30 +9,79 @@ use crate::{DeclaredLimits, LimitWindow, ProviderError, scrub};
 /// Longest error body we keep in a message; upstream error pages can be large HTML.
 const MAX_MESSAGE_CHARS: usize = 500;
 
-/// Classifies a non-2xx HTTP answer from an OpenAI-compatible upstream.
+/// Classifies a non-2xx HTTP answer from any provider: OpenAI-compatible servers answer
+/// `{"error": {"message", "type", "code"}}`, Anthropic `{"type": "error", "error": {"type",
+/// "message"}}`; both are read.
 ///
-/// A 429 is a rate limit unless the body says the quota is exhausted (OpenAI's
-/// `insufficient_quota`): the first goes away by waiting, the second does not, so retries and
-/// breakers must tell them apart.
+/// A 429 is a rate limit unless the body says a quota or spend limit is exhausted (OpenAI's
+/// `insufficient_quota`, Anthropic's "usage limits"): the first goes away by waiting, the
+/// second does not, so retries and breakers must tell them apart. Anthropic's 529
+/// (`overloaded_error`) is a server fault like any 5xx. A 400 that says the prompt does not
+/// fit the model's context window is apart from other bad requests: a larger model may take it.
 pub fn classify_http_failure(status: u16, headers: &HeaderMap, body: &[u8], now: SystemTime) -> ProviderError {
     let (message, code) = error_message_and_code(body);
     let retry_after = parse_retry_after(headers, now);
+    let quota = code.as_deref().is_some_and(is_quota_code) || says_quota(&message);
     match status {
-        429 if code.as_deref().is_some_and(is_quota_code) => ProviderError::QuotaExhausted { message },
+        429 if quota => ProviderError::QuotaExhausted { message },
         429 => ProviderError::RateLimited { retry_after, message },
+        402 => ProviderError::QuotaExhausted { message },
         401 | 403 => ProviderError::Unauthorized { status, message },
         408 => ProviderError::Timeout { after: Duration::ZERO },
         500..=599 => ProviderError::ServerError { status, message, retry_after },
+        400 | 413 if code.as_deref() == Some("context_length_exceeded") || says_context_length(&message) => {
+            ProviderError::ContextLength { message }
+        }
         _ => ProviderError::BadRequest { status, message },
     }
 }
 
 fn is_quota_code(code: &str) -> bool {
-    matches!(code, "insufficient_quota" | "billing_hard_limit_reached" | "quota_exceeded")
+    matches!(code, "insufficient_quota" | "billing_hard_limit_reached" | "quota_exceeded" | "billing_error")
 }
 
-/// The upstream's own words, from OpenAI's `{"error": {"message", "code", "type"}}` shape when
-/// it is there, else the start of the body.
+/// Anthropic says an exhausted spend limit or credit in words, under `rate_limit_error`.
+fn says_quota(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    ["usage limit", "spend limit", "credit balance"].iter().any(|words| message.contains(words))
+}
+
+/// The words OpenAI-compatible servers (OpenAI, vLLM, llama.cpp) and Anthropic use when a
+/// prompt does not fit the context window.
+fn says_context_length(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    ["maximum context length", "context window", "context length", "prompt is too long", "exceeds the context"]
+        .iter()
+        .any(|words| message.contains(words))
+}
+
+/// A request that got no HTTP answer: it timed out, the body broke off, or the connection
+/// failed (with the cause that tells a person what is wrong).
+pub(crate) fn transport_failure(err: &reqwest::Error, timeout: Duration) -> ProviderError {
+    if err.is_timeout() {
+        ProviderError::Timeout { after: timeout }
+    } else if err.is_decode() || err.is_body() {
+        ProviderError::MalformedReply { message: err.to_string() }
+    } else {
+        ProviderError::Connection { message: error_chain(err) }
+    }
+}
+
+/// reqwest's top-level message ("error sending request") hides the cause that tells a person
+/// what is wrong ("connection refused").
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// The upstream's own words, from the `error` object of OpenAI's or Anthropic's shape when it
+/// is there, else the start of the body; and its code (OpenAI's `code`, Anthropic's `type`).
 fn error_message_and_code(body: &[u8]) -> (String, Option<String>) {
     let text = String::from_utf8_lossy(body);
     if let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) {
@@ -190,6 +239,58 @@ mod tests {
         assert_eq!(declared_limits(&anthropic).unwrap().requests, Some(LimitWindow { limit: 50, remaining: 49 }));
         assert_eq!(declared_limits(&HeaderMap::new()), None);
         assert_eq!(declared_limits(&headers(&[("x-ratelimit-limit-requests", "soon")])), None);
+    }
+
+    #[test]
+    fn anthropic_errors_classify_like_openai_ones() {
+        let now = SystemTime::now();
+        let anthropic = |kind: &str, message: &str| {
+            serde_json::json!({"type": "error", "error": {"type": kind, "message": message}}).to_string()
+        };
+        let overloaded =
+            classify_http_failure(529, &HeaderMap::new(), anthropic("overloaded_error", "Overloaded").as_bytes(), now);
+        assert_eq!(overloaded.class(), ErrorClass::ServerError);
+        assert_eq!(overloaded.to_string(), "upstream server error 529: Overloaded");
+        let limited = classify_http_failure(
+            429,
+            &headers(&[("retry-after", "3")]),
+            anthropic("rate_limit_error", "Number of request tokens has exceeded your per-minute rate limit")
+                .as_bytes(),
+            now,
+        );
+        assert_eq!(limited.class(), ErrorClass::RateLimited);
+        assert_eq!(limited.retry_after(), Some(Duration::from_secs(3)));
+        let spend = classify_http_failure(
+            429,
+            &headers(&[("retry-after", "3600")]),
+            anthropic("rate_limit_error", "You have reached your specified workspace API usage limits.").as_bytes(),
+            now,
+        );
+        assert_eq!(spend.class(), ErrorClass::QuotaExhausted);
+        assert!(!spend.is_retryable());
+        let too_long = classify_http_failure(
+            400,
+            &HeaderMap::new(),
+            anthropic("invalid_request_error", "prompt is too long: 210034 tokens > 200000 maximum").as_bytes(),
+            now,
+        );
+        assert_eq!(too_long.class(), ErrorClass::ContextLength);
+        assert!(too_long.class().falls_through() && !too_long.is_retryable());
+        let openai_too_long = classify_http_failure(
+            400,
+            &HeaderMap::new(),
+            br#"{"error":{"message":"This model's maximum context length is 8192 tokens.","type":"invalid_request_error","code":"context_length_exceeded"}}"#,
+            now,
+        );
+        assert_eq!(openai_too_long.class(), ErrorClass::ContextLength);
+        let wrong = classify_http_failure(
+            400,
+            &HeaderMap::new(),
+            anthropic("invalid_request_error", "messages: field required").as_bytes(),
+            now,
+        );
+        assert_eq!(wrong.class(), ErrorClass::BadRequest);
+        assert!(!wrong.class().falls_through());
     }
 
     #[test]

@@ -13,6 +13,9 @@ pub enum ErrorClass {
     Timeout,
     Connection,
     BadRequest,
+    /// The prompt and the output budget do not fit the model's context window: the same
+    /// request fails again on this model, but a model with a larger window may take it.
+    ContextLength,
     Unauthorized,
     /// A 2xx reply that is not a chat completion we can read.
     MalformedReply,
@@ -22,6 +25,13 @@ impl ErrorClass {
     /// Whether the same request may succeed if sent again.
     pub fn is_retryable(self) -> bool {
         matches!(self, Self::RateLimited | Self::ServerError | Self::Timeout | Self::Connection | Self::MalformedReply)
+    }
+
+    /// Whether another model may answer the same request: every retryable failure, and a
+    /// context window too small for it. A bad request or refused credentials would fail on
+    /// any model, or should not be hidden by one.
+    pub fn falls_through(self) -> bool {
+        self.is_retryable() || self == Self::ContextLength
     }
 
     /// Whether this failure says something about the upstream's health (what a circuit breaker
@@ -40,6 +50,7 @@ impl ErrorClass {
             Self::Timeout => "timeout",
             Self::Connection => "connection",
             Self::BadRequest => "bad_request",
+            Self::ContextLength => "context_length",
             Self::Unauthorized => "unauthorized",
             Self::MalformedReply => "malformed_reply",
         }
@@ -54,6 +65,7 @@ impl ErrorClass {
             Self::Timeout,
             Self::Connection,
             Self::BadRequest,
+            Self::ContextLength,
             Self::Unauthorized,
             Self::MalformedReply,
         ]
@@ -82,6 +94,8 @@ pub enum ProviderError {
     Connection { message: String },
     #[error("upstream rejected the request ({status}): {message}")]
     BadRequest { status: u16, message: String },
+    #[error("the prompt does not fit the model's context window: {message}")]
+    ContextLength { message: String },
     #[error("upstream refused the credentials ({status}): {message} (set the provider's API key)")]
     Unauthorized { status: u16, message: String },
     #[error("upstream reply is not a readable chat completion: {message}")]
@@ -105,6 +119,7 @@ impl ProviderError {
             Self::Timeout { .. } => ErrorClass::Timeout,
             Self::Connection { .. } => ErrorClass::Connection,
             Self::BadRequest { .. } | Self::InvalidRequest { .. } | Self::NotRecorded { .. } => ErrorClass::BadRequest,
+            Self::ContextLength { .. } => ErrorClass::ContextLength,
             Self::Unauthorized { .. } => ErrorClass::Unauthorized,
             Self::MalformedReply { .. } => ErrorClass::MalformedReply,
         }
@@ -138,6 +153,7 @@ impl ProviderError {
             }
             Self::Connection { message } => Self::Connection { message: clean(message) },
             Self::BadRequest { status, message } => Self::BadRequest { status, message: clean(message) },
+            Self::ContextLength { message } => Self::ContextLength { message: clean(message) },
             Self::Unauthorized { status, message } => Self::Unauthorized { status, message: clean(message) },
             Self::MalformedReply { message } => Self::MalformedReply { message: clean(message) },
             Self::InvalidRequest { message } => Self::InvalidRequest { message: clean(message) },
@@ -149,6 +165,7 @@ impl ProviderError {
     pub fn status(&self) -> Option<u16> {
         match self {
             Self::RateLimited { .. } | Self::QuotaExhausted { .. } => Some(429),
+            Self::ContextLength { .. } => Some(400),
             Self::ServerError { status, .. } | Self::BadRequest { status, .. } | Self::Unauthorized { status, .. } => {
                 Some(*status)
             }

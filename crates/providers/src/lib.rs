@@ -6,6 +6,7 @@
 //! Every failure, from any provider, is a [`ProviderError`] whose [`ErrorClass`] is decided by
 //! one classifier ([`classify_http_failure`]); retries, breakers and metrics all read that class.
 
+mod anthropic;
 mod classify;
 mod error;
 mod openai;
@@ -13,13 +14,18 @@ mod recorded;
 mod scrub;
 mod types;
 
+pub use anthropic::{
+    API_VERSION as ANTHROPIC_VERSION, Anthropic, AnthropicSettings, StreamEvent, StreamedReply,
+    events as anthropic_events,
+};
 pub use classify::{classify_http_failure, declared_limits, parse_retry_after};
 pub use error::{ErrorClass, ProviderError};
 pub use openai::{OpenAiCompatible, OpenAiSettings};
-pub use recorded::{RecordedCall, RecordedProvider, RecordedReply};
+pub use recorded::{RecordedCall, RecordedProvider, RecordedReply, is_same_model};
 pub use scrub::{MASK, scrub};
 pub use types::{
-    ChatMessage, ChatRequest, ChatResponse, DeclaredLimits, FinishReason, LimitWindow, ResponseFormat, Role, Usage,
+    Capabilities, ChatMessage, ChatRequest, ChatResponse, DeclaredLimits, FinishReason, LimitWindow, ResponseFormat,
+    Role, Usage,
 };
 
 /// The shape the engine holds a provider in: cloneable per call, type-erased, `Sync` so that

@@ -17,7 +17,7 @@ use async_openai::types::chat::{
 
 use tower::Service;
 
-use crate::classify::{classify_http_failure, declared_limits, truncate};
+use crate::classify::{classify_http_failure, declared_limits, transport_failure, truncate};
 use crate::{ChatMessage, ChatRequest, ChatResponse, DeclaredLimits, FinishReason, ProviderError, Role, Usage};
 
 tokio::task_local! {
@@ -175,7 +175,12 @@ fn from_openai_reply(
     latency: Duration,
 ) -> Result<ChatResponse, ProviderError> {
     let usage = match reply.usage {
-        Some(usage) => Usage { input_tokens: usage.prompt_tokens, output_tokens: usage.completion_tokens },
+        Some(usage) => Usage {
+            input_tokens: usage.prompt_tokens,
+            output_tokens: usage.completion_tokens,
+            cached_input_tokens: usage.prompt_tokens_details.and_then(|details| details.cached_tokens).unwrap_or(0),
+            cache_write_tokens: 0,
+        },
         None => {
             tracing::warn!(provider, model = %reply.model, "reply carries no usage; tokens and cost count as zero");
             Usage::default()
@@ -187,7 +192,7 @@ fn from_openai_reply(
     let finish_reason = match choice.finish_reason {
         Some(chat::FinishReason::Length) => FinishReason::Length,
         Some(chat::FinishReason::ContentFilter) => FinishReason::ContentFilter,
-        // Tool and function calls are refused before a request goes out.
+        Some(chat::FinishReason::ToolCalls | chat::FinishReason::FunctionCall) => FinishReason::ToolCalls,
         _ => FinishReason::Stop,
     };
     let content = match (choice.message.content, choice.message.refusal) {
@@ -221,7 +226,7 @@ fn from_openai_error(err: OpenAIError, timeout: Duration) -> ProviderError {
                 Err(other) => ProviderError::Connection { message: other.to_string() },
             },
         },
-        OpenAIError::Reqwest(err) => from_transport_error(&err, timeout),
+        OpenAIError::Reqwest(err) => transport_failure(&err, timeout),
         OpenAIError::ApiError(response) => {
             let body = serde_json::json!({ "error": response.api_error }).to_string();
             classify_http_failure(
@@ -237,29 +242,6 @@ fn from_openai_error(err: OpenAIError, timeout: Duration) -> ProviderError {
         OpenAIError::StreamError(err) => ProviderError::MalformedReply { message: err.to_string() },
         other => ProviderError::InvalidRequest { message: other.to_string() },
     }
-}
-
-fn from_transport_error(err: &reqwest::Error, timeout: Duration) -> ProviderError {
-    if err.is_timeout() {
-        ProviderError::Timeout { after: timeout }
-    } else if err.is_decode() || err.is_body() {
-        ProviderError::MalformedReply { message: err.to_string() }
-    } else {
-        ProviderError::Connection { message: error_chain(err) }
-    }
-}
-
-/// reqwest's top-level message ("error sending request") hides the cause that tells a person
-/// what is wrong ("connection refused").
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 /// The HTTP transport under async-openai: sends the request and turns every non-2xx answer
@@ -291,7 +273,7 @@ impl Service<HttpRequestFactory> for SurfaceFailures {
                 return Ok(response);
             }
             let headers = response.headers().clone();
-            let body = response.bytes().await.map_err(|err| boxed(from_transport_error(&err, timeout)))?;
+            let body = response.bytes().await.map_err(|err| boxed(transport_failure(&err, timeout)))?;
             Err(boxed(classify_http_failure(status.as_u16(), &headers, &body, SystemTime::now())))
         })
     }

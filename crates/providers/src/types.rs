@@ -11,8 +11,10 @@ pub enum FinishReason {
     Stop,
     /// Cut off at the request's `max_tokens`.
     Length,
-    /// Cut by the provider's content filter.
+    /// Cut by the provider's content filter, or the model refused.
     ContentFilter,
+    /// The model asked to call tools.
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -21,6 +23,7 @@ impl FinishReason {
             Self::Stop => "stop",
             Self::Length => "length",
             Self::ContentFilter => "content_filter",
+            Self::ToolCalls => "tool_calls",
         }
     }
 }
@@ -51,6 +54,42 @@ impl ChatMessage {
     }
 }
 
+/// What a provider's API can be asked for. OpenAI-compatible servers differ (vLLM, Ollama and
+/// llama.cpp's server each lack something), so each provider's config says what its server
+/// does; the engine asks only for that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `response_format: json_schema`: decoding held to the step's schema.
+    pub structured_outputs: bool,
+    /// `response_format: json_object`.
+    pub json_mode: bool,
+    /// Tool (function) calls.
+    pub tools: bool,
+    /// A streamed reply ends with its usage (`stream_options.include_usage`).
+    pub stream_usage: bool,
+}
+
+impl Capabilities {
+    /// OpenAI's own API.
+    pub const OPENAI: Self = Self { structured_outputs: true, json_mode: true, tools: true, stream_usage: true };
+    /// Anthropic's Messages API: tools and streamed usage, no JSON mode (the prompt asks).
+    pub const ANTHROPIC: Self = Self { structured_outputs: false, json_mode: false, tools: true, stream_usage: true };
+
+    /// How a reply in `format` can be asked of this provider: the schema where it takes
+    /// structured outputs, else JSON mode where it has it, else by the prompt alone.
+    pub fn format_for(&self, format: &ResponseFormat) -> ResponseFormat {
+        match format {
+            ResponseFormat::JsonSchema { .. } if self.structured_outputs => format.clone(),
+            ResponseFormat::JsonSchema { .. } | ResponseFormat::JsonObject if self.json_mode => {
+                ResponseFormat::JsonObject
+            }
+            ResponseFormat::JsonSchema { .. } | ResponseFormat::JsonObject | ResponseFormat::Text => {
+                ResponseFormat::Text
+            }
+        }
+    }
+}
+
 /// The shape a reply must have.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub enum ResponseFormat {
@@ -78,10 +117,42 @@ pub struct ChatRequest {
     pub trace_id: String,
 }
 
+/// Tokens a reply took. `input_tokens` counts every prompt token, those read from or written
+/// to the provider's prompt cache included; those are also counted apart, because they are
+/// priced apart.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     pub input_tokens: u32,
     pub output_tokens: u32,
+    /// Of `input_tokens`, read from the prompt cache (OpenAI's `cached_tokens`, Anthropic's
+    /// `cache_read_input_tokens`).
+    #[serde(default)]
+    pub cached_input_tokens: u32,
+    /// Of `input_tokens`, written to the prompt cache (Anthropic's `cache_creation_input_tokens`).
+    #[serde(default)]
+    pub cache_write_tokens: u32,
+}
+
+impl Usage {
+    pub fn new(input_tokens: u32, output_tokens: u32) -> Self {
+        Self { input_tokens, output_tokens, ..Self::default() }
+    }
+
+    /// Input tokens priced at the plain input price.
+    pub fn uncached_input_tokens(&self) -> u32 {
+        self.input_tokens.saturating_sub(self.cached_input_tokens).saturating_sub(self.cache_write_tokens)
+    }
+
+    /// Both replies' tokens together.
+    #[must_use]
+    pub fn plus(self, other: Self) -> Self {
+        Self {
+            input_tokens: self.input_tokens.saturating_add(other.input_tokens),
+            output_tokens: self.output_tokens.saturating_add(other.output_tokens),
+            cached_input_tokens: self.cached_input_tokens.saturating_add(other.cached_input_tokens),
+            cache_write_tokens: self.cache_write_tokens.saturating_add(other.cache_write_tokens),
+        }
+    }
 }
 
 /// What an upstream said about one of its rate limits in a response's headers.

@@ -165,6 +165,19 @@ impl Breakers {
         Ok(BreakerPermit { breaker, probe })
     }
 
+    /// Whether a request to `key` would be refused now: open and within its open period, or
+    /// half-open with its probe out. Asks without creating a breaker for a key never used.
+    pub fn refuses(&self, key: &str) -> bool {
+        let breaker = self.breakers.lock().unwrap_or_else(PoisonError::into_inner).get(key).cloned();
+        let Some(breaker) = breaker else { return false };
+        let tracked = *breaker.tracker.lock();
+        match tracked.state {
+            BreakerState::Closed => false,
+            BreakerState::Open => Instant::now() < tracked.since_instant + self.settings.open_for,
+            BreakerState::HalfOpen => breaker.probing.load(Ordering::Acquire),
+        }
+    }
+
     pub fn state(&self, key: &str) -> BreakerState {
         self.breaker(key).tracker.lock().state
     }

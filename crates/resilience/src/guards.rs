@@ -31,6 +31,16 @@ pub struct Guards {
     max_wait: Duration,
 }
 
+/// What the guards would do with a request to a provider/model now, asked without taking
+/// anything: what a router weighs before it picks one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outlook {
+    /// Its breaker refuses requests now.
+    pub breaker_open: bool,
+    /// How long a request would wait for a Retry-After pause to end or for capacity.
+    pub wait: Duration,
+}
+
 /// A guard kept a request from being sent.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Refused {
@@ -114,6 +124,17 @@ impl Guards {
             None => None,
         };
         Ok(Admission { pause, reservation, breaker, waited })
+    }
+
+    /// What a request of about `estimated_tokens` from `workspace` to `key` would meet now.
+    pub fn outlook(&self, workspace: &str, key: &str, estimated_tokens: u64) -> Outlook {
+        let paused = self.pauses.as_ref().map_or(Duration::ZERO, |pauses| pauses.resumes_in(key));
+        let limited =
+            self.limits.as_ref().map_or(Duration::ZERO, |limits| limits.wait_for(workspace, key, estimated_tokens));
+        Outlook {
+            breaker_open: self.breakers.as_ref().is_some_and(|breakers| breakers.refuses(key)),
+            wait: paused.max(limited),
+        }
     }
 
     /// The state of every circuit breaker used so far (empty when breakers are off).

@@ -113,6 +113,21 @@ impl RateLimits {
         Ok((waited, reservation))
     }
 
+    /// How long until `workspace` could send one request of `tokens` to `model_key`, without
+    /// taking anything: what a router weighs before it picks a model.
+    pub fn wait_for(&self, workspace: &str, model_key: &str, tokens: u64) -> Duration {
+        [
+            (Scope::WorkspaceRequests, workspace, self.settings.workspace_requests, 1),
+            (Scope::ModelRequests, model_key, self.settings.model_requests, 1),
+            (Scope::WorkspaceTokens, workspace, self.settings.workspace_tokens, tokens),
+            (Scope::ModelTokens, model_key, self.settings.model_tokens, tokens),
+        ]
+        .into_iter()
+        .map(|(scope, key, configured, amount)| self.buckets.wait_for(scope, key, configured, amount))
+        .max()
+        .unwrap_or_default()
+    }
+
     /// What the upstream declared for `model_key` in a response: from now on the
     /// provider/model's buckets hold no more than it allows, nor than it has left.
     pub fn declare(&self, model_key: &str, declared: Declared) {
@@ -200,6 +215,29 @@ impl Buckets {
             Taken::Yes
         } else {
             Taken::After(Duration::from_secs_f64((wanted - bucket.level) / bucket.quota.per_second()))
+        }
+    }
+
+    /// How long until the bucket holds `amount`, taking nothing.
+    fn wait_for(&self, scope: Scope, key: &str, configured: Option<Quota>, amount: u64) -> Duration {
+        let mut buckets = self.lock();
+        let mut fresh;
+        let bucket = match buckets.get_mut(&(scope, key.to_owned())) {
+            Some(bucket) => bucket,
+            None => match configured {
+                Some(quota) => {
+                    fresh = Bucket::full(quota, false);
+                    &mut fresh
+                }
+                None => return Duration::ZERO,
+            },
+        };
+        bucket.refill();
+        let wanted = (amount as f64).min(f64::from(bucket.quota.burst.get()));
+        if bucket.level >= wanted {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((wanted - bucket.level) / bucket.quota.per_second())
         }
     }
 

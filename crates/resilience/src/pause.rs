@@ -75,6 +75,16 @@ impl Pauses {
         paused
     }
 
+    /// How long until requests to `key` may go again; zero when they may now (or when a
+    /// probe is out: its verdict comes soon).
+    pub fn resumes_in(&self, key: &str) -> Duration {
+        let pause = self.pauses.lock().unwrap_or_else(PoisonError::into_inner).get(key).cloned();
+        match pause.map(|pause| *pause.lock()) {
+            Some(PauseState::Until(until)) => until.saturating_duration_since(Instant::now()),
+            _ => Duration::ZERO,
+        }
+    }
+
     fn pause(&self, key: &str) -> Arc<Pause> {
         let mut pauses = self.pauses.lock().unwrap_or_else(PoisonError::into_inner);
         pauses.entry(key.to_owned()).or_default().clone()

@@ -17,8 +17,11 @@ mod store;
 pub use anomaly::{Alert, AlertSettings, AnomalyDetector, Watched};
 pub use error::TelemetryError;
 pub use metrics::Metrics;
-pub use price::{ModelPrice, PriceTable};
-pub use record::{BreakerState, CallRecord, CallStatus, ErrorClass, Health, Source, mean_recovery_secs};
+pub use price::{ModelPrice, PriceTable, PricedTokens};
+pub use record::{
+    BreakerState, CallRecord, CallStatus, ErrorClass, Health, RouteExclusion, RouteRecord, RouteStrategy, Source,
+    mean_recovery_secs,
+};
 pub use recorder::{Recorder, RecorderSettings};
 pub use report::{Figures, Report, percentile};
 pub use store::TelemetryStore;

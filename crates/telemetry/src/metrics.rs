@@ -36,6 +36,7 @@ struct Inner {
     breaker_state: IntGaugeVec,
     dropped: IntCounter,
     alerts: IntCounterVec,
+    route_decisions: IntCounterVec,
     models: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
@@ -64,6 +65,11 @@ impl Metrics {
             "aipipe_cache_saved_tokens_total",
             "Tokens not spent because a cache or an identical call in flight answered.",
             &["step"],
+        )?;
+        let route_decisions = counter(
+            "aipipe_route_decisions_total",
+            "Routing decisions per step and candidate model: `chosen`, or the reason it was left out.",
+            &["step", "model", "outcome"],
         )?;
         let alerts = counter("aipipe_alerts_total", "Anomaly alerts raised, by step and metric.", &["step", "metric"])?;
         let cost =
@@ -117,6 +123,7 @@ impl Metrics {
                 breaker_state,
                 dropped,
                 alerts,
+                route_decisions,
                 models: std::sync::Mutex::default(),
             }),
         })
@@ -170,6 +177,14 @@ impl Metrics {
         }
         if let Some(state) = record.breaker_state {
             inner.breaker_state.with_label_values(&[&record.provider, model]).set(state.gauge());
+        }
+        if let Some(route) = &record.route {
+            let chosen = route.chosen.iter().map(|name| (name, "chosen"));
+            let excluded = route.excluded.iter().map(|(name, reason)| (name, reason.label()));
+            for (candidate, outcome) in chosen.chain(excluded) {
+                let candidate = self.model_label(candidate);
+                inner.route_decisions.with_label_values(&[step, &candidate, outcome]).inc();
+            }
         }
     }
 

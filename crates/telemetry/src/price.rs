@@ -8,12 +8,65 @@ use serde::Deserialize;
 pub struct ModelPrice {
     pub input_per_million_usd: f64,
     pub output_per_million_usd: f64,
+    /// Input tokens read from the provider's prompt cache; the input price when not given.
+    #[serde(default)]
+    pub cached_input_per_million_usd: Option<f64>,
+    /// Input tokens written to the provider's prompt cache; the input price when not given.
+    #[serde(default)]
+    pub cache_write_per_million_usd: Option<f64>,
+}
+
+/// The tokens of one reply, as they are priced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PricedTokens {
+    /// Every input token, cached ones included.
+    pub input: u64,
+    pub output: u64,
+    /// Of `input`, read from the prompt cache.
+    pub cached_input: u64,
+    /// Of `input`, written to the prompt cache.
+    pub cache_write: u64,
 }
 
 impl ModelPrice {
+    pub const fn new(input_per_million_usd: f64, output_per_million_usd: f64) -> Self {
+        Self {
+            input_per_million_usd,
+            output_per_million_usd,
+            cached_input_per_million_usd: None,
+            cache_write_per_million_usd: None,
+        }
+    }
+
+    /// Input and output at their plain prices (an estimate before a call, a log's usage).
     pub fn cost(&self, input_tokens: u64, output_tokens: u64) -> f64 {
-        (input_tokens as f64 * self.input_per_million_usd + output_tokens as f64 * self.output_per_million_usd)
+        self.cost_of(PricedTokens { input: input_tokens, output: output_tokens, ..PricedTokens::default() })
+    }
+
+    /// Every kind of token at its own price.
+    pub fn cost_of(&self, tokens: PricedTokens) -> f64 {
+        let uncached = tokens.input.saturating_sub(tokens.cached_input).saturating_sub(tokens.cache_write);
+        let cached_price = self.cached_input_per_million_usd.unwrap_or(self.input_per_million_usd);
+        let write_price = self.cache_write_per_million_usd.unwrap_or(self.input_per_million_usd);
+        (uncached as f64 * self.input_per_million_usd
+            + tokens.cached_input as f64 * cached_price
+            + tokens.cache_write as f64 * write_price
+            + tokens.output as f64 * self.output_per_million_usd)
             / 1_000_000.0
+    }
+
+    /// Every price a non-negative number; the field that is not, if one is not.
+    pub fn invalid_field(&self) -> Option<(&'static str, f64)> {
+        [
+            ("input_per_million_usd", Some(self.input_per_million_usd)),
+            ("output_per_million_usd", Some(self.output_per_million_usd)),
+            ("cached_input_per_million_usd", self.cached_input_per_million_usd),
+            ("cache_write_per_million_usd", self.cache_write_per_million_usd),
+        ]
+        .into_iter()
+        .find_map(|(field, value)| {
+            value.filter(|value| !(value.is_finite() && *value >= 0.0)).map(|value| (field, value))
+        })
     }
 }
 
@@ -57,8 +110,8 @@ mod tests {
 
     fn table() -> PriceTable {
         PriceTable::new([
-            ("gpt-4o".to_owned(), ModelPrice { input_per_million_usd: 2.5, output_per_million_usd: 10.0 }),
-            ("gpt-4o-mini".to_owned(), ModelPrice { input_per_million_usd: 0.15, output_per_million_usd: 0.6 }),
+            ("gpt-4o".to_owned(), ModelPrice::new(2.5, 10.0)),
+            ("gpt-4o-mini".to_owned(), ModelPrice::new(0.15, 0.6)),
         ])
     }
 
@@ -66,6 +119,19 @@ mod tests {
     fn costs_per_million() {
         let cost = table().cost("gpt-4o-mini", 1_000_000, 500_000).unwrap();
         assert!((cost - 0.45).abs() < 1e-12);
+    }
+
+    #[test]
+    fn cached_tokens_are_priced_apart() {
+        let price = ModelPrice {
+            cached_input_per_million_usd: Some(0.3),
+            cache_write_per_million_usd: Some(3.75),
+            ..ModelPrice::new(3.0, 15.0)
+        };
+        let tokens = PricedTokens { input: 1_000_000, output: 0, cached_input: 800_000, cache_write: 100_000 };
+        // 100k plain at 3.0, 800k cached at 0.3, 100k written at 3.75.
+        assert!((price.cost_of(tokens) - (0.3 + 0.24 + 0.375)).abs() < 1e-12);
+        assert_eq!(ModelPrice::new(-1.0, 1.0).invalid_field(), Some(("input_per_million_usd", -1.0)));
     }
 
     #[test]

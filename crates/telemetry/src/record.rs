@@ -123,8 +123,15 @@ vocabulary! {
         Timeout => "timeout",
         Connection => "connection",
         BadRequest => "bad_request",
+        /// The prompt did not fit the context window of any model the route could take.
+        ContextLength => "context_length",
         Unauthorized => "unauthorized",
         MalformedReply => "malformed_reply",
+        /// The workspace's (or the step's) spend budget for the day is spent.
+        BudgetExhausted => "budget_exhausted",
+        /// No model on the step's route can take the call (capabilities, context window, tier,
+        /// cost ceiling), whatever the upstream's health.
+        NoRoute => "no_route",
         /// The engine's own rate limits had no capacity within the deadline.
         RateLimitedLocally => "rate_limited_locally",
         CircuitOpen => "circuit_open",
@@ -174,6 +181,72 @@ impl ErrorClass {
                 | Self::UpstreamPaused
                 | Self::DeadlineExceeded
         )
+    }
+}
+
+vocabulary! {
+    /// How a step's route picks among its candidate models.
+    RouteStrategy {
+        /// The first candidate, then the next on a failure that another model may not have.
+        Ordered => "ordered",
+        /// The cheapest candidate (estimated for this call) meeting the step's tier.
+        Cheapest => "cheapest",
+        /// Power of two choices over each candidate's peak-EWMA latency times its calls in flight.
+        Fastest => "fastest",
+        /// At random, in proportion to configured weights (deployments of one model).
+        Weighted => "weighted",
+    }
+}
+
+vocabulary! {
+    /// Why a route left a candidate out, in the order the filters apply.
+    RouteExclusion {
+        /// It cannot give what the step needs (a JSON reply for a structured step).
+        Capability => "capability",
+        /// The prompt and the output budget do not fit its context window.
+        ContextWindow => "context_window",
+        BreakerOpen => "breaker_open",
+        /// No capacity before the call's wait bound, or a Retry-After holds it back.
+        RateLimited => "rate_limited",
+        /// Its estimated cost is over the call's `max_cost_usd`.
+        CostCeiling => "cost_ceiling",
+        /// Its estimated cost is over what is left of the spend budget.
+        Budget => "budget",
+        /// Below the step's `min_tier`.
+        Tier => "tier",
+        /// It was tried for this call and failed in a way another model may not.
+        Failed => "failed",
+    }
+}
+
+/// A call's routing decision: what the route chose and what it left out, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RouteRecord {
+    #[serde(serialize_with = "as_label", deserialize_with = "from_label")]
+    pub strategy: RouteStrategy,
+    /// Past the soft share of its budget, the route fell back to the cheapest candidates.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub downgraded: bool,
+    /// The candidate that answered, or was tried last.
+    pub chosen: Option<String>,
+    /// Candidates left out, each with the first reason that applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<(String, RouteExclusion)>,
+}
+
+fn as_label<S: Serializer>(strategy: &RouteStrategy, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(strategy.label())
+}
+
+fn from_label<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<RouteStrategy, D::Error> {
+    let label = <String as serde::Deserialize>::deserialize(deserializer)?;
+    RouteStrategy::parse(&label).ok_or_else(|| serde::de::Error::custom(format!("unknown route strategy `{label}`")))
+}
+
+impl<'de> serde::Deserialize<'de> for RouteExclusion {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let label = <String as serde::Deserialize>::deserialize(deserializer)?;
+        Self::parse(&label).ok_or_else(|| serde::de::Error::custom(format!("unknown route exclusion `{label}`")))
     }
 }
 
@@ -258,6 +331,9 @@ pub struct CallRecord {
     /// The provider/model's circuit breaker after the call's last attempt; `None` when no
     /// attempt was made.
     pub breaker_state: Option<BreakerState>,
+    /// How the route chose the model; `None` when no route was asked (a cache answered, the
+    /// call was refused before).
+    pub route: Option<RouteRecord>,
 }
 
 #[cfg(test)]
@@ -290,6 +366,21 @@ mod tests {
         for state in BreakerState::ALL {
             assert_eq!(BreakerState::parse(state.label()), Some(*state));
         }
+        for strategy in RouteStrategy::ALL {
+            assert_eq!(RouteStrategy::parse(strategy.label()), Some(*strategy));
+        }
+        let route = RouteRecord {
+            strategy: RouteStrategy::Cheapest,
+            downgraded: true,
+            chosen: Some("gpt-4o-mini".into()),
+            excluded: vec![("gpt-4o".into(), RouteExclusion::Budget)],
+        };
+        let text = serde_json::to_string(&route).unwrap();
+        assert_eq!(
+            text,
+            r#"{"strategy":"cheapest","downgraded":true,"chosen":"gpt-4o-mini","excluded":[["gpt-4o","budget"]]}"#
+        );
+        assert_eq!(serde_json::from_str::<RouteRecord>(&text).unwrap(), route);
         assert_eq!(CallStatus::parse("ok"), Some(CallStatus::Ok));
         assert_eq!(Source::parse("exact_cache"), None);
         assert_eq!(serde_json::to_string(&ErrorClass::RateLimitedLocally).unwrap(), "\"rate_limited_locally\"");

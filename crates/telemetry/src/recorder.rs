@@ -205,6 +205,7 @@ pub(crate) mod tests {
             attempts: 1,
             rate_limit_wait_ms: 0.0,
             breaker_state: Some(BreakerState::Closed),
+            route: None,
             saved_tokens: 0,
             similarity: None,
         }

@@ -41,6 +41,13 @@ fn row(
         attempts,
         rate_limit_wait_ms: if attempts > 1 { 250.0 } else { 0.0 },
         breaker_state,
+        // A route decision that went past a failed candidate, on the rows that retried.
+        route: (attempts > 1).then(|| telemetry::RouteRecord {
+            strategy: telemetry::RouteStrategy::Ordered,
+            downgraded: false,
+            chosen: Some("gpt-4o-mini".into()),
+            excluded: vec![("gpt-4o".into(), telemetry::RouteExclusion::Failed)],
+        }),
     }
 }
 

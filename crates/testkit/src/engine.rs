@@ -4,7 +4,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use pipeline_core::providers::{OpenAiCompatible, OpenAiSettings};
+use pipeline_core::providers::{Anthropic, AnthropicSettings, OpenAiCompatible, OpenAiSettings};
 use pipeline_core::semantic_cache::{Embedder, ModelPaths};
 use pipeline_core::telemetry::{AlertSettings, CallRecord, Recorder, RecorderSettings, TelemetryStore};
 use pipeline_core::{
@@ -146,6 +146,21 @@ impl ScriptedUpstream {
             name: "scripted".into(),
             base_url: self.base_url(),
             api_key: "sk-test".into(),
+            request_timeout,
+            connect_timeout: Duration::from_secs(1),
+        })
+        .expect("an HTTP client")
+    }
+
+    /// An Anthropic Messages API provider named `scripted-anthropic` that talks to this
+    /// upstream over HTTP.
+    #[allow(clippy::expect_used)]
+    pub fn anthropic_provider(&self, request_timeout: Duration) -> Anthropic {
+        Anthropic::new(AnthropicSettings {
+            name: "scripted-anthropic".into(),
+            base_url: self.base_url(),
+            api_key: "sk-ant-test".into(),
+            default_max_tokens: 1024,
             request_timeout,
             connect_timeout: Duration::from_secs(1),
         })

@@ -1,7 +1,8 @@
-//! A scripted, OpenAI-compatible upstream. It listens on `127.0.0.1:0`, answers
-//! `POST /v1/chat/completions` from a queue of scripted [`Reply`]s (then from a responder
-//! function), and counts what it received, so a test can prove that a request did or did not
-//! reach the upstream.
+//! A scripted upstream that speaks both OpenAI's chat completions (`POST /v1/chat/completions`)
+//! and Anthropic's Messages API (`POST /v1/messages`). It listens on `127.0.0.1:0`, answers
+//! from a queue of scripted [`Reply`]s (then from a responder function) in the dialect of the
+//! path it was asked on, and counts what it received, so a test can prove that a request did
+//! or did not reach the upstream, and one script runs against every provider.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -20,12 +21,17 @@ use serde_json::{Value, json};
 /// What the upstream answers to one request.
 #[derive(Debug, Clone)]
 pub enum Reply {
-    /// A chat completion with this content. Usage `None` derives it from the text lengths.
-    Completion { content: String, usage: Option<(u32, u32)> },
+    /// A chat completion with this content. Usage `None` derives it from the text lengths;
+    /// `cached` of the input tokens were read from the provider's prompt cache.
+    Completion { content: String, usage: Option<(u32, u32)>, cached: u32 },
     /// A chat completion cut off at the request's `max_tokens` (`finish_reason: "length"`).
     Truncated(String),
-    /// Any status with a body and extra headers (429 with Retry-After, 500, 503, 400...).
+    /// A failure, in the words and shape the dialect's real service uses.
+    Failure(Failure),
+    /// Any status with a body and extra headers, sent as they are.
     Status { status: u16, body: String, headers: Vec<(String, String)> },
+    /// A `text/event-stream` body, sent chunk by chunk as given (a chunk may end mid-event).
+    EventStream(Vec<String>),
     /// A 200 whose body is not a chat completion.
     Malformed(String),
     /// Never answers: the client must give up by itself.
@@ -37,57 +43,87 @@ pub enum Reply {
     EchoKey(u16),
 }
 
+/// A failure as each dialect says it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// 429 with Retry-After (whole seconds, and OpenAI's `retry-after-ms`).
+    RateLimited {
+        wait: Duration,
+    },
+    /// 429 for an exhausted quota or spend limit: waiting does not help.
+    QuotaExhausted,
+    /// A 5xx.
+    Server(u16),
+    /// The service is overloaded: Anthropic's 529 `overloaded_error`, OpenAI's 503.
+    Overloaded,
+    BadRequest(String),
+    /// The prompt does not fit the model's context window.
+    ContextLength,
+    Unauthorized,
+}
+
+impl Failure {
+    fn status(&self) -> u16 {
+        match self {
+            Self::RateLimited { .. } | Self::QuotaExhausted => 429,
+            Self::Server(status) => *status,
+            Self::Overloaded => 529,
+            Self::BadRequest(_) | Self::ContextLength => 400,
+            Self::Unauthorized => 401,
+        }
+    }
+}
+
 impl Reply {
     pub fn completion(content: impl Into<String>) -> Self {
-        Self::Completion { content: content.into(), usage: None }
+        Self::Completion { content: content.into(), usage: None, cached: 0 }
     }
 
     pub fn completion_with_usage(content: impl Into<String>, input_tokens: u32, output_tokens: u32) -> Self {
-        Self::Completion { content: content.into(), usage: Some((input_tokens, output_tokens)) }
+        Self::Completion { content: content.into(), usage: Some((input_tokens, output_tokens)), cached: 0 }
+    }
+
+    /// `input_tokens` in all, `cached` of them read from the provider's prompt cache.
+    pub fn completion_with_cache(
+        content: impl Into<String>,
+        input_tokens: u32,
+        cached: u32,
+        output_tokens: u32,
+    ) -> Self {
+        Self::Completion { content: content.into(), usage: Some((input_tokens, output_tokens)), cached }
     }
 
     pub fn rate_limited(retry_after_secs: u64) -> Self {
-        Self::Status {
-            status: 429,
-            body: openai_error("Rate limit reached for requests", "requests", "rate_limit_exceeded"),
-            headers: vec![("retry-after".into(), retry_after_secs.to_string())],
-        }
+        Self::rate_limited_for(Duration::from_secs(retry_after_secs))
     }
 
-    /// A 429 whose Retry-After (in milliseconds too) is `wait`.
+    /// A 429 whose Retry-After (in milliseconds too, where the dialect has it) is `wait`.
     pub fn rate_limited_for(wait: Duration) -> Self {
-        Self::Status {
-            status: 429,
-            body: openai_error("Rate limit reached for requests", "requests", "rate_limit_exceeded"),
-            headers: vec![
-                ("retry-after".into(), wait.as_secs().max(1).to_string()),
-                ("retry-after-ms".into(), wait.as_millis().to_string()),
-            ],
-        }
+        Self::Failure(Failure::RateLimited { wait })
     }
 
     pub fn quota_exhausted() -> Self {
-        Self::Status {
-            status: 429,
-            body: openai_error("You exceeded your current quota", "insufficient_quota", "insufficient_quota"),
-            headers: Vec::new(),
-        }
+        Self::Failure(Failure::QuotaExhausted)
     }
 
     pub fn server_error(status: u16) -> Self {
-        Self::Status {
-            status,
-            body: openai_error("The server had an error", "server_error", "server_error"),
-            headers: Vec::new(),
-        }
+        Self::Failure(Failure::Server(status))
+    }
+
+    pub fn overloaded() -> Self {
+        Self::Failure(Failure::Overloaded)
     }
 
     pub fn bad_request(message: &str) -> Self {
-        Self::Status {
-            status: 400,
-            body: openai_error(message, "invalid_request_error", "invalid_request"),
-            headers: Vec::new(),
-        }
+        Self::Failure(Failure::BadRequest(message.to_owned()))
+    }
+
+    pub fn context_length_exceeded() -> Self {
+        Self::Failure(Failure::ContextLength)
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::Failure(Failure::Unauthorized)
     }
 
     pub fn malformed() -> Self {
@@ -101,7 +137,8 @@ impl Reply {
     /// The HTTP status this reply ends in (504 for a stall, as a proxy would say).
     pub fn status(&self) -> u16 {
         match self {
-            Self::Completion { .. } | Self::Truncated(_) | Self::Malformed(_) => 200,
+            Self::Completion { .. } | Self::Truncated(_) | Self::Malformed(_) | Self::EventStream(_) => 200,
+            Self::Failure(failure) => failure.status(),
             Self::Status { status, .. } => *status,
             Self::Stall => 504,
             Self::Delayed(_, then) => then.status(),
@@ -110,8 +147,70 @@ impl Reply {
     }
 }
 
+/// The two API shapes the upstream speaks, chosen by the path it is asked on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// `POST /v1/chat/completions`.
+    OpenAi,
+    /// `POST /v1/messages`.
+    Anthropic,
+}
+
 fn openai_error(message: &str, kind: &str, code: &str) -> String {
     json!({ "error": { "message": message, "type": kind, "param": null, "code": code } }).to_string()
+}
+
+fn anthropic_error(kind: &str, message: &str) -> String {
+    json!({ "type": "error", "error": { "type": kind, "message": message } }).to_string()
+}
+
+/// The status, body and headers `failure` gets in `dialect`, as the real service words it.
+fn render_failure(failure: &Failure, dialect: Dialect) -> (u16, String, Vec<(String, String)>) {
+    let status = failure.status();
+    let mut headers = Vec::new();
+    let body = match (dialect, failure) {
+        (Dialect::OpenAi, Failure::RateLimited { wait }) => {
+            headers.push(("retry-after".into(), wait.as_secs_f64().ceil().max(1.0).to_string()));
+            headers.push(("retry-after-ms".into(), wait.as_millis().to_string()));
+            openai_error("Rate limit reached for requests", "requests", "rate_limit_exceeded")
+        }
+        (Dialect::Anthropic, Failure::RateLimited { wait }) => {
+            headers.push(("retry-after".into(), wait.as_secs_f64().ceil().max(1.0).to_string()));
+            anthropic_error("rate_limit_error", "Number of request tokens has exceeded your per-minute rate limit")
+        }
+        (Dialect::OpenAi, Failure::QuotaExhausted) => {
+            openai_error("You exceeded your current quota", "insufficient_quota", "insufficient_quota")
+        }
+        (Dialect::Anthropic, Failure::QuotaExhausted) => anthropic_error(
+            "rate_limit_error",
+            "You have reached your specified workspace API usage limits. You will regain access on 2026-12-01 at 00:00 UTC.",
+        ),
+        (Dialect::OpenAi, Failure::Server(_)) => {
+            openai_error("The server had an error", "server_error", "server_error")
+        }
+        (Dialect::Anthropic, Failure::Server(_)) => anthropic_error("api_error", "Internal server error"),
+        (Dialect::OpenAi, Failure::Overloaded) => {
+            return (503, openai_error("The engine is currently overloaded", "server_error", "overloaded"), headers);
+        }
+        (Dialect::Anthropic, Failure::Overloaded) => anthropic_error("overloaded_error", "Overloaded"),
+        (Dialect::OpenAi, Failure::BadRequest(message)) => {
+            openai_error(message, "invalid_request_error", "invalid_request")
+        }
+        (Dialect::Anthropic, Failure::BadRequest(message)) => anthropic_error("invalid_request_error", message),
+        (Dialect::OpenAi, Failure::ContextLength) => openai_error(
+            "This model's maximum context length is 8192 tokens. However, your messages resulted in 9100 tokens.",
+            "invalid_request_error",
+            "context_length_exceeded",
+        ),
+        (Dialect::Anthropic, Failure::ContextLength) => {
+            anthropic_error("invalid_request_error", "prompt is too long: 210034 tokens > 200000 maximum")
+        }
+        (Dialect::OpenAi, Failure::Unauthorized) => {
+            openai_error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        }
+        (Dialect::Anthropic, Failure::Unauthorized) => anthropic_error("authentication_error", "invalid x-api-key"),
+    };
+    (status, body, headers)
 }
 
 type Responder = Arc<dyn Fn(&Value) -> Reply + Send + Sync>;
@@ -182,6 +281,7 @@ impl ScriptedUpstream {
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(chat_completions))
+            .route("/v1/messages", post(messages))
             .route("/v1/models", get(models))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
@@ -243,11 +343,19 @@ impl Drop for ScriptedUpstream {
 }
 
 async fn chat_completions(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    exchange(&shared, Dialect::OpenAi, &headers, &body).await
+}
+
+async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    exchange(&shared, Dialect::Anthropic, &headers, &body).await
+}
+
+async fn exchange(shared: &Shared, dialect: Dialect, headers: &HeaderMap, body: &Bytes) -> Response {
     let arrived = Instant::now();
-    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let sequence = shared.requests.fetch_add(1, Ordering::SeqCst) + 1;
     lock(&shared.received).push(request.clone());
-    let admitted = admit(&shared);
+    let admitted = admit(shared);
     let reply = match admitted {
         Some(Err(wait)) => Reply::rate_limited_for(wait),
         _ => match lock(&shared.script).pop_front() {
@@ -260,17 +368,18 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, headers: HeaderMap,
     };
     let reply = match reply {
         Reply::EchoKey(status) => {
-            let key = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()).unwrap_or("");
-            let key = key.trim_start_matches("Bearer ");
-            Reply::Status {
-                status,
-                body: openai_error(
-                    &format!("Incorrect API key provided: {key}."),
-                    "invalid_request_error",
-                    "invalid_api_key",
-                ),
-                headers: Vec::new(),
-            }
+            let sent = |name| headers.get(name).and_then(|value: &HeaderValue| value.to_str().ok());
+            let key = sent(header::AUTHORIZATION.as_str()).or(sent("x-api-key")).unwrap_or("");
+            let message = format!("Incorrect API key provided: {}.", key.trim_start_matches("Bearer "));
+            let body = match dialect {
+                Dialect::OpenAi => openai_error(&message, "invalid_request_error", "invalid_api_key"),
+                Dialect::Anthropic => anthropic_error("authentication_error", &message),
+            };
+            Reply::Status { status, body, headers: Vec::new() }
+        }
+        Reply::Failure(failure) => {
+            let (status, body, headers) = render_failure(&failure, dialect);
+            Reply::Status { status, body, headers }
         }
         other => other,
     };
@@ -279,9 +388,13 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, headers: HeaderMap,
         exchanges.push(Exchange { arrived, answered: None, status: reply.status() });
         exchanges.len() - 1
     };
-    let mut response = answer(reply, &request, sequence).await;
+    let mut response = answer(reply, dialect, &request, sequence).await;
     if let Some(Ok((limit, remaining))) = admitted {
-        for (name, value) in [("x-ratelimit-limit-requests", limit), ("x-ratelimit-remaining-requests", remaining)] {
+        let names = match dialect {
+            Dialect::OpenAi => ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests"],
+            Dialect::Anthropic => ["anthropic-ratelimit-requests-limit", "anthropic-ratelimit-requests-remaining"],
+        };
+        for (name, value) in names.into_iter().zip([limit, remaining]) {
             response.headers_mut().insert(name, HeaderValue::from(value));
         }
     }
@@ -309,7 +422,7 @@ fn admit(shared: &Shared) -> Option<Result<(u32, u32), Duration>> {
     }
 }
 
-async fn answer(mut reply: Reply, request: &Value, sequence: u64) -> Response {
+async fn answer(mut reply: Reply, dialect: Dialect, request: &Value, sequence: u64) -> Response {
     loop {
         match reply {
             Reply::Delayed(delay, then) => {
@@ -321,16 +434,22 @@ async fn answer(mut reply: Reply, request: &Value, sequence: u64) -> Response {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 return StatusCode::GATEWAY_TIMEOUT.into_response();
             }
-            Reply::Completion { content, usage } => {
-                return completion(request, &content, usage, "stop", sequence);
+            Reply::Completion { content, usage, cached } => {
+                return completion(dialect, request, &content, usage, cached, false, sequence);
             }
             Reply::Truncated(content) => {
-                return completion(request, &content, None, "length", sequence);
+                return completion(dialect, request, &content, None, 0, true, sequence);
+            }
+            Reply::EventStream(chunks) => {
+                let chunks = chunks.into_iter().map(|chunk| Ok::<_, std::convert::Infallible>(Bytes::from(chunk)));
+                let body = axum::body::Body::from_stream(futures::stream::iter(chunks));
+                return ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response();
             }
             Reply::Malformed(body) => {
                 return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
             }
-            // Resolved with the request's headers before it gets here.
+            // Resolved with the request before it gets here.
+            Reply::Failure(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
             Reply::EchoKey(status) => {
                 return StatusCode::from_u16(status).unwrap_or(StatusCode::UNAUTHORIZED).into_response();
             }
@@ -350,37 +469,71 @@ async fn answer(mut reply: Reply, request: &Value, sequence: u64) -> Response {
 }
 
 fn completion(
+    dialect: Dialect,
     request: &Value,
     content: &str,
     usage: Option<(u32, u32)>,
-    finish_reason: &str,
+    cached: u32,
+    truncated: bool,
     sequence: u64,
 ) -> Response {
-    let (input_tokens, output_tokens) = usage.unwrap_or_else(|| {
-        let prompt_chars: usize = request["messages"]
-            .as_array()
-            .map(|messages| messages.iter().filter_map(|m| m["content"].as_str()).map(str::len).sum())
-            .unwrap_or(0);
-        (approx_tokens(prompt_chars), approx_tokens(content.len()))
-    });
-    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let body = json!({
-        "id": format!("chatcmpl-scripted-{sequence}"),
-        "object": "chat.completion",
-        "created": created,
-        "model": request["model"].as_str().unwrap_or("scripted-model"),
-        "choices": [{
-            "index": 0,
-            "message": { "role": "assistant", "content": content },
-            "finish_reason": finish_reason
-        }],
-        "usage": {
-            "prompt_tokens": input_tokens,
-            "completion_tokens": output_tokens,
-            "total_tokens": input_tokens + output_tokens
+    let (input_tokens, output_tokens) =
+        usage.unwrap_or_else(|| (approx_tokens(prompt_chars(request)), approx_tokens(content.len())));
+    let model = request["model"].as_str().unwrap_or("scripted-model");
+    let body = match dialect {
+        Dialect::OpenAi => {
+            let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            json!({
+                "id": format!("chatcmpl-scripted-{sequence}"),
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [{
+                    "index": 0,
+                    "message": { "role": "assistant", "content": content },
+                    "finish_reason": if truncated { "length" } else { "stop" }
+                }],
+                "usage": {
+                    "prompt_tokens": input_tokens,
+                    "completion_tokens": output_tokens,
+                    "total_tokens": input_tokens + output_tokens,
+                    "prompt_tokens_details": { "cached_tokens": cached }
+                }
+            })
         }
-    });
+        // Anthropic counts cached input apart: `input_tokens` is only what was not cached.
+        Dialect::Anthropic => json!({
+            "id": format!("msg_scripted_{sequence}"),
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{ "type": "text", "text": content }],
+            "stop_reason": if truncated { "max_tokens" } else { "end_turn" },
+            "stop_sequence": null,
+            "usage": {
+                "input_tokens": input_tokens.saturating_sub(cached),
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": cached,
+                "output_tokens": output_tokens
+            }
+        }),
+    };
     axum::Json(body).into_response()
+}
+
+/// The characters of a request's prompt in either dialect: messages with string or block
+/// content, and Anthropic's top-level `system`.
+fn prompt_chars(request: &Value) -> usize {
+    fn text(content: &Value) -> usize {
+        match content {
+            Value::String(text) => text.len(),
+            Value::Array(blocks) => blocks.iter().filter_map(|block| block["text"].as_str()).map(str::len).sum(),
+            _ => 0,
+        }
+    }
+    let messages: usize =
+        request["messages"].as_array().map(|messages| messages.iter().map(|m| text(&m["content"])).sum()).unwrap_or(0);
+    messages + text(&request["system"])
 }
 
 /// About four characters a token, as OpenAI's tokenizers average on English.

@@ -4,6 +4,7 @@
 //! `raw` mirrors the TOML, `settings` validates each section into its type, `step` does the
 //! same for step types, and `validate` holds the checks they share.
 
+mod models;
 mod raw;
 mod settings;
 mod step;
@@ -18,10 +19,11 @@ use figment::{Figment, Provider};
 use serde::de::DeserializeOwned;
 use telemetry::PriceTable;
 
+pub use self::models::{BudgetSettings, ModelRegistry, ModelSpec, OnBudget, RouteSpec, RoutingSettings};
 pub(crate) use self::raw::RawStep;
 use self::raw::{ENGINE_SECTIONS, RawConfig};
 pub use self::settings::{
-    CacheSettings, EngineSettings, FallbackSettings, ProviderSettings, ResilienceSettings, RouteTarget,
+    CacheSettings, EngineSettings, FallbackSettings, ProviderKind, ProviderSettings, ResilienceSettings,
     SemanticSettings, TelemetrySettings,
 };
 pub use self::step::StepSpec;
@@ -87,6 +89,13 @@ impl ConfigSource {
             if ENGINE_SECTIONS.contains(&key.as_str()) || self.claimed.contains(key) {
                 continue;
             }
+            if key == "prices" {
+                return Err(SetupError::invalid(
+                    "prices",
+                    "prices now live in the model registry: move each [prices.\"NAME\"] to [models.\"NAME\"] \
+                     (same keys, plus provider, context_window and tier)",
+                ));
+            }
             let origin = self.figment.find_metadata(key).map(origin).unwrap_or_default();
             return Err(SetupError::invalid(
                 key.clone(),
@@ -116,7 +125,12 @@ pub struct Config {
     pub telemetry: TelemetrySettings,
     /// `None`: no anomaly alerts.
     pub alerts: Option<telemetry::AlertSettings>,
+    /// Every model a route can pick.
+    pub models: ModelRegistry,
+    /// The registry's prices, by model name as routes and replies give it.
     pub prices: PriceTable,
+    pub routing: RoutingSettings,
+    pub budgets: BudgetSettings,
     steps: BTreeMap<StepType, Arc<StepSpec>>,
     pub(crate) prompts: Prompts,
 }
@@ -157,9 +171,10 @@ impl Config {
         let resilience = ResilienceSettings::validate(&raw.limits, &raw.breaker, &raw.retry)?;
         let semantic = SemanticSettings::validate(raw.semantic)?;
         let prompts = Prompts::compile(&raw.steps)?;
+        let models = ModelRegistry::validate(raw.models, &provider.name, &providers)?;
         let mut steps = BTreeMap::new();
         for (name, step) in raw.steps {
-            let spec = StepSpec::validate(&name, step, &engine, &semantic, &provider.name, &providers)?;
+            let spec = StepSpec::validate(&name, step, &engine, &semantic, &provider.name, &providers, &models)?;
             steps.insert(spec.step.clone(), Arc::new(spec));
         }
         Ok(Self {
@@ -167,7 +182,10 @@ impl Config {
             cache: CacheSettings::validate(&raw.cache)?,
             telemetry: TelemetrySettings::validate(raw.telemetry)?,
             alerts: settings::alerts(&raw.alerts)?,
-            prices: settings::prices(raw.prices)?,
+            prices: models.prices(),
+            models,
+            routing: RoutingSettings::validate(&raw.routing)?,
+            budgets: BudgetSettings::validate(raw.budgets)?,
             engine,
             provider,
             providers,

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use telemetry::ModelPrice;
 
 use crate::StepKind;
 
@@ -23,7 +22,9 @@ pub(crate) const ENGINE_SECTIONS: &[&str] = &[
     "semantic",
     "telemetry",
     "alerts",
-    "prices",
+    "models",
+    "routing",
+    "budgets",
     "steps",
 ];
 
@@ -32,7 +33,7 @@ pub(crate) struct RawConfig {
     pub(crate) engine: RawEngine,
     pub(crate) provider: RawProvider,
     #[serde(default)]
-    pub(crate) providers: BTreeMap<String, RawExtraProvider>,
+    pub(crate) providers: BTreeMap<String, RawEndpoint>,
     pub(crate) limits: RawLimits,
     pub(crate) breaker: RawBreaker,
     pub(crate) retry: RawRetry,
@@ -42,7 +43,9 @@ pub(crate) struct RawConfig {
     pub(crate) telemetry: RawTelemetry,
     pub(crate) alerts: RawAlerts,
     #[serde(default)]
-    pub(crate) prices: BTreeMap<String, ModelPrice>,
+    pub(crate) models: BTreeMap<String, RawModel>,
+    pub(crate) routing: RawRouting,
+    pub(crate) budgets: RawBudgets,
     #[serde(default)]
     pub(crate) steps: BTreeMap<String, RawStep>,
 }
@@ -55,31 +58,127 @@ pub(crate) struct RawEngine {
     pub(crate) max_prompt_chars: usize,
 }
 
+/// The primary provider: an endpoint with a name (serde cannot both flatten and refuse
+/// unknown keys, so the endpoint's keys are spelled out twice).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawProvider {
     pub(crate) name: String,
+    #[serde(default)]
+    pub(crate) kind: crate::ProviderKind,
     pub(crate) base_url: String,
     pub(crate) api_key_env: String,
     pub(crate) request_timeout_ms: u64,
     pub(crate) connect_timeout_ms: u64,
-    #[serde(default = "yes")]
-    pub(crate) structured_outputs: bool,
+    pub(crate) structured_outputs: Option<bool>,
+    pub(crate) json_mode: Option<bool>,
+    pub(crate) tools: Option<bool>,
+    pub(crate) stream_usage: Option<bool>,
+    #[serde(default = "default_max_tokens")]
+    pub(crate) default_max_tokens: u32,
 }
 
+impl RawProvider {
+    pub(crate) fn into_named(self) -> (String, RawEndpoint) {
+        let endpoint = RawEndpoint {
+            kind: self.kind,
+            base_url: self.base_url,
+            api_key_env: self.api_key_env,
+            request_timeout_ms: self.request_timeout_ms,
+            connect_timeout_ms: self.connect_timeout_ms,
+            structured_outputs: self.structured_outputs,
+            json_mode: self.json_mode,
+            tools: self.tools,
+            stream_usage: self.stream_usage,
+            default_max_tokens: self.default_max_tokens,
+        };
+        (self.name, endpoint)
+    }
+}
+
+/// `[providers.NAME]`: where a provider is and what its API can do; a capability left out
+/// takes its API's default.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawExtraProvider {
+pub(crate) struct RawEndpoint {
+    #[serde(default)]
+    pub(crate) kind: crate::ProviderKind,
     pub(crate) base_url: String,
     pub(crate) api_key_env: String,
     pub(crate) request_timeout_ms: u64,
     pub(crate) connect_timeout_ms: u64,
-    #[serde(default = "yes")]
-    pub(crate) structured_outputs: bool,
+    pub(crate) structured_outputs: Option<bool>,
+    pub(crate) json_mode: Option<bool>,
+    pub(crate) tools: Option<bool>,
+    pub(crate) stream_usage: Option<bool>,
+    /// Anthropic requires `max_tokens`: sent when a call sets no output budget.
+    #[serde(default = "default_max_tokens")]
+    pub(crate) default_max_tokens: u32,
+}
+
+fn default_max_tokens() -> u32 {
+    4096
 }
 
 fn yes() -> bool {
     true
+}
+
+fn tier_one() -> u8 {
+    1
+}
+
+/// `[models."NAME"]`: a model a route can pick, where it runs and what it costs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawModel {
+    pub(crate) provider: Option<String>,
+    /// The model's name at its provider; the table's name when not given.
+    pub(crate) model: Option<String>,
+    pub(crate) input_per_million_usd: f64,
+    pub(crate) output_per_million_usd: f64,
+    pub(crate) cached_input_per_million_usd: Option<f64>,
+    pub(crate) cache_write_per_million_usd: Option<f64>,
+    pub(crate) context_window: Option<u32>,
+    #[serde(default = "tier_one")]
+    pub(crate) tier: u8,
+    #[serde(default = "yes")]
+    pub(crate) json: bool,
+    #[serde(default = "yes")]
+    pub(crate) tools: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRouting {
+    pub(crate) seed: u64,
+    pub(crate) latency_half_life_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBudgets {
+    pub(crate) workspace_daily_usd: f64,
+    pub(crate) soft_share: f64,
+    pub(crate) on_budget: String,
+    #[serde(default)]
+    pub(crate) workspaces: BTreeMap<String, f64>,
+}
+
+/// `[steps.NAME.route]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    #[serde(default = "ordered")]
+    pub(crate) strategy: String,
+    pub(crate) candidates: Vec<String>,
+    pub(crate) min_tier: Option<u8>,
+    #[serde(default)]
+    pub(crate) weights: BTreeMap<String, f64>,
+}
+
+fn ordered() -> String {
+    "ordered".to_owned()
 }
 
 #[derive(Debug, Deserialize)]
@@ -196,6 +295,9 @@ pub(crate) struct RawStep {
     pub(crate) semantic_min_confidence: Option<f32>,
     #[serde(default)]
     pub(crate) fallbacks: Vec<RawRouteTarget>,
+    pub(crate) route: Option<RawRoute>,
+    /// Spend per workspace per day on this step, in US dollars.
+    pub(crate) daily_budget_usd: Option<f64>,
     pub(crate) fallback_answer: Option<String>,
 }
 

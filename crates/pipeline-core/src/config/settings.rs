@@ -1,16 +1,16 @@
 //! The engine's settings, section by section, each validated from its raw table; errors name
 //! the key.
 
-use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use providers::Capabilities;
 use semantic_cache::ModelPaths;
-use telemetry::{ModelPrice, PriceTable};
+use serde::Deserialize;
 
 use super::raw::{
-    RawAlerts, RawBreaker, RawCache, RawEngine, RawExtraProvider, RawFallback, RawLimits, RawProvider, RawRetry,
+    RawAlerts, RawBreaker, RawCache, RawEndpoint, RawEngine, RawFallback, RawLimits, RawProvider, RawRetry,
     RawSemantic, RawTelemetry,
 };
 use super::validate::{cosine, finite_positive, http_url, non_empty, positive, positive_millis, probability};
@@ -33,45 +33,73 @@ impl EngineSettings {
     }
 }
 
+/// Which API a provider speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// OpenAI's chat completions: OpenAI itself, vLLM, Ollama, llama.cpp's server, and the
+    /// many proxies that speak it.
+    #[default]
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// Anthropic's Messages API.
+    Anthropic,
+}
+
+impl ProviderKind {
+    /// What the API can do, unless the provider's config says otherwise.
+    pub fn default_capabilities(self) -> Capabilities {
+        match self {
+            Self::OpenAi => Capabilities::OPENAI,
+            Self::Anthropic => Capabilities::ANTHROPIC,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProviderSettings {
     pub name: String,
+    pub kind: ProviderKind,
     pub base_url: String,
     /// The environment variable the API key is read from.
     pub api_key_env: String,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
-    /// Whether it takes `response_format: json_schema` (OpenAI, llama.cpp's server, vLLM);
-    /// else a structured step asks for JSON mode.
-    pub structured_outputs: bool,
+    /// What its server can be asked for (structured outputs, JSON mode, tools, streamed usage):
+    /// the API's defaults, each overridable, since OpenAI-compatible servers differ.
+    pub capabilities: Capabilities,
+    /// `max_tokens` for a call that sets no output budget, where the API requires one.
+    pub default_max_tokens: u32,
 }
 
 impl ProviderSettings {
     pub(super) fn primary(raw: RawProvider) -> Result<Self, SetupError> {
-        let endpoint = RawExtraProvider {
-            base_url: raw.base_url,
-            api_key_env: raw.api_key_env,
-            request_timeout_ms: raw.request_timeout_ms,
-            connect_timeout_ms: raw.connect_timeout_ms,
-            structured_outputs: raw.structured_outputs,
-        };
-        Self::validate("provider", non_empty("provider.name", raw.name)?, endpoint)
+        let (name, endpoint) = raw.into_named();
+        Self::validate("provider", non_empty("provider.name", name)?, endpoint)
     }
 
     /// `[providers.NAME]`: an endpoint besides the primary one.
-    pub(super) fn named(name: &str, raw: RawExtraProvider) -> Result<Self, SetupError> {
+    pub(super) fn named(name: &str, raw: RawEndpoint) -> Result<Self, SetupError> {
         Self::validate(&format!("providers.{name}"), name.to_owned(), raw)
     }
 
-    fn validate(table: &str, name: String, raw: RawExtraProvider) -> Result<Self, SetupError> {
+    fn validate(table: &str, name: String, raw: RawEndpoint) -> Result<Self, SetupError> {
         let key = |field: &str| format!("{table}.{field}");
+        let defaults = raw.kind.default_capabilities();
         Ok(Self {
             name,
+            kind: raw.kind,
             base_url: http_url(&key("base_url"), raw.base_url)?,
             api_key_env: non_empty(&key("api_key_env"), raw.api_key_env)?,
             request_timeout: positive_millis(&key("request_timeout_ms"), raw.request_timeout_ms)?,
             connect_timeout: positive_millis(&key("connect_timeout_ms"), raw.connect_timeout_ms)?,
-            structured_outputs: raw.structured_outputs,
+            capabilities: Capabilities {
+                structured_outputs: raw.structured_outputs.unwrap_or(defaults.structured_outputs),
+                json_mode: raw.json_mode.unwrap_or(defaults.json_mode),
+                tools: raw.tools.unwrap_or(defaults.tools),
+                stream_usage: raw.stream_usage.unwrap_or(defaults.stream_usage),
+            },
+            default_max_tokens: positive(&key("default_max_tokens"), raw.default_max_tokens)?,
         })
     }
 }
@@ -165,13 +193,6 @@ impl FallbackSettings {
             rule_confidence: probability("fallback.rule_confidence", raw.rule_confidence)?,
         })
     }
-}
-
-/// A model to ask, on a provider (`None`: the primary one).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteTarget {
-    pub provider: Option<String>,
-    pub model: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -278,22 +299,4 @@ pub(super) fn alerts(raw: &RawAlerts) -> Result<Option<telemetry::AlertSettings>
         ewma_alpha,
         webhook_url,
     }))
-}
-
-/// `[prices."MODEL"]`: every price a non-negative number.
-pub(super) fn prices(raw: BTreeMap<String, ModelPrice>) -> Result<PriceTable, SetupError> {
-    for (model, price) in &raw {
-        for (field, value) in [
-            ("input_per_million_usd", price.input_per_million_usd),
-            ("output_per_million_usd", price.output_per_million_usd),
-        ] {
-            if !(value.is_finite() && value >= 0.0) {
-                return Err(SetupError::invalid(
-                    format!("prices.\"{model}\".{field}"),
-                    format!("{value} is not a price: use a non-negative number"),
-                ));
-            }
-        }
-    }
-    Ok(PriceTable::new(raw))
 }

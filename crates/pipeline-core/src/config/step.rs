@@ -6,8 +6,9 @@ use providers::ResponseFormat;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::models::{ModelRegistry, RouteSpec, step_budget};
 use super::raw::RawStep;
-use super::settings::{EngineSettings, ProviderSettings, RouteTarget, SemanticSettings};
+use super::settings::{EngineSettings, ProviderSettings, SemanticSettings};
 use super::validate::{cosine, non_empty, positive, probability};
 use crate::contract::{OutputContract, ReplyContract};
 use crate::prompt::CHAT_SEMANTIC_FIELD;
@@ -33,8 +34,10 @@ pub struct StepSpec {
     pub semantic_field: Option<String>,
     pub semantic_threshold: f32,
     pub semantic_min_confidence: f32,
-    /// Tried in order when the step's model cannot answer.
-    pub fallbacks: Vec<RouteTarget>,
+    /// How the step picks its model: its `route`, else its model and then its fallbacks.
+    pub route: RouteSpec,
+    /// Spend per workspace per UTC day on this step, in US dollars.
+    pub daily_budget_usd: Option<f64>,
     /// The rule-based reply when no model can answer; valid against the output schema (a
     /// string for a chat step).
     pub fallback_answer: Option<Value>,
@@ -58,6 +61,7 @@ impl StepSpec {
         semantic_cache::ServeBar { threshold: self.semantic_threshold, min_confidence: self.semantic_min_confidence }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn validate(
         name: &str,
         raw: RawStep,
@@ -65,6 +69,7 @@ impl StepSpec {
         semantic: &SemanticSettings,
         primary_provider: &str,
         providers: &BTreeMap<String, ProviderSettings>,
+        registry: &ModelRegistry,
     ) -> Result<Self, SetupError> {
         let key = |field: &str| format!("steps.{name}.{field}");
         let step = StepType::new(name).map_err(|err| SetupError::invalid(format!("steps.{name}"), err.to_string()))?;
@@ -121,12 +126,7 @@ impl StepSpec {
             Some(min_confidence) => probability(&key("semantic_min_confidence"), f64::from(min_confidence))? as f32,
             None => semantic.min_confidence,
         };
-        let model = match raw.model {
-            Some(model) => non_empty(&key("model"), model)?,
-            None => engine.default_model.clone(),
-        };
-        let mut fallbacks = Vec::new();
-        for (index, target) in raw.fallbacks.into_iter().enumerate() {
+        for (index, target) in raw.fallbacks.iter().enumerate() {
             let key = format!("steps.{name}.fallbacks[{index}]");
             if let Some(provider) = &target.provider
                 && provider != primary_provider
@@ -137,11 +137,28 @@ impl StepSpec {
                     format!("no provider `{provider}`: declare it under [providers.{provider}]"),
                 ));
             }
-            fallbacks.push(RouteTarget {
-                provider: target.provider,
-                model: non_empty(&format!("{key}.model"), target.model)?,
-            });
         }
+        let (model, route) = match raw.route {
+            Some(route) => {
+                if raw.model.is_some() || !raw.fallbacks.is_empty() {
+                    return Err(SetupError::invalid(
+                        key("route"),
+                        "a step with a route picks among its candidates: remove `model` and `fallbacks`",
+                    ));
+                }
+                let route = RouteSpec::configured(name, &route, registry)?;
+                (route.candidates[0].name.clone(), route)
+            }
+            None => {
+                let model = match raw.model {
+                    Some(model) => non_empty(&key("model"), model)?,
+                    None => engine.default_model.clone(),
+                };
+                let route = RouteSpec::from_model(name, &model, &raw.fallbacks, registry)?;
+                (model, route)
+            }
+        };
+        let daily_budget_usd = step_budget(name, raw.daily_budget_usd)?;
         let fallback_answer = match raw.fallback_answer {
             // An empty answer turns off a default one.
             Some(answer) if answer.trim().is_empty() => None,
@@ -182,7 +199,8 @@ impl StepSpec {
             semantic_field,
             semantic_threshold,
             semantic_min_confidence,
-            fallbacks,
+            route,
+            daily_budget_usd,
             fallback_answer,
             contract,
             fingerprint,

@@ -104,12 +104,61 @@ workspace_requests_per_minute = 1200",
     assert!(answer.contains("steps.classifier.fallback_answer"), "{answer}");
     let provider = error_of("[steps.classifier]\nfallbacks = [{ provider = 'backup', model = 'm' }]");
     assert!(provider.contains("steps.classifier.fallbacks[0].provider") && provider.contains("[providers.backup]"));
-    let declared = Config::from_toml(
-        "[providers.backup]\nbase_url = 'http://localhost:9/v1'\napi_key_env = 'K'\nrequest_timeout_ms = 1\n\
-         connect_timeout_ms = 1\n[steps.classifier]\nfallbacks = [{ provider = 'backup', model = 'm' }]",
+    let backup = "[providers.backup]\nbase_url = 'http://localhost:9/v1'\napi_key_env = 'K'\nrequest_timeout_ms = 1\n\
+         connect_timeout_ms = 1\n";
+    let declared = Config::from_toml(&format!(
+        "{backup}[steps.classifier]\nfallbacks = [{{ provider = 'backup', model = 'gpt-4o' }}]"
+    ))
+    .unwrap();
+    let route = &declared.step(&StepType::CLASSIFIER).unwrap().route;
+    assert_eq!(route.candidates[1].provider, "backup");
+    assert_eq!((route.candidates[1].name.as_str(), route.candidates[1].upstream.as_str()), ("backup/gpt-4o", "gpt-4o"));
+    let unpriced =
+        error_of(&format!("{backup}[steps.classifier]\nfallbacks = [{{ provider = 'backup', model = 'm' }}]"));
+    assert!(
+        unpriced.contains("steps.classifier.fallbacks[0].model") && unpriced.contains("[models.\"m\"]"),
+        "{unpriced}"
+    );
+}
+
+#[test]
+fn routes_pick_from_the_registry_and_say_what_is_wrong() {
+    let config = Config::from_toml(
+        "[steps.classifier.route]\nstrategy = 'cheapest'\ncandidates = ['gpt-4o', 'gpt-4.1-nano']\nmin_tier = 1\n\
+         weights = { 'gpt-4o' = 2 }\n[budgets]\nworkspace_daily_usd = 5\n[budgets.workspaces]\nbig = 50.0",
     )
     .unwrap();
-    assert_eq!(declared.step(&StepType::CLASSIFIER).unwrap().fallbacks[0].provider.as_deref(), Some("backup"));
+    let route = &config.step(&StepType::CLASSIFIER).unwrap().route;
+    assert_eq!(route.strategy, telemetry::RouteStrategy::Cheapest);
+    assert!(route.configured);
+    assert_eq!(route.weights, vec![2.0, 1.0]);
+    assert_eq!(config.budgets.workspace_limit("small"), Some(5.0));
+    assert_eq!(config.budgets.workspace_limit("big"), Some(50.0));
+    assert_eq!(config.models.get("gpt-4o-mini").unwrap().price.cached_input_per_million_usd, Some(0.075));
+
+    for (toml, key) in [
+        ("[steps.classifier.route]\nstrategy = 'random'\ncandidates = ['gpt-4o']", "steps.classifier.route.strategy"),
+        ("[steps.classifier.route]\ncandidates = ['nope']", "steps.classifier.route.candidates[0]"),
+        ("[steps.classifier.route]\ncandidates = []", "steps.classifier.route.candidates"),
+        ("[steps.classifier.route]\ncandidates = ['gpt-4o-mini']\nmin_tier = 3", "steps.classifier.route.min_tier"),
+        (
+            "[steps.classifier]\nmodel = 'gpt-4o'\n[steps.classifier.route]\ncandidates = ['gpt-4o']",
+            "steps.classifier.route",
+        ),
+        ("[models.x]\ninput_per_million_usd = -1\noutput_per_million_usd = 1", "models.\"x\".input_per_million_usd"),
+        (
+            "[models.x]\nprovider = 'nowhere'\ninput_per_million_usd = 1\noutput_per_million_usd = 1",
+            "models.\"x\".provider",
+        ),
+        ("[models.x]\noutput_per_million_usd = 1", "models.x"),
+        ("[budgets]\non_budget = 'pray'", "budgets.on_budget"),
+        ("[budgets]\nsoft_share = 0", "budgets.soft_share"),
+        ("[prices.'gpt-4o']\ninput_per_million_usd = 1\noutput_per_million_usd = 1", "prices"),
+        ("[provider]\nkind = 'gemini'", "provider.kind"),
+    ] {
+        let err = error_of(toml);
+        assert!(err.contains(key), "`{toml}` should name `{key}`: {err}");
+    }
 }
 
 #[test]

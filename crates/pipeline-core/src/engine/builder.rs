@@ -2,15 +2,22 @@
 //! config and whatever the caller hands in instead.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use providers::{ChatRequest, ChatResponse, OpenAiCompatible, OpenAiSettings, ProviderError, ProviderService};
+use rand::SeedableRng;
+
+use providers::{
+    Anthropic, AnthropicSettings, ChatRequest, ChatResponse, OpenAiCompatible, OpenAiSettings, ProviderError,
+    ProviderService,
+};
 use resilience::{GuardSettings, Guards, RetryPolicy};
 use semantic_cache::{Embedder, ExactCache, SemanticCache};
 use telemetry::{Recorder, RecorderSettings, TelemetryStore};
 
+use super::budget::Budgets;
+use super::route::Latencies;
 use super::{Engine, Inner};
-use crate::{Clock, Config, ProviderSettings, SetupError, SystemClock};
+use crate::{Clock, Config, ProviderKind, ProviderSettings, SetupError, SystemClock};
 
 /// Builds an [`Engine`]. Without a provider it talks to the configured OpenAI-compatible
 /// endpoint; without a recorder it opens the configured telemetry database.
@@ -87,6 +94,14 @@ impl EngineBuilder {
             max_wait: resilience.max_wait,
         });
         let retry = RetryPolicy::new(resilience.retry);
+        let latencies = Latencies::new(config.routing.latency_half_life);
+        let budgets = Budgets::new(config.budgets.clone(), config.steps().any(|spec| spec.daily_budget_usd.is_some()));
+        let seed = config.routing.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_nanos() as u64)
+        });
+        let rng = Mutex::new(rand::rngs::StdRng::seed_from_u64(seed));
         Ok(Engine {
             inner: Arc::new(Inner {
                 config,
@@ -100,6 +115,9 @@ impl EngineBuilder {
                 recorder,
                 clock: self.clock,
                 unpriced_models: Default::default(),
+                latencies,
+                budgets,
+                rng,
             }),
         })
     }
@@ -115,7 +133,7 @@ fn providers(
     let primary = match given.first() {
         Some((name, _)) => name.clone(),
         None => {
-            providers.insert(config.provider.name.clone(), openai_compatible(&config.provider)?);
+            providers.insert(config.provider.name.clone(), endpoint(&config.provider)?);
             config.provider.name.clone()
         }
     };
@@ -124,17 +142,19 @@ fn providers(
     }
     for (name, settings) in &config.providers {
         if !providers.contains_key(name) {
-            providers.insert(name.clone(), openai_compatible(settings)?);
+            providers.insert(name.clone(), endpoint(settings)?);
         }
     }
     for spec in config.steps() {
-        for target in &spec.fallbacks {
-            if let Some(name) = &target.provider
-                && !providers.contains_key(name)
-            {
+        for candidate in &spec.route.candidates {
+            // Models on the configured primary run on whatever the primary is.
+            if candidate.provider != config.provider.name && !providers.contains_key(&candidate.provider) {
                 return Err(SetupError::invalid(
-                    format!("steps.{}.fallbacks", spec.step),
-                    format!("no provider `{name}`: declare it under [providers.{name}]"),
+                    format!("steps.{}", spec.step),
+                    format!(
+                        "model `{}` runs on provider `{}`, which is neither configured nor given",
+                        candidate.name, candidate.provider
+                    ),
                 ));
             }
         }
@@ -168,9 +188,9 @@ fn semantic_cache(
     Ok(Arc::new(cache))
 }
 
-/// An OpenAI-compatible endpoint from config; its API key from the environment variable the
+/// A configured endpoint, speaking its API; its API key from the environment variable the
 /// config names.
-fn openai_compatible(settings: &ProviderSettings) -> Result<ProviderService, SetupError> {
+fn endpoint(settings: &ProviderSettings) -> Result<ProviderService, SetupError> {
     let api_key = std::env::var(&settings.api_key_env).unwrap_or_default();
     if api_key.is_empty() {
         tracing::warn!(
@@ -179,12 +199,21 @@ fn openai_compatible(settings: &ProviderSettings) -> Result<ProviderService, Set
             settings.name
         );
     }
-    let provider = OpenAiCompatible::new(OpenAiSettings {
-        name: settings.name.clone(),
-        base_url: settings.base_url.clone(),
-        api_key,
-        request_timeout: settings.request_timeout,
-        connect_timeout: settings.connect_timeout,
-    })?;
-    Ok(ProviderService::new(provider))
+    Ok(match settings.kind {
+        ProviderKind::OpenAi => ProviderService::new(OpenAiCompatible::new(OpenAiSettings {
+            name: settings.name.clone(),
+            base_url: settings.base_url.clone(),
+            api_key,
+            request_timeout: settings.request_timeout,
+            connect_timeout: settings.connect_timeout,
+        })?),
+        ProviderKind::Anthropic => ProviderService::new(Anthropic::new(AnthropicSettings {
+            name: settings.name.clone(),
+            base_url: settings.base_url.clone(),
+            api_key,
+            default_max_tokens: settings.default_max_tokens,
+            request_timeout: settings.request_timeout,
+            connect_timeout: settings.connect_timeout,
+        })?),
+    })
 }

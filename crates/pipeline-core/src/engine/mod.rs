@@ -4,17 +4,22 @@
 //!
 //! - `cache`: the exact and semantic caches, looked up before the upstream and filled after;
 //! - `coalesce`: identical calls in flight share one upstream request;
-//! - `upstream`: the route of models, each through the guards with retries, and the output
-//!   contract with one repair;
+//! - `route`: which candidate model a call goes to (one pure function) and each candidate's
+//!   latency;
+//! - `budget`: spend per workspace and step per day, against the budgets;
+//! - `upstream`: the route asked, each candidate through the guards with retries, and the
+//!   output contract with one repair;
 //! - `stand_in`: the answers that stand in when no model could give one;
 //! - `record`: the one telemetry record of every call;
 //! - `served`: what a call comes to, and what it spent;
 //! - `builder`: putting an engine together.
 
+mod budget;
 mod builder;
 mod cache;
 mod coalesce;
 mod record;
+mod route;
 mod served;
 mod stand_in;
 mod upstream;
@@ -32,14 +37,16 @@ use telemetry::{Recorder, TelemetryError};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use self::budget::Budgets;
 use self::cache::{CachedAnswer, cache_key};
 use self::coalesce::{Flights, Turn, follow};
+use self::route::Latencies;
 use self::served::{Served, Spent};
 use self::upstream::{Ask, CHARS_PER_TOKEN};
 use crate::prompt::{Rendered, Sampling};
 use crate::{
-    CallContext, CallOptions, Clock, Config, PipelineError, PipelineResult, SetupError, Source, StepSpec, StepType,
-    TraceId,
+    CallContext, CallOptions, Clock, Config, PipelineError, PipelineResult, RouteSpec, SetupError, Source, StepSpec,
+    StepType, TraceId,
 };
 
 /// The engine. Cheap to clone; clones share the caches, the providers, the guards and the
@@ -63,6 +70,10 @@ struct Inner {
     recorder: Recorder,
     clock: Arc<dyn Clock>,
     unpriced_models: Mutex<HashSet<String>>,
+    latencies: Latencies,
+    budgets: Budgets,
+    /// The random choices of routes, seeded so that tests and replays repeat them.
+    rng: Mutex<rand::rngs::StdRng>,
 }
 
 /// One call, as the stages see it.
@@ -112,6 +123,7 @@ impl Engine {
             let at = self.inner.clock.now();
             let mut spent = Spent::default();
             let outcome = self.run(&call, at, &mut spent).await;
+            self.inner.budgets.charge(&call.context.workspace, call.step, at, spent.cost_usd);
             // Upstream time counts as the provider reports it: measured for a live provider,
             // as logged for a replayed one that answers at once.
             let latency = started.elapsed().saturating_sub(spent.upstream_wall) + spent.upstream_reported;
@@ -133,6 +145,7 @@ impl Engine {
                 degraded_by: served.degraded_by,
                 similar_to: served.similar,
                 finish_reason: served.finish_reason,
+                route: spent.route.clone(),
             })
         }
         .instrument(span)
@@ -154,8 +167,8 @@ impl Engine {
             });
         }
         let deadline = Deadline::after(call.options.deadline.unwrap_or(config.engine.default_deadline));
-        let model = call.options.model.clone().unwrap_or_else(|| spec.model.clone());
-        spent.model = Some(model.clone());
+        let route = self.plan(spec, call)?;
+        spent.model = Some(route.candidates[0].upstream.clone());
 
         // 2. The prompt, from the step's templates (or the caller's messages).
         let Rendered { messages, sampling } = config.prompts.render(spec, call.input, call.context)?;
@@ -163,7 +176,7 @@ impl Engine {
         if chars > spec.max_prompt_chars {
             return Err(PipelineError::PromptTooLarge { step: spec.step.clone(), chars, limit: spec.max_prompt_chars });
         }
-        let key = cache_key(spec, &model, call.context, &messages, sampling);
+        let key = cache_key(spec, &route.label, call.context, &messages, sampling);
         let prompt = Prompt { messages, sampling, chars, key };
 
         // 3. The exact cache.
@@ -181,7 +194,7 @@ impl Engine {
             Turn::Lead(leader) => Some(leader),
             Turn::Alone => None,
         };
-        let outcome = self.answer(spec, &model, call, prompt, &deadline, at, spent).await;
+        let outcome = self.answer(spec, &route, call, prompt, &deadline, at, spent).await;
         if let Some(leader) = leader {
             leader.publish(&outcome, spent.spend());
         }
@@ -193,7 +206,7 @@ impl Engine {
     async fn answer(
         &self,
         spec: &StepSpec,
-        model: &str,
+        route: &RouteSpec,
         call: &Call<'_>,
         prompt: Prompt,
         deadline: &Deadline,
@@ -201,37 +214,33 @@ impl Engine {
         spent: &mut Spent,
     ) -> Result<Served, PipelineError> {
         // 5. The semantic cache.
-        let similar = self.semantic_request(spec, model, call).await;
+        let similar = self.semantic_request(spec, &route.label, call).await;
         if let Some(hit) = similar.as_ref().and_then(|similar| self.semantic_lookup(similar, call.options.cache, at)) {
             return Ok(hit);
         }
 
-        // 6. The cost guard.
+        // 6. The route: candidates left out by capability, context window, breaker, rate
+        //    limit, cost ceiling, budget and tier; the strategy orders the rest. Each asked
+        //    through the guards with retries until one answers; the reply checked against the
+        //    output contract, with one repair.
         let max_output_tokens = prompt.sampling.max_output_tokens;
-        if let Some(max_usd) = call.options.max_cost_usd {
-            self.check_cost(model, prompt.chars, max_output_tokens, max_usd)?;
-        }
-
-        // 7. The route: the step's model, then its fallback models, each through the guards
-        //    with retries; the reply checked against the output contract, with one repair.
-        let route = self.route(spec, model);
-        let estimated_tokens = prompt.chars.div_ceil(CHARS_PER_TOKEN) as u64 + u64::from(max_output_tokens);
-        let ask = Ask { spec, call, deadline, sampling: prompt.sampling, estimated_tokens };
-        match self.ask_and_validate(&ask, &route, prompt.messages, spent).await {
-            Ok((answer, answered_by)) => {
-                let target = &route[answered_by];
-                let source = if answered_by == 0 { Source::Upstream } else { Source::FallbackModel };
-                let model = spent.model.clone().unwrap_or_else(|| target.model.clone());
-                let provider = spent.provider.clone().unwrap_or_else(|| target.provider.clone());
+        let prompt_tokens = prompt.chars.div_ceil(CHARS_PER_TOKEN) as u64;
+        let estimated_tokens = prompt_tokens + u64::from(max_output_tokens);
+        let ask = Ask { spec, call, deadline, sampling: prompt.sampling, prompt_tokens, estimated_tokens, at };
+        match self.ask_and_validate(&ask, route, prompt.messages, spent).await {
+            Ok((answer, answered)) => {
+                let source = if answered.preferred { Source::Upstream } else { Source::FallbackModel };
+                let model = spent.model.clone().unwrap_or_else(|| answered.candidate.upstream.clone());
+                let provider = spent.provider.clone().unwrap_or_else(|| answered.candidate.provider.clone());
                 let served = Served::upstream(answer, source, model, provider);
-                // 8. The answer kept in both caches. A fallback model's answer is not what this
-                //    model would say: not cached under its key, so the next call asks again.
+                // 7. The answer kept in both caches. A fallback's answer is not what the route
+                //    prefers: not cached, so the next call asks again.
                 if source == Source::Upstream {
                     self.store_answer(prompt.key, similar, call.options.cache, &served, spent.spend(), at);
                 }
                 Ok(served)
             }
-            // 9. No model could answer, or not in the step's shape: a stand-in, if the caller
+            // 8. No model could answer, or not in the step's shape: a stand-in, if the caller
             //    takes one.
             Err(err) if err.stand_in_may_answer() && call.options.allow_stand_in => {
                 match self.stand_in(spec, similar.as_ref(), &err, at) {

@@ -70,6 +70,7 @@ impl Engine {
             attempts: i64::from(spent.attempts),
             rate_limit_wait_ms: spent.rate_limit_wait.as_secs_f64() * 1000.0,
             breaker_state: spent.breaker_state.map(breaker_state),
+            route: spent.route.clone(),
         });
     }
 }
@@ -105,6 +106,7 @@ impl Engine {
             attempts: 0,
             rate_limit_wait_ms: 0.0,
             breaker_state: None,
+            route: None,
         });
     }
 

@@ -41,6 +41,8 @@ pub(super) struct Spent {
     pub(super) rate_limit_wait: Duration,
     /// The breaker of the last provider/model asked, after the last attempt.
     pub(super) breaker_state: Option<BreakerState>,
+    /// How the route chose, once it was asked.
+    pub(super) route: Option<telemetry::RouteRecord>,
 }
 
 impl Spent {

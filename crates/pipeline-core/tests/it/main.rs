@@ -5,5 +5,6 @@
 
 mod engine_http;
 mod resilience;
+mod routing;
 mod semantic;
 mod telemetry;

@@ -1,0 +1,2 @@
+-- How the route chose a call's model (JSON: strategy, chosen, excluded with reasons).
+ALTER TABLE calls ADD COLUMN route TEXT;
