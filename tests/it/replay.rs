@@ -496,3 +496,37 @@ fn a_replay_run_again_onto_the_same_database_replaces_its_rows() {
     });
     assert_eq!(rows, 5, "no second copy");
 }
+
+/// A replay under another routing policy: each model's calls, cost and latency before and after,
+/// the calls answered by a model the log never asked marked estimated, and their cost at that
+/// model's price.
+#[test]
+fn a_replay_under_another_routing_policy_reports_cost_per_model() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::fs::read(root.join("examples/sample-log.jsonl")).unwrap();
+    let routes = root.join("examples/routes-two-models.toml");
+    let out = replay(&log, dir.path(), &["--json", "--config", routes.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let models: Vec<&Value> = report["models"].as_array().unwrap().iter().collect();
+    let model = |name: &str| {
+        *models.iter().find(|model| model["model"] == name).unwrap_or_else(|| panic!("{name}: {models:?}"))
+    };
+    // The log never called the cheap model: every answer it gave is estimated (its other
+    // calls failed as logged, or a stand-in answered).
+    let nano = model("gpt-4.1-nano");
+    assert_eq!(nano["before"]["calls"], 0);
+    let (calls, estimated) = (nano["after"]["calls"].as_u64().unwrap(), nano["after"]["estimated"].as_u64().unwrap());
+    assert!(estimated > 0 && estimated + nano["after"]["errors"].as_u64().unwrap() <= calls, "{nano}");
+    // The log's gpt-4o-mini calls all moved to one of the policy's two models.
+    assert_eq!(model("gpt-4o-mini")["after"]["calls"], 0);
+    assert!(model("gpt-4o")["after"]["calls"].as_u64().unwrap() > 0);
+    let after_cost: f64 = models.iter().map(|model| model["after"]["cost_usd"].as_f64().unwrap()).sum();
+    assert!((after_cost - report["after"]["cost_usd"].as_f64().unwrap()).abs() < 1e-9);
+
+    // The table says the same, per model.
+    let table = replay(&log, dir.path(), &["--config", routes.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("by model") && text.contains("gpt-4.1-nano"), "{text}");
+}

@@ -458,7 +458,7 @@ async fn a_step_routed_to_anthropic_answers_an_unchanged_openai_call() {
         dir.path().join("telemetry.db").display()
     );
     let env = [("GATEWAY_TEST_KEY_A", KEY_A), ("OPENAI_API_KEY", "sk-upstream"), ("ANTHROPIC_TEST_KEY", "sk-ant-test")];
-    let process =
+    let mut process =
         GatewayProcess::start(Path::new(env!("CARGO_BIN_EXE_aipipe")), dir.path(), &openai.base_url(), &config, &env)
             .unwrap();
     let input = json!({"text": "I was charged twice", "labels": ["billing", "bug", "other"]});
@@ -484,6 +484,9 @@ async fn a_step_routed_to_anthropic_answers_an_unchanged_openai_call() {
     assert!(sent["messages"].as_array().unwrap().iter().all(|m| m["role"] != "system"), "{sent}");
     assert_eq!(sent["max_tokens"], 100);
     process.terminate().unwrap();
+    // Drained and flushed before its telemetry is read.
+    let status = tokio::task::spawn_blocking(move || process.wait().unwrap()).await.unwrap();
+    assert!(status.success());
 
     // Priced as the model's price sheet says: 20 plain and 400 cached input tokens, 9 output.
     let store = TelemetryStore::connect(&dir.path().join("telemetry.db").display().to_string()).await.unwrap();

@@ -402,8 +402,71 @@ pub fn bench_engine(json: bool, root: &std::path::Path) -> anyhow::Result<()> {
         figures.push(Figure::latency("engine_exact_hit", 0, samples));
         anyhow::Ok(figures)
     })?;
+    let mut figures = figures;
+    figures.push(Figure::latency("route_decision", 3, route_decisions()));
     crate::record::record(root, "engine", &figures)?;
     print_figures(&figures, json)
+}
+
+/// The routing decision alone (`pipeline_core::routing::route`), as a call on a step with three
+/// candidates takes it under `fastest`, the costliest strategy: every filter, then power of two
+/// choices over each candidate's load and the rest sorted.
+fn route_decisions() -> Vec<Duration> {
+    use pipeline_core::routing::{CandidateState, Needs, Snapshot, route};
+    use pipeline_core::telemetry::{ModelPrice, RouteStrategy};
+    use rand::SeedableRng;
+
+    let model = |name: &str, input: f64, output: f64, tier: u8| {
+        std::sync::Arc::new(pipeline_core::ModelSpec {
+            name: name.to_owned(),
+            provider: "p".to_owned(),
+            upstream: name.to_owned(),
+            price: ModelPrice::new(input, output),
+            context_window: Some(128_000),
+            tier,
+            json: true,
+            tools: true,
+        })
+    };
+    let candidates = [
+        model("gpt-4o-mini", 0.15, 0.6, 1),
+        model("gpt-4.1-mini", 0.4, 1.6, 2),
+        model("claude-haiku-4-5", 1.0, 5.0, 2),
+    ];
+    let weights = [1.0; 3];
+    let needs = Needs {
+        strategy: RouteStrategy::Fastest,
+        candidates: &candidates,
+        weights: &weights,
+        min_tier: Some(1),
+        json: true,
+        prompt_tokens: 300,
+        max_output_tokens: 100,
+        window_above: None,
+        max_cost_usd: Some(0.01),
+    };
+    let state = |latency: f64, in_flight: u32| CandidateState {
+        latency: Some(latency),
+        in_flight,
+        ..CandidateState::default()
+    };
+    let snapshot = Snapshot {
+        candidates: vec![state(0.4, 2), state(0.6, 0), state(0.5, 1)],
+        budget_left_usd: Some(10.0),
+        downgrade: false,
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut samples = Vec::with_capacity(ENGINE_CALLS);
+    for n in 0..2 * ENGINE_CALLS {
+        let started = Instant::now();
+        let decision = route(&needs, &snapshot, &mut rng);
+        let took = started.elapsed();
+        std::hint::black_box(decision);
+        if n >= ENGINE_CALLS {
+            samples.push(took);
+        }
+    }
+    samples
 }
 
 async fn bench_engine_with(toml: &str) -> anyhow::Result<pipeline_core::Engine> {

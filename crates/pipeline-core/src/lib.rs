@@ -26,6 +26,7 @@ pub use config::{
     OnBudget, ProviderKind, ProviderSettings, ResilienceSettings, RouteSpec, RoutingSettings, SemanticSettings,
     StepSpec, TelemetrySettings,
 };
+pub use engine::route as routing;
 pub use engine::{Engine, EngineBuilder};
 pub use error::{PipelineError, SetupError};
 pub use request::{CachePolicy, CallContext, CallOptions, RouteChoice, TraceId};

@@ -161,3 +161,20 @@ impl Default for CallOptions {
         }
     }
 }
+
+#[cfg(test)]
+mod route_choice_tests {
+    use super::RouteChoice;
+    use telemetry::RouteStrategy;
+
+    #[test]
+    fn a_route_header_reads_a_strategy_and_maybe_candidates() {
+        let plain: RouteChoice = "cheapest".parse().unwrap();
+        assert_eq!(plain, RouteChoice { strategy: RouteStrategy::Cheapest, candidates: None });
+        let named: RouteChoice = " fastest : gpt-4o-mini, claude-haiku-4-5 ,".parse().unwrap();
+        assert_eq!(named.strategy, RouteStrategy::Fastest);
+        assert_eq!(named.candidates.unwrap(), ["gpt-4o-mini", "claude-haiku-4-5"]);
+        assert!("random".parse::<RouteChoice>().unwrap_err().contains("not a strategy"));
+        assert!("ordered:".parse::<RouteChoice>().unwrap_err().contains("at least one model"));
+    }
+}

@@ -19,7 +19,7 @@ mod builder;
 mod cache;
 mod coalesce;
 mod record;
-mod route;
+pub mod route;
 mod served;
 mod stand_in;
 mod upstream;

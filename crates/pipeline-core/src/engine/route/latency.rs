@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 #[derive(Debug)]
-pub(in crate::engine) struct Latencies {
+pub(crate) struct Latencies {
     half_life: Duration,
     candidates: Mutex<HashMap<String, Arc<Candidate>>>,
 }
@@ -38,7 +38,7 @@ impl Estimate {
 
 /// A call in flight to a candidate; counted until dropped.
 #[derive(Debug)]
-pub(in crate::engine) struct InFlight {
+pub(crate) struct InFlight {
     candidate: Arc<Candidate>,
 }
 
@@ -49,7 +49,7 @@ impl Drop for InFlight {
 }
 
 impl Latencies {
-    pub(in crate::engine) fn new(half_life: Duration) -> Self {
+    pub(crate) fn new(half_life: Duration) -> Self {
         Self { half_life, candidates: Mutex::default() }
     }
 
@@ -60,7 +60,7 @@ impl Latencies {
 
     /// The candidate's latency estimate in seconds (`None`: never measured) and its calls in
     /// flight.
-    pub(in crate::engine) fn state(&self, name: &str) -> (Option<f64>, u32) {
+    pub(crate) fn state(&self, name: &str) -> (Option<f64>, u32) {
         let candidate = self.candidate(name);
         let estimate = *candidate.estimate.lock().unwrap_or_else(PoisonError::into_inner);
         let latency = estimate.map(|estimate| estimate.faded(self.half_life, Instant::now()));
@@ -68,14 +68,14 @@ impl Latencies {
     }
 
     /// Counts a call in flight to `name` until the returned guard is dropped.
-    pub(in crate::engine) fn start(&self, name: &str) -> InFlight {
+    pub(crate) fn start(&self, name: &str) -> InFlight {
         let candidate = self.candidate(name);
         candidate.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight { candidate }
     }
 
     /// One measured request to `name`.
-    pub(in crate::engine) fn observe(&self, name: &str, took: Duration) {
+    pub(crate) fn observe(&self, name: &str, took: Duration) {
         let candidate = self.candidate(name);
         let now = Instant::now();
         let sample = took.as_secs_f64();

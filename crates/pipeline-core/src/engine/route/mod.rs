@@ -8,6 +8,9 @@
 //! reason: capability, context window, breaker open, rate limit, cost ceiling, budget, tier.
 //! The strategy then orders what is left: the first is the choice, the rest are what the call
 //! falls through to.
+//!
+//! Public as `pipeline_core::routing` so that the decision can be measured alone
+//! (`cargo xtask bench engine`) and reasoned about without an engine.
 
 mod latency;
 
@@ -16,69 +19,69 @@ use std::sync::Arc;
 use rand::{Rng, RngCore};
 use telemetry::{RouteExclusion, RouteStrategy};
 
-pub(super) use self::latency::Latencies;
+pub(crate) use self::latency::Latencies;
 use crate::ModelSpec;
 
 /// What a call needs of a model.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Needs<'a> {
-    pub(super) strategy: RouteStrategy,
-    pub(super) candidates: &'a [Arc<ModelSpec>],
+pub struct Needs<'a> {
+    pub strategy: RouteStrategy,
+    pub candidates: &'a [Arc<ModelSpec>],
     /// Parallel to `candidates`.
-    pub(super) weights: &'a [f64],
-    pub(super) min_tier: Option<u8>,
+    pub weights: &'a [f64],
+    pub min_tier: Option<u8>,
     /// A structured step: the model must answer in JSON.
-    pub(super) json: bool,
-    pub(super) prompt_tokens: u64,
-    pub(super) max_output_tokens: u32,
+    pub json: bool,
+    pub prompt_tokens: u64,
+    pub max_output_tokens: u32,
     /// After a context-length error on a window of this size: only larger ones may try.
-    pub(super) window_above: Option<u32>,
-    pub(super) max_cost_usd: Option<f64>,
+    pub window_above: Option<u32>,
+    pub max_cost_usd: Option<f64>,
 }
 
 /// The state of each candidate (parallel to the candidates) and of the budget, when the call
 /// is routed.
 #[derive(Debug, Clone, Default)]
-pub(super) struct Snapshot {
-    pub(super) candidates: Vec<CandidateState>,
+pub struct Snapshot {
+    pub candidates: Vec<CandidateState>,
     /// What is left of the tightest budget the call counts against; `None`: no budget.
-    pub(super) budget_left_usd: Option<f64>,
+    pub budget_left_usd: Option<f64>,
     /// Past a budget's soft share, under `on_budget = "downgrade"`.
-    pub(super) downgrade: bool,
+    pub downgrade: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
-pub(super) struct CandidateState {
-    pub(super) breaker_open: bool,
+pub struct CandidateState {
+    pub breaker_open: bool,
     /// No capacity within the call's wait bound, or a Retry-After holds it back.
-    pub(super) throttled: bool,
+    pub throttled: bool,
     /// Tried for this call, and failed in a way another candidate may not.
-    pub(super) failed: bool,
+    pub failed: bool,
     /// Peak-EWMA latency in seconds; `None`: never measured.
-    pub(super) latency: Option<f64>,
-    pub(super) in_flight: u32,
+    pub latency: Option<f64>,
+    pub in_flight: u32,
 }
 
 /// What the route chose, as indexes into the candidates.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) struct RouteDecision {
-    pub(super) strategy: RouteStrategy,
-    pub(super) downgraded: bool,
+pub struct RouteDecision {
+    pub strategy: RouteStrategy,
+    pub downgraded: bool,
     /// Candidates that passed every filter, best first.
-    pub(super) order: Vec<usize>,
+    pub order: Vec<usize>,
     /// Every other candidate, with the first reason that applied.
-    pub(super) excluded: Vec<(usize, RouteExclusion)>,
+    pub excluded: Vec<(usize, RouteExclusion)>,
 }
 
 impl RouteDecision {
-    pub(super) fn chosen(&self) -> Option<usize> {
+    pub fn chosen(&self) -> Option<usize> {
         self.order.first().copied()
     }
 
     /// The first candidate left out only by a guard (its breaker, its rate limit). When no
     /// candidate is left, the call still goes to the guards of this one, which refuse it in
     /// their own words: when it may retry (`Retry-After`), or a stand-in's cue.
-    pub(super) fn held_by_guard(&self) -> Option<usize> {
+    pub fn held_by_guard(&self) -> Option<usize> {
         self.excluded
             .iter()
             .find(|(_, reason)| matches!(reason, RouteExclusion::BreakerOpen | RouteExclusion::RateLimited))
@@ -86,14 +89,14 @@ impl RouteDecision {
     }
 
     /// Whether only the budget left every candidate out that nothing else did.
-    pub(super) fn stopped_by_budget(&self) -> bool {
+    pub fn stopped_by_budget(&self) -> bool {
         self.order.is_empty() && self.excluded.iter().any(|(_, reason)| *reason == RouteExclusion::Budget)
     }
 }
 
 /// Which candidates may take the call, and in what order. Pure: the same needs, snapshot and
 /// random numbers give the same decision.
-pub(super) fn route(needs: &Needs<'_>, snapshot: &Snapshot, rng: &mut dyn RngCore) -> RouteDecision {
+pub fn route(needs: &Needs<'_>, snapshot: &Snapshot, rng: &mut dyn RngCore) -> RouteDecision {
     let downgraded = snapshot.downgrade;
     let mut excluded = Vec::new();
     let mut eligible = Vec::with_capacity(needs.candidates.len());
