@@ -348,6 +348,7 @@ impl LoggedError {
             ErrorClass::ContextLength => ProviderError::ContextLength { message },
             ErrorClass::Unauthorized => ProviderError::Unauthorized { status: status.unwrap_or(401), message },
             ErrorClass::MalformedReply => ProviderError::MalformedReply { message },
+            ErrorClass::ClientClosed => ProviderError::ClientClosed,
         }
     }
 }

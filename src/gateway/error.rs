@@ -57,6 +57,11 @@ impl ApiError {
         Self { refused: Some(refused), ..Self::new(status, "invalid_request_error", "invalid_body", message) }
     }
 
+    /// A failure of the gateway itself.
+    pub(super) fn internal(message: &str) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", message)
+    }
+
     pub(super) fn message(&self) -> &str {
         &self.message
     }
@@ -125,16 +130,35 @@ impl From<PipelineError> for ApiError {
                 (StatusCode::BAD_GATEWAY, "server_error", "contract_violation", None)
             }
             PipelineError::DeadlineExceeded { .. } => (StatusCode::GATEWAY_TIMEOUT, "server_error", "timeout", None),
+            PipelineError::Unsupported { param, .. } => {
+                let param = Some(param.clone());
+                return Self {
+                    param,
+                    ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "unsupported_parameter", message)
+                };
+            }
+            PipelineError::Embedding { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "server_error", "embedding_failed", None)
+            }
+            PipelineError::StreamInterrupted { .. } => {
+                (StatusCode::BAD_GATEWAY, "server_error", "stream_interrupted", None)
+            }
         };
         Self::new(status, kind, code, message).retry_after(retry_after)
     }
 }
 
+impl ApiError {
+    /// OpenAI's error object: the body of an error response, and the data of the error event
+    /// that ends a stream which failed after it began (OpenAI's SDKs raise it).
+    pub(super) fn body(&self) -> serde_json::Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {
-            "message": self.message, "type": self.kind, "param": self.param, "code": self.code,
-        }});
+        let body = self.body();
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(after) = self.retry_after {
             let headers = response.headers_mut();

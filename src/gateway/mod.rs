@@ -8,6 +8,7 @@
 //! OpenAI's error shape (`error`). Every answer says how it was served in `x-aipipe-source`.
 
 mod auth;
+mod embeddings;
 mod error;
 mod options;
 mod response;
@@ -26,15 +27,16 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use pipeline_core::providers::StreamSink;
 use pipeline_core::telemetry::Metrics;
-use pipeline_core::{CallContext, Config, Engine, StepKind, StepType, TraceId};
+use pipeline_core::{CallContext, CallOptions, Config, Engine, PipelineResult, StepKind, StepType, TraceId};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use self::auth::ApiKeys;
 use self::error::ApiError;
 use self::options::{call_options, header_text};
-use self::response::{completion, describe_source, streamed};
+use self::response::{ChunkWriter, completion, describe_source, live_stream, whole_stream};
 pub use self::settings::{GatewaySettings, RawGateway};
 use aipipe::openai::CompletionRequest;
 
@@ -124,6 +126,7 @@ fn listed_models(config: &Config) -> Vec<String> {
 fn router(gateway: Arc<Gateway>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions).fallback(post_only))
+        .route("/v1/embeddings", post(embeddings::embeddings).fallback(post_only))
         .route("/v1/models", get(list_models))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
@@ -189,21 +192,61 @@ async fn complete(
         None | Some(StepKind::Chat) => request.chat_input()?,
         Some(StepKind::Structured) => request.structured_input(&step)?,
     };
-    let context = CallContext { workspace, ..gateway.context(headers)? };
+    let mut context = CallContext { workspace, ..gateway.context(headers)? };
     let options = call_options(headers, &request)?;
-    let result = gateway.engine.execute(step, input, context, options).await.map_err(ApiError::from)?;
-    let content = match (&result.output, kind) {
+    let content_of = move |result: &PipelineResult| match (&result.output, kind) {
         (Value::String(text), Some(StepKind::Chat)) => text.clone(),
         (output, _) => output.to_string(),
     };
+    if !request.stream {
+        let result = gateway.engine.execute(step, input, context, options).await.map_err(ApiError::from)?;
+        let mut response = axum::Json(completion(&result, &content_of(&result))).into_response();
+        describe_source(response.headers_mut(), &result);
+        return Ok(response);
+    }
+    // The stream's chunks carry the call's id from the first one on.
+    let trace_id = context.trace_id.get_or_insert_with(TraceId::random).clone();
     let include_usage = request.stream_options.as_ref().is_some_and(|options| options.include_usage);
-    let mut response = if request.stream {
-        streamed(&result, &content, include_usage)
-    } else {
-        axum::Json(completion(&result, &content)).into_response()
+    let model = request.model.as_deref().unwrap_or(options::ANY_MODEL);
+    let writer = ChunkWriter::new(trace_id.as_str(), model, include_usage);
+    let (sink, mut pieces) = StreamSink::channel(STREAM_BUFFER);
+    let options = CallOptions { stream: Some(sink), ..options };
+    let engine = gateway.engine.clone();
+    // The call runs on its own task: it finishes (and leaves its row) even when the caller
+    // goes away mid-answer.
+    let mut call = tokio::spawn(async move { engine.execute(step, input, context, options).await });
+    // Until the first piece, a failure is still an HTTP error with its status; after it, an
+    // error event in the stream.
+    let first = tokio::select! {
+        biased;
+        first = pieces.recv() => first,
+        ended = &mut call => return whole(&writer, ended, &content_of),
     };
-    describe_source(response.headers_mut(), &result);
-    Ok(response)
+    match first {
+        Some(first) => {
+            let mut response = live_stream(writer, &first, pieces, call);
+            if let Ok(value) = axum::http::HeaderValue::from_str(trace_id.as_str()) {
+                response.headers_mut().insert("x-aipipe-trace-id", value);
+            }
+            Ok(response)
+        }
+        None => whole(&writer, call.await, &content_of),
+    }
+}
+
+/// Pieces of a streamed answer that may wait for a slow reader before the upstream is read
+/// no faster than the reader takes them.
+const STREAM_BUFFER: usize = 64;
+
+/// A streamed call whose answer came whole (or that failed before it began).
+fn whole(
+    writer: &ChunkWriter,
+    ended: Result<Result<PipelineResult, pipeline_core::PipelineError>, tokio::task::JoinError>,
+    content_of: &impl Fn(&PipelineResult) -> String,
+) -> Result<Response, ApiError> {
+    let result = ended.map_err(|join| ApiError::internal(&format!("the call's task failed: {join}")))?;
+    let result = result.map_err(ApiError::from)?;
+    Ok(whole_stream(writer, &result, &content_of(&result)))
 }
 
 /// Any method but POST on the chat endpoint: OpenAI's error shape, with the method allowed.

@@ -20,7 +20,7 @@ pub(super) fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Opti
 }
 
 /// The body's `model` that leaves the choice to the step's route.
-const ANY_MODEL: &str = "auto";
+pub(super) const ANY_MODEL: &str = "auto";
 
 pub(super) fn call_options(headers: &HeaderMap, request: &CompletionRequest) -> Result<CallOptions, ApiError> {
     let model = request.model.clone().filter(|model| !model.is_empty() && model != ANY_MODEL);

@@ -4,4 +4,5 @@
 mod local_model;
 mod migrate;
 mod replay;
+mod sdk;
 mod serve;

@@ -105,6 +105,8 @@ fn call(ts_ms: i64, component: &str, cost_usd: f64) -> CallRecord {
         rate_limit_wait_ms: 0.0,
         breaker_state: None,
         route: None,
+        streamed: false,
+        ttft_ms: None,
     }
 }
 

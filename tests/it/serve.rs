@@ -165,12 +165,13 @@ async fn bad_keys_and_bad_requests_get_openai_errors() {
         assert_eq!(response.status(), 401, "{key:?}");
         assert_openai_error(&json_body(response).await, "invalid_api_key");
     }
-    let unsupported = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "tools": []});
+    let unsupported =
+        json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "logprobs": true});
     let response = gateway.post(Some(KEY_A), &[], &unsupported).await;
     assert_eq!(response.status(), 400);
     let body = json_body(response).await;
     assert_openai_error(&body, "invalid_request");
-    assert_eq!(body["error"]["param"], "tools");
+    assert_eq!(body["error"]["param"], "logprobs");
     let not_json = gateway
         .http
         .post(format!("{}/chat/completions", gateway.base_url))
@@ -240,7 +241,7 @@ async fn shutdown_drains_calls_in_flight_and_flushes_telemetry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_answer_cut_off_at_max_tokens_says_so_when_served_again_too() {
+async fn an_answer_cut_off_at_max_tokens_says_so_and_is_not_served_again() {
     let upstream = ScriptedUpstream::start().await.unwrap();
     upstream.respond_with(|_| Reply::Truncated("The capital of France is".into()));
     let dir = tempfile::tempdir().unwrap();
@@ -250,13 +251,14 @@ async fn an_answer_cut_off_at_max_tokens_says_so_when_served_again_too() {
 
     let first = json_body(gateway.post(Some(KEY_A), &[], &request).await).await;
     assert_eq!(first["choices"][0]["finish_reason"], "length", "{first}");
-    let cached = gateway.post(Some(KEY_A), &[], &request).await;
-    assert_eq!(cached.headers()["x-aipipe-source"], "exact");
-    assert_eq!(json_body(cached).await["choices"][0]["finish_reason"], "length");
+    // A cut answer is not kept: the next caller may have a larger budget.
+    let again = gateway.post(Some(KEY_A), &[], &request).await;
+    assert_eq!(again.headers()["x-aipipe-source"], "upstream");
+    assert_eq!(json_body(again).await["choices"][0]["finish_reason"], "length");
     request["stream"] = json!(true);
     let text = gateway.post(Some(KEY_A), &[], &request).await.text().await.unwrap();
     assert!(text.contains(r#""finish_reason":"length""#), "{text}");
-    assert_eq!(upstream.requests(), 1);
+    assert_eq!(upstream.requests(), 3);
 }
 
 /// Every row of the gateway's telemetry file, as text.
@@ -290,7 +292,7 @@ async fn requests_refused_before_the_engine_leave_a_trace_and_labels_stay_bounde
     // a header it cannot read, a body over the limit.
     assert_eq!(gateway.post(None, &[], &chat("hello")).await.status(), 401);
     assert_eq!(gateway.post(Some("sk-wrong"), &[], &chat("hello")).await.status(), 401);
-    let unsupported = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "tools": []});
+    let unsupported = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "n": 3});
     assert_eq!(gateway.post(Some(KEY_A), &[], &unsupported).await.status(), 400);
     assert_eq!(gateway.post(Some(KEY_A), &[("x-aipipe-cache", "sometimes")], &chat("hi")).await.status(), 400);
     let huge = chat(&"x".repeat(5000));

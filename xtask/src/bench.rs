@@ -481,7 +481,7 @@ async fn bench_engine_with(toml: &str) -> anyhow::Result<pipeline_core::Engine> 
             usage: Usage::new(120, 12),
             finish_reason: FinishReason::Stop,
             latency: Duration::ZERO,
-            declared_limits: None,
+            ..ChatResponse::default()
         })
     });
     let store = TelemetryStore::connect("sqlite::memory:").await?;

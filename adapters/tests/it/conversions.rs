@@ -31,6 +31,8 @@ fn answered(output: Value) -> Result<PipelineResult, PipelineError> {
         similar_to: None,
         finish_reason: FinishReason::Stop,
         route: None,
+        tool_calls: Vec::new(),
+        time_to_first_token: None,
     })
 }
 

@@ -88,6 +88,20 @@ pub enum PipelineError {
     ContractViolation { step: StepType, attempts: u32, violations: String },
     #[error("the call's deadline of {budget:?} passed after {attempts} attempt(s)")]
     DeadlineExceeded { budget: Duration, attempts: u32 },
+    #[error("{reason}")]
+    Unsupported { param: String, reason: String },
+    #[error("the embedding model failed: {reason}")]
+    Embedding { reason: String },
+    #[error(
+        "the `{step}` answer was cut off after part of it had been streamed to the caller (attempt {attempts}): \
+         {source}"
+    )]
+    StreamInterrupted {
+        step: StepType,
+        attempts: u32,
+        #[source]
+        source: ProviderError,
+    },
 }
 
 impl PipelineError {
@@ -96,7 +110,7 @@ impl PipelineError {
         match self {
             Self::Upstream { source, .. } => source.is_retryable(),
             Self::Refused { source, .. } => source.is_retryable(),
-            Self::ContractViolation { .. } | Self::DeadlineExceeded { .. } => true,
+            Self::ContractViolation { .. } | Self::DeadlineExceeded { .. } | Self::StreamInterrupted { .. } => true,
             _ => false,
         }
     }
@@ -117,6 +131,9 @@ impl PipelineError {
             Self::Refused { source, .. } => refusal_class(source),
             Self::ContractViolation { .. } => ErrorClass::ContractViolation,
             Self::DeadlineExceeded { .. } => ErrorClass::DeadlineExceeded,
+            Self::Unsupported { .. } => ErrorClass::InvalidRequest,
+            Self::Embedding { .. } => ErrorClass::ServerError,
+            Self::StreamInterrupted { .. } => ErrorClass::StreamInterrupted,
         }
     }
 
@@ -131,6 +148,7 @@ impl PipelineError {
             Self::Upstream { attempts, .. }
             | Self::Refused { attempts, .. }
             | Self::ContractViolation { attempts, .. }
+            | Self::StreamInterrupted { attempts, .. }
             | Self::DeadlineExceeded { attempts, .. } => *attempts,
             _ => 0,
         }
@@ -162,8 +180,10 @@ impl PipelineError {
     /// Whether a stand-in may answer in its place: when no model could answer, and when the
     /// model's answer broke the step's output contract even after a repair (a small model
     /// that cannot meet a schema is as unavailable to the step as one that is down).
+    /// Never after part of a streamed answer reached the caller.
     pub fn stand_in_may_answer(&self) -> bool {
-        self.upstream_unavailable() || matches!(self, Self::ContractViolation { .. })
+        !matches!(self, Self::StreamInterrupted { .. })
+            && (self.upstream_unavailable() || matches!(self, Self::ContractViolation { .. }))
     }
 }
 
@@ -179,6 +199,7 @@ fn upstream_class(class: providers::ErrorClass) -> ErrorClass {
         Class::ContextLength => ErrorClass::ContextLength,
         Class::Unauthorized => ErrorClass::Unauthorized,
         Class::MalformedReply => ErrorClass::MalformedReply,
+        Class::ClientClosed => ErrorClass::ClientClosed,
     }
 }
 
@@ -208,6 +229,7 @@ mod tests {
             providers::ErrorClass::ContextLength,
             providers::ErrorClass::Unauthorized,
             providers::ErrorClass::MalformedReply,
+            providers::ErrorClass::ClientClosed,
         ] {
             assert_eq!(upstream_class(class).label(), class.label());
         }

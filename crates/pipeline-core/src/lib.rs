@@ -27,7 +27,7 @@ pub use config::{
     StepSpec, TelemetrySettings,
 };
 pub use engine::route as routing;
-pub use engine::{Engine, EngineBuilder};
+pub use engine::{Embeddings, Engine, EngineBuilder};
 pub use error::{PipelineError, SetupError};
 pub use request::{CachePolicy, CallContext, CallOptions, RouteChoice, TraceId};
 pub use result::{PipelineResult, SimilarRequest, Source};

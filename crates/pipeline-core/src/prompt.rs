@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use minijinja::value::Serde;
 use minijinja::{Environment, UndefinedBehavior};
-use providers::{ChatMessage, Role};
+use providers::{ChatMessage, Extras, Image, ResponseFormat, Role, Tool, ToolCall, ToolChoice};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -25,22 +25,71 @@ pub(crate) struct Sampling {
 pub(crate) struct Rendered {
     pub(crate) messages: Vec<ChatMessage>,
     pub(crate) sampling: Sampling,
+    pub(crate) request: ChatOptions,
 }
 
-/// A chat step's input: the conversation as the caller has it, and its sampling.
+/// What a chat caller asks of the model besides its messages and sampling: tools, a reply
+/// format, and OpenAI's other parameters. A structured step sets none of them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub(crate) struct ChatOptions {
+    pub(crate) tools: Vec<Tool>,
+    pub(crate) tool_choice: Option<ToolChoice>,
+    pub(crate) parallel_tool_calls: Option<bool>,
+    pub(crate) extras: Extras,
+    /// The caller's reply format; `None`: the step's.
+    #[serde(skip)]
+    pub(crate) response_format: Option<ResponseFormat>,
+    /// The schema's text, for the cache key (`ResponseFormat` is not serialisable).
+    pub(crate) response_format_key: Option<String>,
+}
+
+impl ChatOptions {
+    /// A `json_schema` reply format with `strict`: the answer is checked against it.
+    pub(crate) fn strict_schema(&self) -> Option<&Value> {
+        match &self.response_format {
+            Some(ResponseFormat::JsonSchema { schema, strict: true, .. }) => Some(schema),
+            _ => None,
+        }
+    }
+}
+
+/// A chat step's input: the conversation as the caller has it, its sampling, and OpenAI's
+/// other request parameters (see the README's API surface).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ChatInput {
     messages: Vec<ChatInputMessage>,
     temperature: Option<f32>,
     max_tokens: Option<u32>,
+    #[serde(default)]
+    tools: Vec<Tool>,
+    tool_choice: Option<ToolChoice>,
+    parallel_tool_calls: Option<bool>,
+    response_format: Option<Value>,
+    top_p: Option<f32>,
+    #[serde(default)]
+    stop: Vec<String>,
+    seed: Option<i64>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    #[serde(default)]
+    logit_bias: BTreeMap<String, i8>,
+    user: Option<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ChatInputMessage {
     role: String,
+    #[serde(default)]
     content: String,
+    #[serde(default)]
+    images: Vec<Image>,
+    #[serde(default)]
+    tool_calls: Vec<ToolCall>,
+    tool_call_id: Option<String>,
 }
 
 /// Every step's templates, compiled once at config load.
@@ -90,6 +139,7 @@ impl Prompts {
             StepKind::Structured => Ok(Rendered {
                 messages: self.render_templates(spec, input, context)?,
                 sampling: Sampling { temperature: spec.temperature, max_output_tokens: spec.max_output_tokens },
+                request: ChatOptions::default(),
             }),
             StepKind::Chat => render_chat(spec, input),
         }
@@ -134,7 +184,8 @@ fn render_chat(spec: &StepSpec, input: &Value) -> Result<Rendered, PipelineError
     let invalid = |reason: String| PipelineError::InvalidInput { step: spec.step.clone(), reason };
     let chat = ChatInput::deserialize(input).map_err(|err| {
         invalid(format!(
-            "a chat step takes {{\"messages\": [{{\"role\", \"content\"}}], \"temperature\"?, \"max_tokens\"?}}: {err}"
+            "a chat step takes {{\"messages\": [{{\"role\", \"content\"}}], \"temperature\"?, \"max_tokens\"?, \
+             \"tools\"?, ...}} (see the README's API surface): {err}"
         ))
     })?;
     if chat.messages.is_empty() {
@@ -150,13 +201,28 @@ fn render_chat(spec: &StepSpec, input: &Value) -> Result<Rendered, PipelineError
             "system" | "developer" => Role::System,
             "user" => Role::User,
             "assistant" => Role::Assistant,
+            "tool" => Role::Tool,
             other => {
                 return Err(invalid(format!(
-                    "messages[{index}].role is `{other}`: use system, developer, user or assistant"
+                    "messages[{index}].role is `{other}`: use system, developer, user, assistant or tool"
                 )));
             }
         };
-        messages.push(ChatMessage { role, content: message.content });
+        if role == Role::Tool && message.tool_call_id.is_none() {
+            return Err(invalid(format!(
+                "messages[{index}] is a tool result without `tool_call_id`: name the call it answers"
+            )));
+        }
+        if !message.images.is_empty() && role != Role::User {
+            return Err(invalid(format!("messages[{index}] has images: only user messages may")));
+        }
+        messages.push(ChatMessage {
+            role,
+            content: message.content,
+            images: message.images,
+            tool_calls: message.tool_calls,
+            tool_call_id: message.tool_call_id,
+        });
     }
     let temperature = chat.temperature.unwrap_or(spec.temperature);
     if !(0.0..=2.0).contains(&temperature) {
@@ -173,7 +239,47 @@ fn render_chat(spec: &StepSpec, input: &Value) -> Result<Rendered, PipelineError
         Some(asked) => asked,
         None => spec.max_output_tokens,
     };
-    Ok(Rendered { messages, sampling: Sampling { temperature, max_output_tokens } })
+    let (response_format, response_format_key) = match &chat.response_format {
+        None => (None, None),
+        Some(format) => (Some(response_format(format).map_err(invalid)?), Some(format.to_string())),
+    };
+    let request = ChatOptions {
+        tools: chat.tools,
+        tool_choice: chat.tool_choice,
+        parallel_tool_calls: chat.parallel_tool_calls,
+        extras: Extras {
+            top_p: chat.top_p,
+            stop: chat.stop,
+            seed: chat.seed,
+            presence_penalty: chat.presence_penalty,
+            frequency_penalty: chat.frequency_penalty,
+            logit_bias: chat.logit_bias,
+            user: chat.user,
+            metadata: chat.metadata,
+        },
+        response_format,
+        response_format_key,
+    };
+    Ok(Rendered { messages, sampling: Sampling { temperature, max_output_tokens }, request })
+}
+
+/// OpenAI's `response_format` object.
+fn response_format(format: &Value) -> Result<ResponseFormat, String> {
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(ResponseFormat::Text),
+        Some("json_object") => Ok(ResponseFormat::JsonObject),
+        Some("json_schema") => {
+            let spec = format.get("json_schema").ok_or("response_format.json_schema is missing")?;
+            let name = spec.get("name").and_then(Value::as_str).ok_or("response_format.json_schema.name is missing")?;
+            let schema = spec.get("schema").cloned().unwrap_or_else(|| serde_json::json!({"type": "object"}));
+            if !schema.is_object() {
+                return Err("response_format.json_schema.schema must be a JSON schema object".into());
+            }
+            let strict = spec.get("strict").and_then(Value::as_bool).unwrap_or(false);
+            Ok(ResponseFormat::JsonSchema { name: name.to_owned(), schema, strict })
+        }
+        _ => Err("response_format.type must be text, json_object or json_schema".into()),
+    }
 }
 
 /// The text the semantic cache compares for this call, and the rest of the input, which must
@@ -188,7 +294,16 @@ pub(crate) fn semantic_text(spec: &StepSpec, input: &Value) -> Option<(String, V
             Some((text, rest))
         }
         StepKind::Chat => {
+            // A request with tools, or one that carries a tool's result, is an agent's step:
+            // its answer depends on the tools and on results that similar wording does not
+            // share, so only an identical request may be answered from the cache.
+            if input.get("tools").and_then(Value::as_array).is_some_and(|tools| !tools.is_empty()) {
+                return None;
+            }
             let messages = rest.get_mut(CHAT_SEMANTIC_FIELD)?.as_array_mut()?;
+            if messages.last().is_some_and(|message| message["role"] == "tool") {
+                return None;
+            }
             let last_user = messages.iter_mut().rev().find(|message| message["role"] == "user")?;
             let text = last_user.get_mut("content")?.take();
             Some((text.as_str()?.to_owned(), rest))
@@ -274,7 +389,8 @@ mod tests {
         let context = CallContext::new("ws", "c");
         for (input, expected) in [
             (json!({"messages": []}), "empty"),
-            (json!({"messages": [{"role": "tool", "content": "x"}]}), "messages[0].role"),
+            (json!({"messages": [{"role": "robot", "content": "x"}]}), "messages[0].role"),
+            (json!({"messages": [{"role": "tool", "content": "x"}]}), "tool_call_id"),
             (json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1_000_000}), "max_output_tokens"),
             (json!({"messages": [{"role": "user", "content": "x"}], "top_k": 3}), "top_k"),
         ] {

@@ -147,6 +147,12 @@ pub struct CallOptions {
     /// when no model can; `false`: the caller gets the error instead. The step's fallback
     /// models are always allowed: theirs are real answers.
     pub allow_stand_in: bool,
+    /// Where the answer goes piece by piece as the upstream writes it, for a caller that
+    /// streams (the gateway's `stream: true`). Only a chat step's answer with no contract to
+    /// check streams from the upstream; any other answer arrives whole, at the end, and the
+    /// caller sends it as it likes. A call that streams does not wait for an identical call
+    /// in flight to finish first, nor makes others wait for it.
+    pub stream: Option<providers::StreamSink>,
 }
 
 impl Default for CallOptions {
@@ -158,6 +164,7 @@ impl Default for CallOptions {
             route: None,
             max_cost_usd: None,
             allow_stand_in: true,
+            stream: None,
         }
     }
 }

@@ -3,7 +3,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
-use providers::FinishReason;
+use providers::{FinishReason, ToolCall};
 use telemetry::ErrorClass;
 
 use crate::TraceId;
@@ -100,6 +100,13 @@ pub struct PipelineResult {
     /// How the route chose the model: the strategy, the candidate chosen, and every candidate
     /// left out with its reason. `None` when no route was asked (a cache answered).
     pub route: Option<telemetry::RouteRecord>,
+    /// The tools the model called, for a chat step whose caller offered tools.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// For a call the caller streamed: from the call's start to the first piece of the answer
+    /// forwarded (`None` when nothing was forwarded: the whole answer came at once).
+    #[serde(serialize_with = "as_optional_millis")]
+    pub time_to_first_token: Option<Duration>,
 }
 
 /// The earlier request whose answer a semantic hit or a similar-answer fallback served.
@@ -112,4 +119,11 @@ pub struct SimilarRequest {
 
 fn as_millis<S: serde::Serializer>(latency: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_f64(latency.as_secs_f64() * 1000.0)
+}
+
+fn as_optional_millis<S: serde::Serializer>(latency: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
+    match latency {
+        Some(latency) => as_millis(latency, serializer),
+        None => serializer.serialize_none(),
+    }
 }

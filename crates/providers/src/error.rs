@@ -19,6 +19,9 @@ pub enum ErrorClass {
     Unauthorized,
     /// A 2xx reply that is not a chat completion we can read.
     MalformedReply,
+    /// The caller of a streamed reply went away; the upstream request was dropped. Nobody's
+    /// fault but the caller's, and nobody left to answer.
+    ClientClosed,
 }
 
 impl ErrorClass {
@@ -53,6 +56,7 @@ impl ErrorClass {
             Self::ContextLength => "context_length",
             Self::Unauthorized => "unauthorized",
             Self::MalformedReply => "malformed_reply",
+            Self::ClientClosed => "client_closed",
         }
     }
 
@@ -68,6 +72,7 @@ impl ErrorClass {
             Self::ContextLength,
             Self::Unauthorized,
             Self::MalformedReply,
+            Self::ClientClosed,
         ]
         .into_iter()
         .find(|class| class.label() == label)
@@ -104,6 +109,8 @@ pub enum ProviderError {
     InvalidRequest { message: String },
     #[error("no recorded answer for trace id `{trace_id}` (the replay log has no line with it)")]
     NotRecorded { trace_id: String },
+    #[error("the caller closed the stream before the reply was complete; the upstream request was dropped")]
+    ClientClosed,
 }
 
 fn retry_hint(retry_after: Option<Duration>) -> String {
@@ -122,6 +129,7 @@ impl ProviderError {
             Self::ContextLength { .. } => ErrorClass::ContextLength,
             Self::Unauthorized { .. } => ErrorClass::Unauthorized,
             Self::MalformedReply { .. } => ErrorClass::MalformedReply,
+            Self::ClientClosed => ErrorClass::ClientClosed,
         }
     }
 
@@ -157,7 +165,7 @@ impl ProviderError {
             Self::Unauthorized { status, message } => Self::Unauthorized { status, message: clean(message) },
             Self::MalformedReply { message } => Self::MalformedReply { message: clean(message) },
             Self::InvalidRequest { message } => Self::InvalidRequest { message: clean(message) },
-            other @ (Self::Timeout { .. } | Self::NotRecorded { .. }) => other,
+            other @ (Self::Timeout { .. } | Self::NotRecorded { .. } | Self::ClientClosed) => other,
         }
     }
 

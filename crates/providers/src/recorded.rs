@@ -98,6 +98,8 @@ impl RecordedProvider {
         let reply = call.outcome.clone()?;
         if is_same_model(&reply.model, &request.model) {
             return Ok(ChatResponse {
+                tool_calls: Vec::new(),
+                time_to_first_token: None,
                 content: reply.content,
                 model: reply.model,
                 provider: "recorded".into(),
@@ -115,6 +117,8 @@ impl RecordedProvider {
             _ => call.latency,
         };
         Ok(ChatResponse {
+            tool_calls: Vec::new(),
+            time_to_first_token: None,
             content: reply.content,
             model: request.model.clone(),
             provider: "recorded".into(),
@@ -168,10 +172,9 @@ mod tests {
             .answer(&ChatRequest {
                 model: model.into(),
                 messages: vec![ChatMessage::user("x")],
-                temperature: None,
-                max_output_tokens: None,
                 response_format: ResponseFormat::Text,
                 trace_id: trace_id.into(),
+                ..ChatRequest::default()
             })
             .unwrap()
     }

@@ -28,30 +28,112 @@ impl FinishReason {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
+    #[default]
     User,
     Assistant,
+    /// A tool's result, answering one of the assistant's tool calls.
+    Tool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: Role,
+    /// The text; a message made of parts has its text parts joined.
     pub content: String,
+    /// Images sent with the text (a user message's `image_url` parts), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<Image>,
+    /// The tool calls an assistant message made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// Which tool call a tool message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self { role, content: content.into(), ..Self::default() }
+    }
     pub fn system(content: impl Into<String>) -> Self {
-        Self { role: Role::System, content: content.into() }
+        Self::new(Role::System, content)
     }
     pub fn user(content: impl Into<String>) -> Self {
-        Self { role: Role::User, content: content.into() }
+        Self::new(Role::User, content)
     }
     pub fn assistant(content: impl Into<String>) -> Self {
-        Self { role: Role::Assistant, content: content.into() }
+        Self::new(Role::Assistant, content)
     }
+}
+
+/// An image part of a message: a URL, or the image itself as a `data:` URL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    pub url: String,
+    /// OpenAI's `detail` (`low`, `high`, `auto`), where the caller gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// A function the model may call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tool {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The JSON schema of its arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// Whether and which tool the model must call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChoice {
+    None,
+    Auto,
+    Required,
+    /// This function, by name.
+    Function(String),
+}
+
+/// One tool call of a reply: the function and its arguments, as the JSON text the model wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+/// Sampling and bookkeeping parameters a caller may set beyond the temperature and output
+/// budget. Each is sent only when set, and only to a provider that can honour it
+/// ([`Capabilities::refuses`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Extras {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
+    /// Token id (as text) to bias, -100..=100.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub logit_bias: std::collections::BTreeMap<String, i8>,
+    /// The end user, for the provider's abuse detection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// What a provider's API can be asked for. OpenAI-compatible servers differ (vLLM, Ollama and
@@ -67,13 +149,56 @@ pub struct Capabilities {
     pub tools: bool,
     /// A streamed reply ends with its usage (`stream_options.include_usage`).
     pub stream_usage: bool,
+    /// Image parts in user messages.
+    pub images: bool,
+    /// `seed`, `presence_penalty`, `frequency_penalty` and `logit_bias`: OpenAI's sampling
+    /// controls beyond temperature and `top_p`, which not every API has.
+    pub sampling_controls: bool,
 }
 
 impl Capabilities {
     /// OpenAI's own API.
-    pub const OPENAI: Self = Self { structured_outputs: true, json_mode: true, tools: true, stream_usage: true };
-    /// Anthropic's Messages API: tools and streamed usage, no JSON mode (the prompt asks).
-    pub const ANTHROPIC: Self = Self { structured_outputs: false, json_mode: false, tools: true, stream_usage: true };
+    pub const OPENAI: Self = Self {
+        structured_outputs: true,
+        json_mode: true,
+        tools: true,
+        stream_usage: true,
+        images: true,
+        sampling_controls: true,
+    };
+    /// Anthropic's Messages API: tools, images and streamed usage; no JSON mode (the prompt
+    /// asks), no seed, penalties or logit bias.
+    pub const ANTHROPIC: Self = Self {
+        structured_outputs: false,
+        json_mode: false,
+        tools: true,
+        stream_usage: true,
+        images: true,
+        sampling_controls: false,
+    };
+
+    /// The first request parameter this provider cannot honour, by its OpenAI name.
+    pub fn refuses(&self, request: &ChatRequest) -> Option<&'static str> {
+        let extras = &request.extras;
+        if !self.tools && (!request.tools.is_empty() || request.messages.iter().any(|m| !m.tool_calls.is_empty())) {
+            return Some("tools");
+        }
+        if !self.images && request.messages.iter().any(|message| !message.images.is_empty()) {
+            return Some("messages");
+        }
+        if !self.sampling_controls {
+            let asked = [
+                ("seed", extras.seed.is_some()),
+                ("presence_penalty", extras.presence_penalty.is_some()),
+                ("frequency_penalty", extras.frequency_penalty.is_some()),
+                ("logit_bias", !extras.logit_bias.is_empty()),
+            ];
+            if let Some((name, _)) = asked.into_iter().find(|(_, asked)| *asked) {
+                return Some(name);
+            }
+        }
+        None
+    }
 
     /// How a reply in `format` can be asked of this provider: the schema where it takes
     /// structured outputs, else JSON mode where it has it, else by the prompt alone.
@@ -105,16 +230,24 @@ pub enum ResponseFormat {
 }
 
 /// One chat completion, as the engine asks for it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
     pub temperature: Option<f32>,
     pub max_output_tokens: Option<u32>,
     pub response_format: ResponseFormat,
+    pub tools: Vec<Tool>,
+    pub tool_choice: Option<ToolChoice>,
+    pub parallel_tool_calls: Option<bool>,
+    pub extras: Extras,
     /// The caller's trace id. Sent upstream as `x-request-id`, and the key under which the
     /// recorded provider finds its answer.
     pub trace_id: String,
+    /// Where the reply goes as it is written, for a caller that streams: the provider then
+    /// streams from the upstream and forwards each piece as it arrives. The whole reply is
+    /// still the call's response.
+    pub stream: Option<crate::StreamSink>,
 }
 
 /// Tokens a reply took. `input_tokens` counts every prompt token, those read from or written
@@ -171,9 +304,11 @@ pub struct DeclaredLimits {
     pub tokens: Option<LimitWindow>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChatResponse {
     pub content: String,
+    /// The tools the model called, in order.
+    pub tool_calls: Vec<ToolCall>,
     /// The model that answered, as the provider reports it (may be a dated variant).
     pub model: String,
     pub provider: String,
@@ -184,4 +319,7 @@ pub struct ChatResponse {
     pub latency: Duration,
     /// The rate limits the upstream declared in its headers, if it did.
     pub declared_limits: Option<DeclaredLimits>,
+    /// For a streamed reply: from sending the request to the first piece of content or of a
+    /// tool call.
+    pub time_to_first_token: Option<Duration>,
 }

@@ -48,6 +48,7 @@ fn request() -> ChatRequest {
         max_output_tokens: Some(50),
         response_format: ResponseFormat::JsonObject,
         trace_id: "trace-1".into(),
+        ..ChatRequest::default()
     }
 }
 

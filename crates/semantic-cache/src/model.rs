@@ -202,6 +202,15 @@ impl Embedder {
         done.into_iter().map(|(_, vector)| vector).collect()
     }
 
+    /// How many tokens the model reads of `text` (its special tokens included, cut at the
+    /// model's maximum length as embedding cuts it).
+    pub fn count_tokens(&self, text: &str) -> Result<usize, CacheError> {
+        let session = self.sessions[0].lock().unwrap_or_else(PoisonError::into_inner);
+        let encoding =
+            session.tokenizer.encode(text, true).map_err(|err| CacheError::Embedding(format!("tokenizer: {err}")))?;
+        Ok(encoding.get_ids().len())
+    }
+
     /// Texts embedded and the time the model took for them, since it was loaded.
     pub fn work(&self) -> EmbeddingWork {
         EmbeddingWork {

@@ -32,6 +32,7 @@ struct Inner {
     saved_cost: CounterVec,
     saved_tokens: IntCounterVec,
     duration: HistogramVec,
+    time_to_first_token: HistogramVec,
     rate_limit_wait: HistogramVec,
     breaker_state: IntGaugeVec,
     dropped: IntCounter,
@@ -86,6 +87,15 @@ impl Metrics {
             &["step", "source"],
         )?;
         registry.register(Box::new(duration.clone()))?;
+        let time_to_first_token = HistogramVec::new(
+            HistogramOpts::new(
+                "aipipe_time_to_first_token_seconds",
+                "Streamed calls: from the call's start to the first piece of the answer sent.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["step", "source"],
+        )?;
+        registry.register(Box::new(time_to_first_token.clone()))?;
         let rate_limit_wait = HistogramVec::new(
             HistogramOpts::new(
                 "aipipe_rate_limit_wait_seconds",
@@ -119,6 +129,7 @@ impl Metrics {
                 saved_cost,
                 saved_tokens,
                 duration,
+                time_to_first_token,
                 rate_limit_wait,
                 breaker_state,
                 dropped,
@@ -172,6 +183,9 @@ impl Metrics {
             inner.saved_tokens.with_label_values(&[step]).inc_by(record.saved_tokens as u64);
         }
         inner.duration.with_label_values(&[step, source]).observe(record.latency_ms / 1000.0);
+        if let Some(ttft_ms) = record.ttft_ms {
+            inner.time_to_first_token.with_label_values(&[step, source]).observe(ttft_ms / 1000.0);
+        }
         if record.rate_limit_wait_ms > 0.0 {
             inner.rate_limit_wait.with_label_values(&[step]).observe(record.rate_limit_wait_ms / 1000.0);
         }

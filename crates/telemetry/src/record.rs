@@ -146,6 +146,12 @@ vocabulary! {
         InvalidRequest => "invalid_request",
         /// The gateway refused a request before the engine: a body over its size limit.
         RequestTooLarge => "request_too_large",
+        /// The caller went away (a streaming client disconnected) before the answer was
+        /// complete; the upstream request was cancelled and nothing was cached.
+        ClientClosed => "client_closed",
+        /// The upstream failed after part of a streamed answer had reached the caller: too late
+        /// for a retry or a fallback, so the caller got an error event.
+        StreamInterrupted => "stream_interrupted",
     }
 }
 
@@ -180,6 +186,7 @@ impl ErrorClass {
                 | Self::CircuitOpen
                 | Self::UpstreamPaused
                 | Self::DeadlineExceeded
+                | Self::StreamInterrupted
         )
     }
 }
@@ -334,6 +341,10 @@ pub struct CallRecord {
     /// How the route chose the model; `None` when no route was asked (a cache answered, the
     /// call was refused before).
     pub route: Option<RouteRecord>,
+    /// The caller asked for the answer as a stream.
+    pub streamed: bool,
+    /// For a streamed call: from the call's start to the first piece of the answer sent.
+    pub ttft_ms: Option<f64>,
 }
 
 #[cfg(test)]

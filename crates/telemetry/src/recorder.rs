@@ -206,6 +206,8 @@ pub(crate) mod tests {
             rate_limit_wait_ms: 0.0,
             breaker_state: Some(BreakerState::Closed),
             route: None,
+            streamed: false,
+            ttft_ms: None,
             saved_tokens: 0,
             similarity: None,
         }

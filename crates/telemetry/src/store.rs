@@ -8,14 +8,14 @@ use crate::{BreakerState, CallRecord, CallStatus, ErrorClass, Source, TelemetryE
 
 const INSERT_CALL: &str = "INSERT INTO calls (ts_ms, step, component, workspace, trace_id, model, provider, \
      input_tokens, output_tokens, latency_ms, cost_usd, saved_cost_usd, source, cache_hit, confidence, status, \
-     error_class, error_message, attempts, rate_limit_wait_ms, breaker_state, saved_tokens, similarity, route) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, \
-     $23, $24)";
+     error_class, error_message, attempts, rate_limit_wait_ms, breaker_state, saved_tokens, similarity, route, \
+     streamed, ttft_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+     $19, $20, $21, $22, $23, $24, $25, $26)";
 
 const SELECT_CALLS: &str = "SELECT ts_ms, step, component, workspace, trace_id, model, provider, input_tokens, \
      output_tokens, latency_ms, cost_usd, saved_cost_usd, source, cache_hit, confidence, status, error_class, \
-     error_message, attempts, rate_limit_wait_ms, breaker_state, saved_tokens, similarity, route FROM calls \
-     ORDER BY id";
+     error_message, attempts, rate_limit_wait_ms, breaker_state, saved_tokens, similarity, route, streamed, \
+     ttft_ms FROM calls ORDER BY id";
 
 /// The telemetry database, through sqlx's `Any` driver so that one code path serves SQLite
 /// (the default, a local file) and PostgreSQL.
@@ -132,7 +132,12 @@ impl TelemetryStore {
             let route = record.route.as_ref().map(serde_json::to_string).transpose().map_err(|err| {
                 TelemetryError::Write(sqlx::Error::Encode(format!("the route decision: {err}").into()))
             })?;
-            let query = query.bind(route);
+            let query = query.bind(route).bind(i64::from(record.streamed));
+            // As for `similarity`: a NULL goes out as f32 to fit PostgreSQL's column.
+            let query = match record.ttft_ms {
+                Some(ttft_ms) => query.bind(ttft_ms),
+                None => query.bind(None::<f32>),
+            };
             query.execute(&mut *tx).await.map_err(TelemetryError::Write)?;
         }
         tx.commit().await.map_err(TelemetryError::Write)
@@ -212,6 +217,8 @@ fn record_from_row(row: &AnyRow) -> Result<CallRecord, sqlx::Error> {
             .map(|text| serde_json::from_str(&text))
             .transpose()
             .map_err(|err| sqlx::Error::Decode(format!("column `route`: {err}").into()))?,
+        streamed: row.try_get::<i64, _>("streamed")? != 0,
+        ttft_ms: row.try_get("ttft_ms")?,
     })
 }
 

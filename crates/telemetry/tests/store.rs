@@ -48,6 +48,9 @@ fn row(
             chosen: Some("gpt-4o-mini".into()),
             excluded: vec![("gpt-4o".into(), telemetry::RouteExclusion::Failed)],
         }),
+        // Streamed rows carry their time to first token; the others none.
+        streamed: attempts > 1,
+        ttft_ms: (attempts > 1).then_some(12.5),
     }
 }
 

@@ -148,6 +148,7 @@ impl ScriptedUpstream {
             api_key: "sk-test".into(),
             request_timeout,
             connect_timeout: Duration::from_secs(1),
+            stream_usage: true,
         })
         .expect("an HTTP client")
     }

@@ -13,4 +13,4 @@ pub use engine::{CLASSIFIED, Harness, HarnessBuilder, START, embedder};
 pub use gateway::GatewayProcess;
 pub use llama::LlamaServer;
 pub use postgres::fresh_postgres;
-pub use upstream::{Dialect, Exchange, Failure, Reply, ScriptedUpstream};
+pub use upstream::{Dialect, Exchange, Failure, Reply, ScriptedUpstream, Streamed};

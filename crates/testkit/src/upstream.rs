@@ -41,6 +41,47 @@ pub enum Reply {
     /// An error with this status whose message repeats the `Authorization` header the request
     /// carried, as some upstreams do ("Incorrect API key provided: sk-...").
     EchoKey(u16),
+    /// An answer written piece by piece: streamed in the dialect's events when the request
+    /// asks for a stream (with `gap` between events), else one whole completion.
+    Streamed(Streamed),
+}
+
+/// An answer as a model writes it, for [`Reply::Streamed`].
+#[derive(Debug, Clone, Default)]
+pub struct Streamed {
+    /// The text, in the pieces the stream carries.
+    pub pieces: Vec<String>,
+    /// Tool calls: id, function name, arguments (sent in two halves when streamed).
+    pub tool_calls: Vec<(String, String, String)>,
+    /// Between one event and the next.
+    pub gap: Duration,
+    /// The stream fails after this many text pieces, with the dialect's mid-stream error
+    /// (OpenAI's error object, Anthropic's `overloaded_error` event).
+    pub fail_after: Option<usize>,
+    /// The model stopped at the output budget.
+    pub truncated: bool,
+    /// Input and output tokens; `None` derives them from the text lengths.
+    pub usage: Option<(u32, u32)>,
+}
+
+impl Streamed {
+    pub fn text(pieces: &[&str], gap: Duration) -> Self {
+        Self { pieces: pieces.iter().map(|piece| (*piece).to_owned()).collect(), gap, ..Self::default() }
+    }
+
+    pub fn tool_call(id: &str, name: &str, arguments: &str, gap: Duration) -> Self {
+        Self { tool_calls: vec![(id.into(), name.into(), arguments.into())], gap, ..Self::default() }
+    }
+
+    #[must_use]
+    pub fn failing_after(mut self, pieces: usize) -> Self {
+        self.fail_after = Some(pieces);
+        self
+    }
+
+    fn content(&self) -> String {
+        self.pieces.concat()
+    }
 }
 
 /// A failure as each dialect says it.
@@ -137,7 +178,11 @@ impl Reply {
     /// The HTTP status this reply ends in (504 for a stall, as a proxy would say).
     pub fn status(&self) -> u16 {
         match self {
-            Self::Completion { .. } | Self::Truncated(_) | Self::Malformed(_) | Self::EventStream(_) => 200,
+            Self::Completion { .. }
+            | Self::Truncated(_)
+            | Self::Malformed(_)
+            | Self::EventStream(_)
+            | Self::Streamed(_) => 200,
             Self::Failure(failure) => failure.status(),
             Self::Status { status, .. } => *status,
             Self::Stall => 504,
@@ -434,6 +479,14 @@ async fn answer(mut reply: Reply, dialect: Dialect, request: &Value, sequence: u
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 return StatusCode::GATEWAY_TIMEOUT.into_response();
             }
+            // A real service streams whatever it answers when the request asks it to.
+            Reply::Completion { content, usage, .. } if request["stream"] == true => {
+                reply = Reply::Streamed(Streamed { pieces: in_pieces(&content), usage, ..Streamed::default() });
+            }
+            Reply::Truncated(content) if request["stream"] == true => {
+                reply =
+                    Reply::Streamed(Streamed { pieces: in_pieces(&content), truncated: true, ..Streamed::default() });
+            }
             Reply::Completion { content, usage, cached } => {
                 return completion(dialect, request, &content, usage, cached, false, sequence);
             }
@@ -445,6 +498,10 @@ async fn answer(mut reply: Reply, dialect: Dialect, request: &Value, sequence: u
                 let body = axum::body::Body::from_stream(futures::stream::iter(chunks));
                 return ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response();
             }
+            Reply::Streamed(streamed) if request["stream"] == true => {
+                return stream(dialect, request, &streamed, sequence);
+            }
+            Reply::Streamed(streamed) => return whole(dialect, request, &streamed, sequence),
             Reply::Malformed(body) => {
                 return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
             }
@@ -519,6 +576,197 @@ fn completion(
         }),
     };
     axum::Json(body).into_response()
+}
+
+/// A text in the pieces a stream would carry it in: a word each.
+fn in_pieces(content: &str) -> Vec<String> {
+    content.split_inclusive(' ').map(str::to_owned).collect()
+}
+
+/// A [`Streamed`] answer sent whole, tool calls included.
+fn whole(dialect: Dialect, request: &Value, streamed: &Streamed, sequence: u64) -> Response {
+    let content = streamed.content();
+    let response = completion(dialect, request, &content, None, 0, streamed.truncated, sequence);
+    if streamed.tool_calls.is_empty() {
+        return response;
+    }
+    let calls = &streamed.tool_calls;
+    let (input_tokens, output_tokens) = (approx_tokens(prompt_chars(request)), approx_tokens(content.len() + 20));
+    let model = request["model"].as_str().unwrap_or("scripted-model");
+    let body = match dialect {
+        Dialect::OpenAi => {
+            let calls: Vec<Value> = calls
+                .iter()
+                .map(|(id, name, arguments)| {
+                    json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
+                })
+                .collect();
+            json!({
+                "id": format!("chatcmpl-scripted-{sequence}"), "object": "chat.completion", "created": 0,
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant",
+                    "content": if content.is_empty() { Value::Null } else { json!(content) }, "tool_calls": calls},
+                    "finish_reason": "tool_calls"}],
+                "usage": {"prompt_tokens": input_tokens, "completion_tokens": output_tokens,
+                    "total_tokens": input_tokens + output_tokens}
+            })
+        }
+        Dialect::Anthropic => {
+            let mut blocks = Vec::new();
+            if !content.is_empty() {
+                blocks.push(json!({"type": "text", "text": content}));
+            }
+            for (id, name, arguments) in calls {
+                let input: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
+                blocks.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
+            }
+            json!({
+                "id": format!("msg_scripted_{sequence}"), "type": "message", "role": "assistant", "model": model,
+                "content": blocks, "stop_reason": "tool_use", "stop_sequence": null,
+                "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}
+            })
+        }
+    };
+    axum::Json(body).into_response()
+}
+
+/// A [`Streamed`] answer as the dialect streams it, one event every `gap`.
+fn stream(dialect: Dialect, request: &Value, streamed: &Streamed, sequence: u64) -> Response {
+    let model = request["model"].as_str().unwrap_or("scripted-model").to_owned();
+    let content = streamed.content();
+    let (input_tokens, output_tokens) =
+        streamed.usage.unwrap_or_else(|| (approx_tokens(prompt_chars(request)), approx_tokens(content.len()) + 1));
+    let halves = |arguments: &str| {
+        let middle = (0..=arguments.len() / 2).rev().find(|at| arguments.is_char_boundary(*at)).unwrap_or(0);
+        (arguments[..middle].to_owned(), arguments[middle..].to_owned())
+    };
+    let mut events: Vec<String> = Vec::new();
+    let mut failed = false;
+    match dialect {
+        Dialect::OpenAi => {
+            let chunk = |delta: Value, finish: Value| {
+                let body = json!({"id": format!("chatcmpl-scripted-{sequence}"), "object": "chat.completion.chunk",
+                    "created": 0, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+                format!("data: {body}\n\n")
+            };
+            events.push(chunk(json!({"role": "assistant", "content": ""}), Value::Null));
+            for (index, piece) in streamed.pieces.iter().enumerate() {
+                if streamed.fail_after == Some(index) {
+                    events.push(
+                        "data: {\"error\": {\"message\": \"The server had an error while processing your request.\", \
+                         \"type\": \"server_error\", \"code\": null}}\n\n"
+                            .to_owned(),
+                    );
+                    failed = true;
+                    break;
+                }
+                events.push(chunk(json!({"content": piece}), Value::Null));
+            }
+            if !failed {
+                for (index, (id, name, arguments)) in streamed.tool_calls.iter().enumerate() {
+                    let (first, second) = halves(arguments);
+                    events.push(chunk(
+                        json!({"tool_calls": [{"index": index, "id": id, "type": "function",
+                            "function": {"name": name, "arguments": ""}}]}),
+                        Value::Null,
+                    ));
+                    for half in [first, second] {
+                        events.push(chunk(
+                            json!({"tool_calls": [{"index": index, "function": {"arguments": half}}]}),
+                            Value::Null,
+                        ));
+                    }
+                }
+                let finish = if !streamed.tool_calls.is_empty() {
+                    "tool_calls"
+                } else if streamed.truncated {
+                    "length"
+                } else {
+                    "stop"
+                };
+                events.push(chunk(json!({}), json!(finish)));
+                if request["stream_options"]["include_usage"] == true {
+                    let body = json!({"id": format!("chatcmpl-scripted-{sequence}"), "object": "chat.completion.chunk",
+                        "created": 0, "model": model, "choices": [],
+                        "usage": {"prompt_tokens": input_tokens, "completion_tokens": output_tokens,
+                            "total_tokens": input_tokens + output_tokens}});
+                    events.push(format!("data: {body}\n\n"));
+                }
+                events.push("data: [DONE]\n\n".to_owned());
+            }
+        }
+        Dialect::Anthropic => {
+            let event = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+            events.push(event(
+                "message_start",
+                json!({"type": "message_start", "message": {"id": format!("msg_scripted_{sequence}"), "type": "message",
+                    "role": "assistant", "model": model, "content": [], "stop_reason": null,
+                    "usage": {"input_tokens": input_tokens, "output_tokens": 1}}}),
+            ));
+            events.push(event(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ));
+            events.push(event("ping", json!({"type": "ping"})));
+            for (index, piece) in streamed.pieces.iter().enumerate() {
+                if streamed.fail_after == Some(index) {
+                    events.push(event(
+                        "error",
+                        json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+                    ));
+                    failed = true;
+                    break;
+                }
+                events.push(event(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}),
+                ));
+            }
+            if !failed {
+                events.push(event("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
+                for (offset, (id, name, arguments)) in streamed.tool_calls.iter().enumerate() {
+                    let index = offset + 1;
+                    events.push(event(
+                        "content_block_start",
+                        json!({"type": "content_block_start", "index": index,
+                            "content_block": {"type": "tool_use", "id": id, "name": name, "input": {}}}),
+                    ));
+                    let (first, second) = halves(arguments);
+                    for half in [first, second] {
+                        events.push(event(
+                            "content_block_delta",
+                            json!({"type": "content_block_delta", "index": index,
+                                "delta": {"type": "input_json_delta", "partial_json": half}}),
+                        ));
+                    }
+                    events.push(event("content_block_stop", json!({"type": "content_block_stop", "index": index})));
+                }
+                let stop_reason = if !streamed.tool_calls.is_empty() {
+                    "tool_use"
+                } else if streamed.truncated {
+                    "max_tokens"
+                } else {
+                    "end_turn"
+                };
+                events.push(event(
+                    "message_delta",
+                    json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null},
+                        "usage": {"output_tokens": output_tokens}}),
+                ));
+                events.push(event("message_stop", json!({"type": "message_stop"})));
+            }
+        }
+    }
+    let gap = streamed.gap;
+    let body = futures::stream::unfold((events.into_iter(), true), move |(mut events, first)| async move {
+        let event = events.next()?;
+        if !first && !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(event)), (events, false)))
+    });
+    ([(header::CONTENT_TYPE, "text/event-stream")], axum::body::Body::from_stream(body)).into_response()
 }
 
 /// The characters of a request's prompt in either dialect: messages with string or block

@@ -74,6 +74,8 @@ pub(crate) struct RawProvider {
     pub(crate) json_mode: Option<bool>,
     pub(crate) tools: Option<bool>,
     pub(crate) stream_usage: Option<bool>,
+    pub(crate) images: Option<bool>,
+    pub(crate) sampling_controls: Option<bool>,
     #[serde(default = "default_max_tokens")]
     pub(crate) default_max_tokens: u32,
 }
@@ -90,6 +92,8 @@ impl RawProvider {
             json_mode: self.json_mode,
             tools: self.tools,
             stream_usage: self.stream_usage,
+            images: self.images,
+            sampling_controls: self.sampling_controls,
             default_max_tokens: self.default_max_tokens,
         };
         (self.name, endpoint)
@@ -111,6 +115,8 @@ pub(crate) struct RawEndpoint {
     pub(crate) json_mode: Option<bool>,
     pub(crate) tools: Option<bool>,
     pub(crate) stream_usage: Option<bool>,
+    pub(crate) images: Option<bool>,
+    pub(crate) sampling_controls: Option<bool>,
     /// Anthropic requires `max_tokens`: sent when a call sets no output budget.
     #[serde(default = "default_max_tokens")]
     pub(crate) default_max_tokens: u32,

@@ -98,6 +98,8 @@ impl ProviderSettings {
                 json_mode: raw.json_mode.unwrap_or(defaults.json_mode),
                 tools: raw.tools.unwrap_or(defaults.tools),
                 stream_usage: raw.stream_usage.unwrap_or(defaults.stream_usage),
+                images: raw.images.unwrap_or(defaults.images),
+                sampling_controls: raw.sampling_controls.unwrap_or(defaults.sampling_controls),
             },
             default_max_tokens: positive(&key("default_max_tokens"), raw.default_max_tokens)?,
         })

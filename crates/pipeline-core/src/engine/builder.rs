@@ -206,6 +206,7 @@ fn endpoint(settings: &ProviderSettings) -> Result<ProviderService, SetupError> 
             api_key,
             request_timeout: settings.request_timeout,
             connect_timeout: settings.connect_timeout,
+            stream_usage: settings.capabilities.stream_usage,
         })?),
         ProviderKind::Anthropic => ProviderService::new(Anthropic::new(AnthropicSettings {
             name: settings.name.clone(),

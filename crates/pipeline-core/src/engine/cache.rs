@@ -3,13 +3,13 @@
 
 use std::time::SystemTime;
 
-use providers::{ChatMessage, FinishReason, Role};
+use providers::{ChatMessage, FinishReason, Role, ToolCall};
 use semantic_cache::{CacheKey, Lookup, Query, ServeBar};
 use serde_json::Value;
 
 use super::served::{Served, Spend};
 use super::{Call, Engine};
-use crate::prompt::{Sampling, semantic_text};
+use crate::prompt::{ChatOptions, Sampling, semantic_text};
 use crate::{CachePolicy, CallContext, StepSpec, StepType};
 
 /// What the cache keeps of an answer: enough to serve it again and to know what it saved.
@@ -24,6 +24,8 @@ pub(super) struct CachedAnswer {
     pub(super) tokens: u64,
     #[serde(default)]
     pub(super) finish_reason: FinishReason,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) tool_calls: Vec<ToolCall>,
 }
 
 /// A call's request as the semantic cache sees it.
@@ -125,7 +127,7 @@ impl Engine {
         spend: Spend,
         at: SystemTime,
     ) {
-        if !policy.writes() {
+        if !policy.writes() || !worth_serving_again(served) {
             return;
         }
         let answer = CachedAnswer {
@@ -135,6 +137,7 @@ impl Engine {
             cost_usd: spend.cost_usd,
             tokens: spend.tokens,
             finish_reason: served.finish_reason,
+            tool_calls: served.tool_calls.clone(),
         };
         if let (Some(cache), Some(similar)) = (&self.inner.semantic, similar) {
             cache.insert(&similar.namespace, similar.query, answer.clone(), at);
@@ -183,6 +186,7 @@ pub(super) fn cache_key(
     context: &CallContext,
     messages: &[ChatMessage],
     sampling: Sampling,
+    request: &ChatOptions,
 ) -> CacheKey {
     let mut key = CacheKey::builder()
         .text("workspace", &context.workspace)
@@ -195,10 +199,27 @@ pub(super) fn cache_key(
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         };
         key = key.text(role, &normalise_prompt(&message.content));
+        if !message.images.is_empty() || !message.tool_calls.is_empty() || message.tool_call_id.is_some() {
+            key = key
+                .json("message_parts", &serde_json::json!([message.images, message.tool_calls, message.tool_call_id]));
+        }
+    }
+    // Tools, the reply format and every other parameter change the answer.
+    if *request != ChatOptions::default() {
+        key = key.json("request", &serde_json::to_value(request).unwrap_or_default());
     }
     key.build()
+}
+
+/// Only a whole answer is served again: one cut at the output budget or by a content filter
+/// is not (the next caller may have a larger budget; the filter may pass it next time), nor a
+/// tool call whose arguments are not JSON (the caller could not run it).
+fn worth_serving_again(served: &Served) -> bool {
+    matches!(served.finish_reason, FinishReason::Stop | FinishReason::ToolCalls)
+        && served.tool_calls.iter().all(|call| serde_json::from_str::<Value>(&call.arguments).is_ok())
 }
 
 /// Trailing spaces and surrounding blank lines carry no meaning for a model; inner spacing

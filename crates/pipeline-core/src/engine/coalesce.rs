@@ -47,6 +47,12 @@ impl Flights {
         if options.cache.readable_age().is_none() {
             return Turn::Alone;
         }
+        // A streamed call is not one to wait for, nor to wait on: its caller may go away
+        // mid-answer (cancelling it for everyone), and waiting for another call's end would
+        // hold back its first token.
+        if options.stream.is_some() {
+            return Turn::Alone;
+        }
         let key = (key, options.allow_stand_in);
         let mut in_flight = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(receiver) = in_flight.get(&key) {

@@ -12,12 +12,14 @@
 //! - `stand_in`: the answers that stand in when no model could give one;
 //! - `record`: the one telemetry record of every call;
 //! - `served`: what a call comes to, and what it spent;
-//! - `builder`: putting an engine together.
+//! - `builder`: putting an engine together;
+//! - `embed`: the semantic cache's embedding model, offered on its own.
 
 mod budget;
 mod builder;
 mod cache;
 mod coalesce;
+mod embed;
 mod record;
 pub mod route;
 mod served;
@@ -29,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 pub use builder::EngineBuilder;
+pub use embed::Embeddings;
 use providers::{ChatMessage, ProviderService};
 use resilience::{BreakerStatus, Deadline, Guards, PauseStatus, RetryPolicy};
 use semantic_cache::{CacheKey, ExactCache, SemanticCache};
@@ -43,10 +46,10 @@ use self::coalesce::{Flights, Turn, follow};
 use self::route::Latencies;
 use self::served::{Served, Spent};
 use self::upstream::{Ask, CHARS_PER_TOKEN};
-use crate::prompt::{Rendered, Sampling};
+use crate::prompt::{ChatOptions, Rendered, Sampling};
 use crate::{
-    CallContext, CallOptions, Clock, Config, PipelineError, PipelineResult, RouteSpec, SetupError, Source, StepSpec,
-    StepType, TraceId,
+    CallContext, CallOptions, Clock, Config, PipelineError, PipelineResult, RouteSpec, SetupError, Source, StepKind,
+    StepSpec, StepType, TraceId,
 };
 
 /// The engine. Cheap to clone; clones share the caches, the providers, the guards and the
@@ -89,6 +92,7 @@ struct Call<'a> {
 struct Prompt {
     messages: Vec<ChatMessage>,
     sampling: Sampling,
+    request: ChatOptions,
     chars: usize,
     key: CacheKey,
 }
@@ -127,7 +131,12 @@ impl Engine {
             // Upstream time counts as the provider reports it: measured for a live provider,
             // as logged for a replayed one that answers at once.
             let latency = started.elapsed().saturating_sub(spent.upstream_wall) + spent.upstream_reported;
-            self.record(&call, at, latency, &spent, &outcome);
+            // A streamed call's first token: when the first piece went out, or, for an answer
+            // that came whole (a cache, a stand-in, a checked contract), at its end.
+            let time_to_first_token = call.options.stream.as_ref().map(|sink| {
+                sink.first_sent_at().map_or(latency, |first| first.saturating_duration_since(started.into_std()))
+            });
+            self.record(&call, at, latency, time_to_first_token, &spent, &outcome);
             outcome.map(|served| PipelineResult {
                 output: served.output,
                 source: served.source,
@@ -146,6 +155,13 @@ impl Engine {
                 similar_to: served.similar,
                 finish_reason: served.finish_reason,
                 route: spent.route.clone(),
+                tool_calls: served.tool_calls,
+                time_to_first_token: call
+                    .options
+                    .stream
+                    .as_ref()
+                    .filter(|sink| sink.forwarded())
+                    .and(time_to_first_token),
             })
         }
         .instrument(span)
@@ -171,13 +187,14 @@ impl Engine {
         spent.model = Some(route.candidates[0].upstream.clone());
 
         // 2. The prompt, from the step's templates (or the caller's messages).
-        let Rendered { messages, sampling } = config.prompts.render(spec, call.input, call.context)?;
+        let Rendered { messages, sampling, request } = config.prompts.render(spec, call.input, call.context)?;
         let chars: usize = messages.iter().map(|message| message.content.chars().count()).sum();
         if chars > spec.max_prompt_chars {
             return Err(PipelineError::PromptTooLarge { step: spec.step.clone(), chars, limit: spec.max_prompt_chars });
         }
-        let key = cache_key(spec, &route.label, call.context, &messages, sampling);
-        let prompt = Prompt { messages, sampling, chars, key };
+        let route = self.honouring(route, &messages, &request)?;
+        let key = cache_key(spec, &route.label, call.context, &messages, sampling, &request);
+        let prompt = Prompt { messages, sampling, request, chars, key };
 
         // 3. The exact cache.
         if let Some(hit) = self.exact_lookup(&prompt.key, call.options.cache, at) {
@@ -226,7 +243,24 @@ impl Engine {
         let max_output_tokens = prompt.sampling.max_output_tokens;
         let prompt_tokens = prompt.chars.div_ceil(CHARS_PER_TOKEN) as u64;
         let estimated_tokens = prompt_tokens + u64::from(max_output_tokens);
-        let ask = Ask { spec, call, deadline, sampling: prompt.sampling, prompt_tokens, estimated_tokens, at };
+        // Only an answer with no contract to check may reach a streaming caller as it is
+        // written; any other is checked first, and sent whole.
+        let stream = call
+            .options
+            .stream
+            .as_ref()
+            .filter(|_| spec.kind == StepKind::Chat && prompt.request.strict_schema().is_none());
+        let ask = Ask {
+            spec,
+            call,
+            deadline,
+            sampling: prompt.sampling,
+            request: &prompt.request,
+            stream,
+            prompt_tokens,
+            estimated_tokens,
+            at,
+        };
         match self.ask_and_validate(&ask, route, prompt.messages, spent).await {
             Ok((answer, answered)) => {
                 let source = if answered.preferred { Source::Upstream } else { Source::FallbackModel };

@@ -22,6 +22,7 @@ impl Engine {
         call: &Call<'_>,
         at: SystemTime,
         latency: Duration,
+        time_to_first_token: Option<Duration>,
         spent: &Spent,
         outcome: &Result<Served, PipelineError>,
     ) {
@@ -71,6 +72,8 @@ impl Engine {
             rate_limit_wait_ms: spent.rate_limit_wait.as_secs_f64() * 1000.0,
             breaker_state: spent.breaker_state.map(breaker_state),
             route: spent.route.clone(),
+            streamed: call.options.stream.is_some(),
+            ttft_ms: time_to_first_token.map(|ttft| ttft.as_secs_f64() * 1000.0),
         });
     }
 }
@@ -107,6 +110,8 @@ impl Engine {
             rate_limit_wait_ms: 0.0,
             breaker_state: None,
             route: None,
+            streamed: false,
+            ttft_ms: None,
         });
     }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use providers::{FinishReason, Usage};
+use providers::{FinishReason, ToolCall, Usage};
 use resilience::BreakerState;
 use semantic_cache::SemanticHit;
 use serde_json::Value;
@@ -14,6 +14,7 @@ use crate::{SimilarRequest, Source};
 /// A validated reply: the step's output and why the model stopped.
 pub(super) struct Answer {
     pub(super) output: Value,
+    pub(super) tool_calls: Vec<ToolCall>,
     pub(super) finish_reason: FinishReason,
 }
 
@@ -70,6 +71,8 @@ pub(super) struct Served {
     /// Why the step's model did not answer, when a fallback did.
     pub(super) degraded_by: Option<ErrorClass>,
     pub(super) finish_reason: FinishReason,
+    /// The tools the model called (a chat step's answer may be only these).
+    pub(super) tool_calls: Vec<ToolCall>,
 }
 
 impl Served {
@@ -86,6 +89,7 @@ impl Served {
             similar: None,
             degraded_by: None,
             finish_reason: answer.finish_reason,
+            tool_calls: answer.tool_calls,
         }
     }
 
@@ -102,6 +106,7 @@ impl Served {
             similar: None,
             degraded_by: None,
             finish_reason: answer.finish_reason,
+            tool_calls: answer.tool_calls,
         }
     }
 
@@ -145,6 +150,7 @@ impl Served {
             similar: None,
             degraded_by: Some(cause),
             finish_reason: FinishReason::Stop,
+            tool_calls: Vec::new(),
         }
     }
 

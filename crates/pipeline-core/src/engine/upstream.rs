@@ -6,7 +6,9 @@
 use std::borrow::Cow;
 use std::sync::{Arc, PoisonError};
 
-use providers::{ChatMessage, ChatRequest, ChatResponse, ErrorClass, ProviderError, ResponseFormat};
+use providers::{
+    Capabilities, ChatMessage, ChatRequest, ChatResponse, ErrorClass, ProviderError, ResponseFormat, StreamSink,
+};
 use rand::RngCore;
 use resilience::{Deadline, Outcome};
 use serde_json::Value;
@@ -18,7 +20,8 @@ use tracing::Instrument;
 use super::route::{self, CandidateState, Needs, RouteDecision, Snapshot};
 use super::served::{Answer, Spent};
 use super::{Call, Engine};
-use crate::prompt::Sampling;
+use crate::contract::OutputContract;
+use crate::prompt::{ChatOptions, Sampling};
 use crate::{ModelSpec, PipelineError, RouteSpec, StepKind, StepSpec};
 
 /// Average characters per token of English text under OpenAI's tokenizers; used only to
@@ -34,6 +37,10 @@ pub(super) struct Ask<'a> {
     pub(super) call: &'a Call<'a>,
     pub(super) deadline: &'a Deadline,
     pub(super) sampling: Sampling,
+    /// A chat caller's tools, reply format and other parameters.
+    pub(super) request: &'a ChatOptions,
+    /// Where the answer streams to, if the caller streams and the answer may go unchecked.
+    pub(super) stream: Option<&'a StreamSink>,
     pub(super) prompt_tokens: u64,
     /// Prompt plus the call's output budget, reserved from the token limits before sending.
     pub(super) estimated_tokens: u64,
@@ -129,6 +136,65 @@ impl Engine {
         Ok(Cow::Owned(RouteSpec::ordered(candidates, model.to_owned())))
     }
 
+    /// The route without the candidates whose provider cannot honour what the call asks for
+    /// (tools, images, sampling controls); with none left, the parameter is named.
+    pub(super) fn honouring<'s>(
+        &self,
+        route: Cow<'s, RouteSpec>,
+        messages: &[ChatMessage],
+        request: &ChatOptions,
+    ) -> Result<Cow<'s, RouteSpec>, PipelineError> {
+        let plain = messages.iter().all(|message| message.images.is_empty() && message.tool_calls.is_empty());
+        if plain && *request == ChatOptions::default() {
+            return Ok(route);
+        }
+        let probe = ChatRequest {
+            messages: messages.to_vec(),
+            tools: request.tools.clone(),
+            extras: request.extras.clone(),
+            ..ChatRequest::default()
+        };
+        let mut refused = None;
+        let kept: Vec<usize> = (0..route.candidates.len())
+            .filter(|&index| {
+                let candidate = &route.candidates[index];
+                let capabilities = self.capabilities(self.provider_of(candidate));
+                let param = capabilities
+                    .refuses(&probe)
+                    .or_else(|| (!candidate.tools && !probe.tools.is_empty()).then_some("tools"));
+                if let Some(param) = param {
+                    refused.get_or_insert((param, candidate.name.clone()));
+                }
+                param.is_none()
+            })
+            .collect();
+        if kept.len() == route.candidates.len() {
+            return Ok(route);
+        }
+        let Some(&first) = kept.first() else {
+            let (param, model) = refused.unwrap_or(("messages", String::new()));
+            return Err(PipelineError::Unsupported {
+                param: param.to_owned(),
+                reason: format!(
+                    "`{param}` cannot be honoured by any model this call may go to (`{model}`'s provider lacks it): \
+                     leave it out, or route the step to a model whose provider has it"
+                ),
+            });
+        };
+        tracing::debug!(first = %route.candidates[first].name, "candidates that cannot honour the request left out");
+        let mut honoured = route.into_owned();
+        honoured.candidates = kept.iter().map(|&index| honoured.candidates[index].clone()).collect();
+        honoured.weights = kept.iter().map(|&index| honoured.weights.get(index).copied().unwrap_or(1.0)).collect();
+        Ok(Cow::Owned(honoured))
+    }
+
+    /// What a provider's API can be asked for; one the config does not describe (handed to
+    /// the builder) is taken to be like the primary one.
+    fn capabilities(&self, provider: &str) -> Capabilities {
+        let config = &self.inner.config;
+        config.providers.get(provider).map_or(config.provider.capabilities, |p| p.capabilities)
+    }
+
     /// A model a call names that the registry does not know: on the primary provider, priced
     /// by the longest listed prefix of its name if any (else free, with a warning when it
     /// answers), of unknown window and the lowest tier.
@@ -156,8 +222,14 @@ impl Engine {
         spent: &mut Spent,
     ) -> Result<(Answer, Answered<'r>), PipelineError> {
         let (reply, answered) = self.ask_route(ask, route, &messages, spent).await?;
+        if let Some(schema) = ask.request.strict_schema() {
+            return self.check_strict(ask, schema, reply, answered, spent);
+        }
         let violations = match validate(ask.spec, &reply.content) {
-            Ok(output) => return Ok((Answer { output, finish_reason: reply.finish_reason }, answered)),
+            Ok(output) => {
+                let answer = Answer { output, tool_calls: reply.tool_calls, finish_reason: reply.finish_reason };
+                return Ok((answer, answered));
+            }
             Err(violations) => violations,
         };
         tracing::warn!(%violations, "reply broke the output contract; asking once for a repair");
@@ -173,7 +245,37 @@ impl Engine {
             attempts: spent.attempts,
             violations,
         })?;
-        Ok((Answer { output, finish_reason: repaired.finish_reason }, answered))
+        let answer = Answer { output, tool_calls: repaired.tool_calls, finish_reason: repaired.finish_reason };
+        Ok((answer, answered))
+    }
+
+    /// A chat caller's strict `json_schema`: the answer must meet it (a provider without
+    /// structured outputs was asked in JSON mode or by the schema alone). The answer stays the
+    /// text the model wrote; a tool call answers no schema.
+    fn check_strict<'r>(
+        &self,
+        ask: &Ask<'_>,
+        schema: &Value,
+        reply: ChatResponse,
+        answered: Answered<'r>,
+        spent: &Spent,
+    ) -> Result<(Answer, Answered<'r>), PipelineError> {
+        let violation = |violations: String| PipelineError::ContractViolation {
+            step: ask.spec.step.clone(),
+            attempts: spent.attempts,
+            violations,
+        };
+        if reply.tool_calls.is_empty() {
+            let contract = OutputContract::compile(schema)
+                .map_err(|reason| PipelineError::Unsupported { param: "response_format".into(), reason })?;
+            contract.check(&reply.content).map_err(violation)?;
+        }
+        let answer = Answer {
+            output: Value::String(reply.content),
+            tool_calls: reply.tool_calls,
+            finish_reason: reply.finish_reason,
+        };
+        Ok((answer, answered))
     }
 
     /// The route, decided now and again after each failure that another candidate may not
@@ -219,7 +321,7 @@ impl Engine {
                     };
                     return Ok((reply, Answered { candidate, preferred }));
                 }
-                Err(err) if err.falls_through() => {
+                Err(err) if err.falls_through() && !ask.stream.is_some_and(StreamSink::forwarded) => {
                     failed[index] = true;
                     journal.failed(index);
                     if err.class() == telemetry::ErrorClass::ContextLength {
@@ -398,8 +500,13 @@ impl Engine {
             messages: messages.to_vec(),
             temperature: Some(ask.sampling.temperature),
             max_output_tokens: Some(ask.sampling.max_output_tokens),
-            response_format: self.response_format(ask.spec, provider_name),
+            response_format: self.response_format(ask, provider_name),
+            tools: ask.request.tools.clone(),
+            tool_choice: ask.request.tool_choice.clone(),
+            parallel_tool_calls: ask.request.parallel_tool_calls,
+            extras: ask.request.extras.clone(),
             trace_id: ask.call.trace_id.to_string(),
+            stream: ask.stream.cloned(),
         };
         spent.attempts += 1;
         spent.model = Some(candidate.upstream.clone());
@@ -436,8 +543,10 @@ impl Engine {
         spent.breaker_state = admission.finish(outcome, used_tokens).or(spent.breaker_state);
         match result {
             Ok(reply) => {
-                // As the provider reports it: logged for a replay, measured for a live one.
-                inner.latencies.observe(&candidate.name, reply.latency);
+                // As the provider reports it: logged for a replay, measured for a live one. A
+                // streamed reply is as fast as its first token, which is what its caller waits
+                // for.
+                inner.latencies.observe(&candidate.name, reply.time_to_first_token.unwrap_or(reply.latency));
                 if let Some(declared) = reply.declared_limits {
                     inner.guards.declare(&key, declared_limits(declared));
                 }
@@ -458,18 +567,25 @@ impl Engine {
                     inner.latencies.observe(&candidate.name, wall);
                 }
                 spent.upstream_reported += wall;
+                // Part of the answer is with the caller: another attempt's answer would not
+                // continue it.
+                if source.class() != ErrorClass::ClientClosed && ask.stream.is_some_and(StreamSink::forwarded) {
+                    return Err(PipelineError::StreamInterrupted {
+                        step: ask.spec.step.clone(),
+                        attempts: spent.attempts,
+                        source,
+                    });
+                }
                 Err(PipelineError::Upstream { step: ask.spec.step.clone(), attempts: spent.attempts, source })
             }
         }
     }
 
-    /// The step's reply shape as `provider` can be asked for it (see
-    /// [`providers::Capabilities::format_for`]). A provider the config does not describe (one
-    /// handed to the builder) is taken to be like the primary one.
-    fn response_format(&self, spec: &StepSpec, provider: &str) -> ResponseFormat {
-        let config = &self.inner.config;
-        let capabilities = config.providers.get(provider).map_or(config.provider.capabilities, |p| p.capabilities);
-        capabilities.format_for(&spec.response_format)
+    /// The reply shape (the caller's, else the step's) as `provider` can be asked for it (see
+    /// [`providers::Capabilities::format_for`]).
+    fn response_format(&self, ask: &Ask<'_>, provider: &str) -> ResponseFormat {
+        let wanted = ask.request.response_format.as_ref().unwrap_or(&ask.spec.response_format);
+        self.capabilities(provider).format_for(wanted)
     }
 
     /// What a reply cost: every kind of token at the candidate's price for it. A model the

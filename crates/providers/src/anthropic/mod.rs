@@ -23,11 +23,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures::Stream;
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 use tower::Service;
 
-pub use self::stream::{StreamEvent, StreamedReply, events};
+pub use self::stream::events;
 use crate::classify::{classify_http_failure, declared_limits, transport_failure, truncate};
-use crate::{ChatMessage, ChatRequest, ChatResponse, FinishReason, ProviderError, Role, Usage};
+use crate::{
+    ChatMessage, ChatRequest, ChatResponse, FinishReason, ProviderError, Role, StreamEvent, ToolCall, ToolChoice, Usage,
+};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -131,6 +134,11 @@ impl Anthropic {
     }
 
     async fn complete(self, request: ChatRequest) -> Result<ChatResponse, ProviderError> {
+        if let Some(sink) = &request.stream {
+            let started = Instant::now();
+            let events = self.stream(&request).await?;
+            return crate::stream::forward(events, sink, &self.inner.settings.name, started).await;
+        }
         let body = MessagesRequest::from_chat(&request, self.inner.settings.default_max_tokens, false)?;
         let started = Instant::now();
         let response = self.send(&body, &request.trace_id).await?;
@@ -182,18 +190,29 @@ struct MessagesRequest<'a> {
     model: &'a str,
     #[serde(skip_serializing_if = "String::is_empty")]
     system: String,
-    messages: Vec<Message<'a>>,
+    messages: Vec<Message>,
     max_tokens: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f32>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop_sequences: &'a [String],
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<Value>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     stream: bool,
 }
 
+/// A message: plain text, or content blocks (images, tool calls, tool results).
 #[derive(Debug, Serialize)]
-struct Message<'a> {
+struct Message {
     role: &'static str,
-    content: &'a str,
+    content: Value,
 }
 
 impl<'a> MessagesRequest<'a> {
@@ -205,15 +224,24 @@ impl<'a> MessagesRequest<'a> {
             .map(|message| message.content.as_str())
             .collect::<Vec<_>>()
             .join("\n");
-        let messages: Vec<Message<'a>> = request
-            .messages
-            .iter()
-            .filter_map(|ChatMessage { role, content }| match role {
-                Role::System => None,
-                Role::User => Some(Message { role: "user", content }),
-                Role::Assistant => Some(Message { role: "assistant", content }),
-            })
-            .collect();
+        let mut messages: Vec<Message> = Vec::with_capacity(request.messages.len());
+        for message in &request.messages {
+            let (role, content) = match message.role {
+                Role::System => continue,
+                Role::User => ("user", user_content(message)),
+                Role::Assistant => ("assistant", assistant_content(message)?),
+                Role::Tool => ("user", tool_result(message)?),
+            };
+            // Tool results answering one turn's calls go back in one user message.
+            match messages.last_mut() {
+                Some(last) if message.role == Role::Tool && last.role == "user" && is_tool_results(&last.content) => {
+                    if let (Value::Array(blocks), Value::Array(more)) = (&mut last.content, content) {
+                        blocks.extend(more);
+                    }
+                }
+                _ => messages.push(Message { role, content }),
+            }
+        }
         if messages.is_empty() {
             return Err(ProviderError::InvalidRequest {
                 message: "Anthropic's Messages API needs at least one user or assistant message besides the system \
@@ -221,15 +249,90 @@ impl<'a> MessagesRequest<'a> {
                     .into(),
             });
         }
+        let tools = request
+            .tools
+            .iter()
+            .map(|tool| {
+                let mut spec = json!({
+                    "name": tool.name,
+                    "input_schema": tool.parameters.clone().unwrap_or_else(|| json!({"type": "object"})),
+                });
+                if let Some(description) = &tool.description {
+                    spec["description"] = json!(description);
+                }
+                spec
+            })
+            .collect();
+        let mut tool_choice = request.tool_choice.as_ref().map(|choice| match choice {
+            ToolChoice::None => json!({"type": "none"}),
+            ToolChoice::Auto => json!({"type": "auto"}),
+            ToolChoice::Required => json!({"type": "any"}),
+            ToolChoice::Function(name) => json!({"type": "tool", "name": name}),
+        });
+        if request.parallel_tool_calls == Some(false) && !request.tools.is_empty() {
+            tool_choice.get_or_insert_with(|| json!({"type": "auto"}))["disable_parallel_tool_use"] = json!(true);
+        }
         Ok(Self {
             model: &request.model,
             system,
             messages,
             max_tokens: request.max_output_tokens.unwrap_or(default_max_tokens),
             temperature: request.temperature.map(|t| t.clamp(0.0, 1.0)),
+            top_p: request.extras.top_p,
+            stop_sequences: &request.extras.stop,
+            tools,
+            tool_choice,
+            metadata: request.extras.user.as_ref().map(|user| json!({"user_id": user})),
             stream,
         })
     }
+}
+
+fn user_content(message: &ChatMessage) -> Value {
+    if message.images.is_empty() {
+        return json!(message.content);
+    }
+    let mut blocks = vec![json!({"type": "text", "text": message.content})];
+    blocks.extend(message.images.iter().map(|image| {
+        // A data URL carries the image itself; anything else is fetched by Anthropic.
+        let source = match image.url.strip_prefix("data:").and_then(|rest| rest.split_once(";base64,")) {
+            Some((media_type, data)) => json!({"type": "base64", "media_type": media_type, "data": data}),
+            None => json!({"type": "url", "url": image.url}),
+        };
+        json!({"type": "image", "source": source})
+    }));
+    Value::Array(blocks)
+}
+
+fn assistant_content(message: &ChatMessage) -> Result<Value, ProviderError> {
+    if message.tool_calls.is_empty() {
+        return Ok(json!(message.content));
+    }
+    let mut blocks = Vec::with_capacity(message.tool_calls.len() + 1);
+    if !message.content.is_empty() {
+        blocks.push(json!({"type": "text", "text": message.content}));
+    }
+    for call in &message.tool_calls {
+        let input: Value = serde_json::from_str(&call.arguments).map_err(|err| ProviderError::InvalidRequest {
+            message: format!(
+                "tool call `{}` has arguments that are not JSON ({err}): Anthropic needs an object",
+                call.id
+            ),
+        })?;
+        blocks.push(json!({"type": "tool_use", "id": call.id, "name": call.name, "input": input}));
+    }
+    Ok(Value::Array(blocks))
+}
+
+fn tool_result(message: &ChatMessage) -> Result<Value, ProviderError> {
+    let id = message.tool_call_id.as_deref().ok_or_else(|| ProviderError::InvalidRequest {
+        message: "a tool message needs the `tool_call_id` of the call it answers".into(),
+    })?;
+    Ok(json!([{"type": "tool_result", "tool_use_id": id, "content": message.content}]))
+}
+
+fn is_tool_results(content: &Value) -> bool {
+    content.as_array().is_some_and(|blocks| blocks.iter().all(|block| block["type"] == "tool_result"))
 }
 
 /// A Messages API reply; fields it does not use are ignored, unknown block types skipped.
@@ -247,7 +350,12 @@ enum ContentBlock {
     Text {
         text: String,
     },
-    ToolUse {},
+    ToolUse {
+        id: String,
+        name: String,
+        #[serde(default)]
+        input: Value,
+    },
     #[serde(other)]
     Other,
 }
@@ -304,25 +412,37 @@ pub(crate) fn finish_reason(stop_reason: Option<&str>) -> FinishReason {
 impl MessagesResponse {
     fn into_chat(self, provider: &str, latency: Duration) -> Result<ChatResponse, ProviderError> {
         let finish_reason = finish_reason(self.stop_reason.as_deref());
-        let mut texts = self
-            .content
-            .into_iter()
-            .filter_map(|block| match block {
-                ContentBlock::Text { text } => Some(text),
-                ContentBlock::ToolUse {} | ContentBlock::Other => None,
-            })
-            .peekable();
-        if texts.peek().is_none() && !matches!(finish_reason, FinishReason::ContentFilter | FinishReason::ToolCalls) {
+        let mut content = String::new();
+        let mut texts = 0;
+        let mut tool_calls = Vec::new();
+        for block in self.content {
+            match block {
+                ContentBlock::Text { text } => {
+                    texts += 1;
+                    content.push_str(&text);
+                }
+                ContentBlock::ToolUse { id, name, input } => {
+                    tool_calls.push(ToolCall { id, name, arguments: input.to_string() });
+                }
+                ContentBlock::Other => {}
+            }
+        }
+        if texts == 0
+            && tool_calls.is_empty()
+            && !matches!(finish_reason, FinishReason::ContentFilter | FinishReason::ToolCalls)
+        {
             return Err(ProviderError::MalformedReply { message: "the reply has no text content".into() });
         }
         Ok(ChatResponse {
-            content: texts.collect(),
+            content,
+            tool_calls,
             model: self.model,
             provider: provider.to_owned(),
             usage: self.usage.into_usage(),
             finish_reason,
             latency,
             declared_limits: None,
+            time_to_first_token: None,
         })
     }
 }
@@ -337,9 +457,9 @@ mod tests {
             model: "claude-haiku-4-5".into(),
             messages,
             temperature: Some(1.4),
-            max_output_tokens: None,
             response_format: ResponseFormat::Text,
             trace_id: "t".into(),
+            ..ChatRequest::default()
         }
     }
 

@@ -6,7 +6,7 @@
 //! `error` event may end the stream mid-way (an overloaded upstream). New event and delta types
 //! appear over time: they are skipped, not errors.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use eventsource_stream::{EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
@@ -14,26 +14,7 @@ use serde::Deserialize;
 
 use super::{AnthropicUsage, finish_reason};
 use crate::classify::{classify_http_failure, truncate};
-use crate::{ChatResponse, FinishReason, ProviderError, Usage};
-
-/// One event of a streamed reply, in the terms the gateway needs.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StreamEvent {
-    /// The reply began; the usage known so far (the whole input).
-    Start { model: String, usage: Usage },
-    /// More text of content block `index`.
-    Text { index: usize, text: String },
-    /// A tool call began in block `index`.
-    ToolCallStart { index: usize, id: String, name: String },
-    /// More of a tool call's arguments, as a JSON fragment.
-    ToolCallArguments { index: usize, partial_json: String },
-    /// Why the model stopped, and the whole reply's usage so far.
-    Delta { finish_reason: Option<FinishReason>, usage: Usage },
-    /// The reply is complete.
-    Stop,
-    /// Keep-alive; carries nothing.
-    Ping,
-}
+use crate::{FinishReason, ProviderError, StreamEvent};
 
 /// The wire shape of an event's data; every event's data names its own type.
 #[derive(Debug, Deserialize)]
@@ -238,55 +219,12 @@ fn stream_error(error: &WireError) -> ProviderError {
     classify_http_failure(status, &reqwest::header::HeaderMap::new(), body.to_string().as_bytes(), SystemTime::now())
 }
 
-/// A streamed reply, put together event by event.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct StreamedReply {
-    model: String,
-    text: String,
-    usage: Usage,
-    finish_reason: Option<FinishReason>,
-    stopped: bool,
-}
-
-impl StreamedReply {
-    pub fn push(&mut self, event: &StreamEvent) {
-        match event {
-            StreamEvent::Start { model, usage } => {
-                self.model.clone_from(model);
-                self.usage = *usage;
-            }
-            StreamEvent::Text { text, .. } => self.text.push_str(text),
-            StreamEvent::Delta { finish_reason, usage } => {
-                self.finish_reason = finish_reason.or(self.finish_reason);
-                self.usage = *usage;
-            }
-            StreamEvent::Stop => self.stopped = true,
-            StreamEvent::ToolCallStart { .. } | StreamEvent::ToolCallArguments { .. } | StreamEvent::Ping => {}
-        }
-    }
-
-    /// The whole reply, once the stream said it was complete; a stream cut short is a
-    /// malformed reply, not a short answer.
-    pub fn finish(self, provider: &str, latency: Duration) -> Result<ChatResponse, ProviderError> {
-        if !self.stopped {
-            return Err(ProviderError::MalformedReply { message: "the stream ended before message_stop".into() });
-        }
-        Ok(ChatResponse {
-            content: self.text,
-            model: self.model,
-            provider: provider.to_owned(),
-            usage: self.usage,
-            finish_reason: self.finish_reason.unwrap_or_default(),
-            latency,
-            declared_limits: None,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
-    use crate::ErrorClass;
+    use crate::{ErrorClass, StreamedReply};
 
     const STREAM: &str = "event: message_start\n\
 data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-haiku-4-5\",\"content\":[],\"stop_reason\":null,\"usage\":{\"input_tokens\":25,\"cache_read_input_tokens\":100,\"output_tokens\":1}}}\n\n\
@@ -328,7 +266,7 @@ data: {\"type\":\"message_stop\"}\n\n";
             let events = collect(STREAM, size).await;
             let mut reply = StreamedReply::default();
             for event in &events {
-                reply.push(event.as_ref().unwrap());
+                let _ = reply.push(event.as_ref().unwrap());
             }
             assert!(events.iter().any(|event| matches!(event, Ok(StreamEvent::Ping))));
             let reply = reply.finish("anthropic", Duration::ZERO).unwrap();
@@ -361,7 +299,7 @@ data: {\"type\":\"message_stop\"}\n\n";
         let cut = STREAM.find("event: message_stop").unwrap();
         let mut reply = StreamedReply::default();
         for event in collect(&STREAM[..cut], 50).await {
-            reply.push(&event.unwrap());
+            let _ = reply.push(&event.unwrap());
         }
         let err = reply.finish("anthropic", Duration::ZERO).unwrap_err();
         assert_eq!(err.class(), ErrorClass::MalformedReply);

@@ -1,3 +1,5 @@
+mod stream;
+
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -10,15 +12,18 @@ use async_openai::error::OpenAIError;
 use async_openai::middleware::{HttpRequestFactory, ReqwestService};
 use async_openai::traits::RequestOptionsBuilder;
 use async_openai::types::chat::{
-    self, ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
-    ChatCompletionRequestUserMessage, CreateChatCompletionRequest, CreateChatCompletionResponse, ResponseFormat,
-    ResponseFormatJsonSchema,
+    self, ChatCompletionMessageToolCalls, CreateChatCompletionRequest, CreateChatCompletionResponse,
 };
-
+use futures::StreamExt;
+use serde_json::{Map, Value, json};
 use tower::Service;
 
+pub use self::stream::events;
 use crate::classify::{classify_http_failure, declared_limits, transport_failure, truncate};
-use crate::{ChatMessage, ChatRequest, ChatResponse, DeclaredLimits, FinishReason, ProviderError, Role, Usage};
+use crate::{
+    ChatMessage, ChatRequest, ChatResponse, DeclaredLimits, FinishReason, ProviderError, Role, StreamSink, ToolCall,
+    ToolChoice, Usage,
+};
 
 tokio::task_local! {
     /// The rate limits the transport read from the response's headers, for the call that is
@@ -39,6 +44,9 @@ pub struct OpenAiSettings {
     /// Per attempt: from sending the request to the last byte of the reply.
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Whether the server ends a stream with its usage when asked (`stream_options`); servers
+    /// that refuse the option are not sent it.
+    pub stream_usage: bool,
 }
 
 impl fmt::Debug for OpenAiSettings {
@@ -49,6 +57,7 @@ impl fmt::Debug for OpenAiSettings {
             .field("api_key", &if self.api_key.is_empty() { "(unset)" } else { "(set)" })
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("stream_usage", &self.stream_usage)
             .finish()
     }
 }
@@ -61,6 +70,11 @@ pub struct OpenAiCompatible {
 
 struct Inner {
     client: async_openai::Client<OpenAIConfig>,
+    /// Streams are read here, chunk by chunk, rather than through async-openai, whose stream
+    /// hides a failure's status and headers.
+    http: reqwest::Client,
+    base_url: String,
+    stream_usage: bool,
     name: String,
     request_timeout: Duration,
     /// Masked in every error message, should the upstream echo it.
@@ -87,10 +101,13 @@ impl OpenAiCompatible {
         // by itself: retries must have one owner (the engine), and the classifier needs the
         // status, headers and body of a failure, which the default path drops (Retry-After).
         let transport = SurfaceFailures { inner: ReqwestService::new(http.clone()), timeout: settings.request_timeout };
-        let client = async_openai::Client::build(http, config).with_http_service(transport);
+        let client = async_openai::Client::build(http.clone(), config).with_http_service(transport);
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
+                http,
+                base_url: settings.base_url.trim_end_matches('/').to_owned(),
+                stream_usage: settings.stream_usage,
                 name: settings.name,
                 request_timeout: settings.request_timeout,
                 api_key: settings.api_key,
@@ -103,9 +120,14 @@ impl OpenAiCompatible {
     }
 
     async fn complete(self, request: ChatRequest) -> Result<ChatResponse, ProviderError> {
+        if let Some(sink) = &request.stream {
+            return self.stream(&request, sink).await;
+        }
         let inner = &self.inner;
         let trace_id = request.trace_id.clone();
-        let body = to_openai_request(request)?;
+        let body: CreateChatCompletionRequest = serde_json::from_value(request_body(&request)?).map_err(|err| {
+            ProviderError::InvalidRequest { message: format!("not a chat completion request: {err}") }
+        })?;
         let started = Instant::now();
         let chat = inner.client.chat();
         // A trace id that is not a valid header value is simply not forwarded.
@@ -126,6 +148,43 @@ impl OpenAiCompatible {
     }
 }
 
+impl OpenAiCompatible {
+    /// The reply streamed from the upstream, each piece forwarded to `sink` as it arrives.
+    async fn stream(&self, request: &ChatRequest, sink: &StreamSink) -> Result<ChatResponse, ProviderError> {
+        let inner = &self.inner;
+        let mut body = request_body(request)?;
+        body["stream"] = json!(true);
+        if inner.stream_usage {
+            // Always asked, whether or not the caller wants it: cost and telemetry need it.
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        let started = Instant::now();
+        let mut post = inner.http.post(format!("{}/chat/completions", inner.base_url)).json(&body);
+        if !inner.api_key.is_empty() {
+            post = post.bearer_auth(&inner.api_key);
+        }
+        if reqwest::header::HeaderValue::from_str(&request.trace_id).is_ok() {
+            post = post.header("x-request-id", &request.trace_id);
+        }
+        let scrub = |err: ProviderError| err.scrubbed(&[&inner.api_key]);
+        let response = post.send().await.map_err(|err| scrub(transport_failure(&err, inner.request_timeout)))?;
+        let status = response.status();
+        let declared = declared_limits(response.headers());
+        if !status.is_success() {
+            let headers = response.headers().clone();
+            let body = response.bytes().await.map_err(|err| scrub(transport_failure(&err, inner.request_timeout)))?;
+            return Err(scrub(classify_http_failure(status.as_u16(), &headers, &body, SystemTime::now())));
+        }
+        let (timeout, secret) = (inner.request_timeout, inner.api_key.clone());
+        let bytes = response
+            .bytes_stream()
+            .map(move |chunk| chunk.map_err(|err| transport_failure(&err, timeout).scrubbed(&[&secret])));
+        let mut reply = crate::stream::forward(events(bytes), sink, &inner.name, started).await.map_err(scrub)?;
+        reply.declared_limits = declared;
+        Ok(reply)
+    }
+}
+
 impl Service<ChatRequest> for OpenAiCompatible {
     type Response = ChatResponse;
     type Error = ProviderError;
@@ -140,33 +199,102 @@ impl Service<ChatRequest> for OpenAiCompatible {
     }
 }
 
-fn to_openai_request(request: ChatRequest) -> Result<CreateChatCompletionRequest, ProviderError> {
-    let messages = request
-        .messages
-        .into_iter()
-        .map(|ChatMessage { role, content }| match role {
-            Role::System => ChatCompletionRequestMessage::from(ChatCompletionRequestSystemMessage::from(content)),
-            Role::User => ChatCompletionRequestUserMessage::from(content).into(),
-            Role::Assistant => ChatCompletionRequestAssistantMessage::from(content).into(),
-        })
-        .collect::<Vec<_>>();
-    if messages.is_empty() {
+/// The request in OpenAI's words: only what is set is sent, so that servers which lack a
+/// parameter are not sent it unasked.
+fn request_body(request: &ChatRequest) -> Result<Value, ProviderError> {
+    if request.messages.is_empty() {
         return Err(ProviderError::InvalidRequest { message: "a chat request needs at least one message".into() });
     }
-    Ok(CreateChatCompletionRequest {
-        model: request.model,
-        messages,
-        temperature: request.temperature,
-        max_completion_tokens: request.max_output_tokens,
-        response_format: match request.response_format {
+    let mut body = Map::new();
+    body.insert("model".into(), json!(request.model));
+    body.insert("messages".into(), request.messages.iter().map(message).collect());
+    let mut set = |key: &str, value: Option<Value>| {
+        if let Some(value) = value {
+            body.insert(key.into(), value);
+        }
+    };
+    set("temperature", request.temperature.map(|t| json!(t)));
+    set("max_completion_tokens", request.max_output_tokens.map(|t| json!(t)));
+    set(
+        "response_format",
+        match &request.response_format {
             crate::ResponseFormat::Text => None,
-            crate::ResponseFormat::JsonObject => Some(ResponseFormat::JsonObject),
-            crate::ResponseFormat::JsonSchema { name, schema, strict } => Some(ResponseFormat::JsonSchema {
-                json_schema: ResponseFormatJsonSchema { description: None, name, schema, strict: Some(strict) },
-            }),
+            crate::ResponseFormat::JsonObject => Some(json!({"type": "json_object"})),
+            crate::ResponseFormat::JsonSchema { name, schema, strict } => {
+                Some(json!({"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": strict}}))
+            }
         },
-        ..Default::default()
-    })
+    );
+    let tools: Vec<Value> = request
+        .tools
+        .iter()
+        .map(|tool| {
+            let mut function = json!({"name": tool.name});
+            if let Some(description) = &tool.description {
+                function["description"] = json!(description);
+            }
+            if let Some(parameters) = &tool.parameters {
+                function["parameters"] = parameters.clone();
+            }
+            if let Some(strict) = tool.strict {
+                function["strict"] = json!(strict);
+            }
+            json!({"type": "function", "function": function})
+        })
+        .collect();
+    set("tools", (!tools.is_empty()).then_some(Value::Array(tools)));
+    set(
+        "tool_choice",
+        request.tool_choice.as_ref().map(|choice| match choice {
+            ToolChoice::None => json!("none"),
+            ToolChoice::Auto => json!("auto"),
+            ToolChoice::Required => json!("required"),
+            ToolChoice::Function(name) => json!({"type": "function", "function": {"name": name}}),
+        }),
+    );
+    set("parallel_tool_calls", request.parallel_tool_calls.map(|parallel| json!(parallel)));
+    let extras = &request.extras;
+    set("top_p", extras.top_p.map(|p| json!(p)));
+    set("stop", (!extras.stop.is_empty()).then(|| json!(extras.stop)));
+    set("seed", extras.seed.map(|seed| json!(seed)));
+    set("presence_penalty", extras.presence_penalty.map(|p| json!(p)));
+    set("frequency_penalty", extras.frequency_penalty.map(|p| json!(p)));
+    set("logit_bias", (!extras.logit_bias.is_empty()).then(|| json!(extras.logit_bias)));
+    set("user", extras.user.as_ref().map(|user| json!(user)));
+    set("metadata", (!extras.metadata.is_empty()).then(|| json!(extras.metadata)));
+    Ok(Value::Object(body))
+}
+
+fn message(message: &ChatMessage) -> Value {
+    match message.role {
+        Role::System => json!({"role": "system", "content": message.content}),
+        Role::User if message.images.is_empty() => json!({"role": "user", "content": message.content}),
+        Role::User => {
+            let mut parts = vec![json!({"type": "text", "text": message.content})];
+            parts.extend(message.images.iter().map(|image| {
+                let mut url = json!({"url": image.url});
+                if let Some(detail) = &image.detail {
+                    url["detail"] = json!(detail);
+                }
+                json!({"type": "image_url", "image_url": url})
+            }));
+            json!({"role": "user", "content": parts})
+        }
+        Role::Assistant if message.tool_calls.is_empty() => json!({"role": "assistant", "content": message.content}),
+        Role::Assistant => {
+            let calls: Vec<Value> = message
+                .tool_calls
+                .iter()
+                .map(|call| {
+                    json!({"id": call.id, "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments}})
+                })
+                .collect();
+            let content = if message.content.is_empty() { Value::Null } else { json!(message.content) };
+            json!({"role": "assistant", "content": content, "tool_calls": calls})
+        }
+        Role::Tool => json!({"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}),
+    }
 }
 
 fn from_openai_reply(
@@ -195,8 +323,21 @@ fn from_openai_reply(
         Some(chat::FinishReason::ToolCalls | chat::FinishReason::FunctionCall) => FinishReason::ToolCalls,
         _ => FinishReason::Stop,
     };
+    let tool_calls: Vec<ToolCall> = choice
+        .message
+        .tool_calls
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|call| match call {
+            ChatCompletionMessageToolCalls::Function(call) => {
+                Some(ToolCall { id: call.id, name: call.function.name, arguments: call.function.arguments })
+            }
+            ChatCompletionMessageToolCalls::Custom(_) => None,
+        })
+        .collect();
     let content = match (choice.message.content, choice.message.refusal) {
         (Some(content), _) => content,
+        (None, _) if !tool_calls.is_empty() => String::new(),
         (None, Some(refusal)) => {
             return Err(ProviderError::MalformedReply {
                 message: format!("the model refused: {}", truncate(&refusal)),
@@ -208,12 +349,14 @@ fn from_openai_reply(
     };
     Ok(ChatResponse {
         content,
+        tool_calls,
         model: reply.model,
         provider: provider.to_owned(),
         usage,
         finish_reason,
         latency,
         declared_limits: None,
+        time_to_first_token: None,
     })
 }
 
