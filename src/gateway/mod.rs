@@ -199,6 +199,8 @@ async fn complete(
         (output, _) => output.to_string(),
     };
     if !request.stream {
+        // On a task of its own, so that a client that hangs up does not cancel the call half-way:
+        // it still leaves its row, and its answer is kept for the next caller.
         let result = gateway.engine.execute(step, input, context, options).await.map_err(ApiError::from)?;
         let mut response = axum::Json(completion(&result, &content_of(&result))).into_response();
         describe_source(response.headers_mut(), &result);

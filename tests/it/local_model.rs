@@ -55,3 +55,54 @@ async fn a_small_local_model_meets_the_structured_steps() {
         }
     }
 }
+
+/// A chat answer from the local model through the gateway, whole and streamed: the stream
+/// arrives in several chunks, ends with `[DONE]`, and carries the server's usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_answer_streams_from_a_small_local_model() {
+    let Some(llama) = LlamaServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[semantic]\nenabled = false\n[telemetry]\ndatabase_url = \"sqlite://{}\"\n[gateway.api_keys]\nlocal = \"LOCAL_KEY\"\n",
+        dir.path().join("telemetry.db").display()
+    );
+    let gateway = GatewayProcess::start(
+        Path::new(env!("CARGO_BIN_EXE_aipipe")),
+        dir.path(),
+        &llama.base_url,
+        &config,
+        &[("LOCAL_KEY", KEY), ("OPENAI_API_KEY", "not-needed")],
+    )
+    .unwrap();
+    let http = reqwest::Client::new();
+    let ask = |question: &str, stream: bool| {
+        let mut body = json!({"model": "smollm2", "max_tokens": 48, "temperature": 0.0,
+            "messages": [{"role": "user", "content": question}]});
+        if stream {
+            body["stream"] = json!(true);
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        http.post(format!("{}/chat/completions", gateway.base_url)).bearer_auth(KEY).json(&body).send()
+    };
+
+    let whole: Value = ask("Name three colours.", false).await.unwrap().json().await.unwrap();
+    let text = whole["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!text.trim().is_empty(), "{whole}");
+    assert!(whole["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{whole}");
+
+    let response = ask("Name three animals.", true).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    let events: Vec<&str> = body.lines().filter_map(|line| line.strip_prefix("data: ")).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|event| serde_json::from_str(event).unwrap()).collect();
+    let pieces: Vec<&str> = chunks
+        .iter()
+        .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
+        .filter(|p| !p.is_empty())
+        .collect();
+    assert!(pieces.len() >= 3, "the model's tokens arrive as they are written: {body}");
+    let usage = chunks.iter().find_map(|chunk| chunk["usage"].as_object()).expect("a usage chunk");
+    assert!(usage["completion_tokens"].as_u64().unwrap() > 0, "{body}");
+}

@@ -233,6 +233,23 @@ async fn streaming_through(dialect: Dialect) {
     assert_eq!(after_hangup["source"], "upstream", "{after_hangup}");
     assert_eq!(upstream.requests(), before + 1);
 
+    // A parameter the provider cannot honour is refused by name; one it can is passed on.
+    let mut seeded = ask("Any seed?");
+    seeded["seed"] = json!(42);
+    seeded["top_p"] = json!(0.5);
+    match dialect {
+        Dialect::Anthropic => {
+            let refused = sdk(&base_url, "failure", seeded).await;
+            assert_eq!(refused["status"], 400, "{refused}");
+            assert_eq!(refused["body"]["param"], "seed", "{refused}");
+        }
+        Dialect::OpenAi => {
+            sdk(&base_url, "complete", seeded).await;
+            let sent = upstream.received().into_iter().find(|request| request["seed"] == 42).unwrap();
+            assert_eq!(sent["top_p"], 0.5);
+        }
+    }
+
     if dialect == Dialect::OpenAi {
         let streamed_requests: Vec<Value> =
             upstream.received().into_iter().filter(|request| request["stream"] == true).collect();
@@ -268,4 +285,39 @@ async fn the_openai_sdk_streams_calls_tools_and_schemas_through_an_openai_upstre
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_sdk_streams_calls_tools_and_schemas_through_an_anthropic_upstream() {
     streaming_through(Dialect::Anthropic).await;
+}
+
+/// `/v1/embeddings`, answered by the semantic cache's model on this machine: what the SDK
+/// asks for by default (base64, which it decodes) and floats give the same vectors, and they
+/// carry meaning (a paraphrase is nearer than an unrelated text).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_gets_embeddings_from_the_local_model() {
+    if !sdk_available() {
+        return;
+    }
+    let upstream = ScriptedUpstream::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[telemetry]\ndatabase_url = \"sqlite://{}\"\n[gateway.api_keys]\nteam-a = \"SDK_TEST_KEY\"\n",
+        dir.path().join("telemetry.db").display()
+    );
+    let env = [("SDK_TEST_KEY", KEY), ("OPENAI_API_KEY", "sk-upstream")];
+    let gateway =
+        GatewayProcess::start(Path::new(env!("CARGO_BIN_EXE_aipipe")), dir.path(), &upstream.base_url(), &config, &env)
+            .unwrap();
+    let texts = ["How do I reset my password?", "I forgot my password, how can I change it?", "The invoice is wrong."];
+    let request = json!({"model": pipeline_core::semantic_cache::DEFAULT_MODEL, "input": texts});
+    let seen = sdk(&gateway.base_url, "embeddings", request).await;
+    assert_eq!(seen["model"], pipeline_core::semantic_cache::DEFAULT_MODEL);
+    let vectors: Vec<Vec<f64>> = serde_json::from_value(seen["floats"].clone()).unwrap();
+    let decoded: Vec<Vec<f64>> = serde_json::from_value(seen["decoded"].clone()).unwrap();
+    assert_eq!(vectors.len(), 3);
+    assert_eq!(vectors[0].len(), 384);
+    for (floats, decoded) in vectors.iter().zip(&decoded) {
+        assert!(floats.iter().zip(decoded).all(|(a, b)| (a - b).abs() < 1e-6), "base64 and floats agree");
+    }
+    let cosine = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    assert!(cosine(&vectors[0], &vectors[1]) > cosine(&vectors[0], &vectors[2]) + 0.2);
+    assert!(seen["usage"]["prompt_tokens"].as_u64().unwrap() >= 20, "{}", seen["usage"]);
+    assert_eq!(upstream.requests(), 0, "no text left the machine");
 }

@@ -87,7 +87,15 @@ def failure(client, request):
     return {"status": 200}
 
 
-SCENARIOS = {"stream": stream, "complete": complete, "mid_stream_error": mid_stream_error,
+def embeddings(client, request):
+    """The same texts as floats and as base64 (the SDK's default, decoded by the SDK)."""
+    as_floats = client.embeddings.create(encoding_format="float", **request)
+    as_base64 = client.embeddings.create(**request)
+    return {"model": as_floats.model, "floats": [item.embedding for item in as_floats.data],
+            "decoded": [item.embedding for item in as_base64.data], "usage": as_floats.usage.model_dump()}
+
+
+SCENARIOS = {"embeddings": embeddings, "stream": stream, "complete": complete, "mid_stream_error": mid_stream_error,
              "disconnect": disconnect, "failure": failure}
 
 if __name__ == "__main__":

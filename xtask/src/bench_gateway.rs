@@ -22,6 +22,11 @@ const LATENCY_ROUNDS: usize = 5;
 /// Closed-loop load: this many requests in flight at all times, for this long.
 const CONCURRENCY: usize = 16;
 const THROUGHPUT_WINDOW: Duration = Duration::from_secs(5);
+/// Streamed requests per time-to-first-token round, alternating as above.
+const STREAM_ROUND: usize = 100;
+/// The streaming upstream sends its first piece at once and the rest after this pause, so that
+/// the first token and the whole answer are far apart, as they are with a real model.
+const STREAM_TAIL: Duration = Duration::from_millis(10);
 const API_KEY_VARIABLE: &str = "GATEWAY_BENCH_KEY";
 const API_KEY: &str = "sk-aipipe-bench";
 
@@ -31,7 +36,8 @@ const UPSTREAM_REPLY: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion
 #[derive(Debug, Serialize)]
 struct GatewayFigure {
     name: &'static str,
-    requests_per_second: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    requests_per_second: Option<f64>,
     p50_us: f64,
     p99_us: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -68,6 +74,14 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
             direct.extend(sequential(&client, &direct_url, LATENCY_ROUND, &counter).await?);
             through.extend(sequential(&client, &gateway_url, LATENCY_ROUND, &counter).await?);
         }
+        // Time to first token of streamed answers: through the gateway minus direct.
+        let (mut direct_ttft, mut gateway_ttft) = (Vec::new(), Vec::new());
+        for _ in 0..LATENCY_ROUNDS {
+            direct_ttft.extend(streamed(&client, &direct_url, &counter).await?);
+            gateway_ttft.extend(streamed(&client, &gateway_url, &counter).await?);
+        }
+        direct_ttft.sort();
+        gateway_ttft.sort();
         let direct_rps = closed_loop(&client, &direct_url, &counter).await?;
         // Alternated, so that drift in the machine's speed falls on both alike.
         let (mut gateway_rps, mut unlimited_rps) = (0.0, 0.0);
@@ -83,7 +97,7 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
         anyhow::Ok(vec![
             GatewayFigure {
                 name: "direct",
-                requests_per_second: direct_rps,
+                requests_per_second: Some(direct_rps),
                 p50_us: direct_p50,
                 p99_us: direct_p99,
                 added_p50_us: None,
@@ -92,12 +106,21 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
             },
             GatewayFigure {
                 name: "gateway",
-                requests_per_second: gateway_rps,
+                requests_per_second: Some(gateway_rps),
                 p50_us: gateway_p50,
                 p99_us: gateway_p99,
                 added_p50_us: Some(gateway_p50 - direct_p50),
                 added_p99_us: Some(gateway_p99 - direct_p99),
                 share_of_limits_off: Some(gateway_rps / unlimited_rps),
+            },
+            GatewayFigure {
+                name: "stream_ttft_added_us",
+                requests_per_second: None,
+                p50_us: percentile_us(&gateway_ttft, 0.50) - percentile_us(&direct_ttft, 0.50),
+                p99_us: percentile_us(&gateway_ttft, 0.99) - percentile_us(&direct_ttft, 0.99),
+                added_p50_us: None,
+                added_p99_us: None,
+                share_of_limits_off: None,
             },
         ])
     })?;
@@ -112,31 +135,57 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
                 }
                 _ => String::new(),
             };
-            println!(
-                "{:<8} {:>7.0} requests/s   p50 {:>6.0} us   p99 {:>6.0} us{added}",
-                figure.name, figure.requests_per_second, figure.p50_us, figure.p99_us
-            );
+            match figure.requests_per_second {
+                Some(rps) => println!(
+                    "{:<8} {:>7.0} requests/s   p50 {:>6.0} us   p99 {:>6.0} us{added}",
+                    figure.name, rps, figure.p50_us, figure.p99_us
+                ),
+                None => println!(
+                    "{}: time to first token through the gateway minus direct, p50 {:.0} us, p99 {:.0} us",
+                    figure.name, figure.p50_us, figure.p99_us
+                ),
+            }
         }
     }
     Ok(())
 }
 
 /// An OpenAI-compatible endpoint that answers every completion at once with the same reply,
-/// declaring generous rate limits in its headers as OpenAI does.
+/// declaring generous rate limits in its headers as OpenAI does; a streamed request gets its
+/// first piece at once and the rest after [`STREAM_TAIL`].
 async fn start_upstream() -> anyhow::Result<std::net::SocketAddr> {
     let app = axum::Router::new().route(
         "/v1/chat/completions",
-        axum::routing::post(|| async {
-            (
-                [
-                    (axum::http::header::CONTENT_TYPE.as_str(), "application/json"),
-                    ("x-ratelimit-limit-requests", "10000000"),
-                    ("x-ratelimit-remaining-requests", "9999999"),
-                    ("x-ratelimit-limit-tokens", "1000000000"),
-                    ("x-ratelimit-remaining-tokens", "999999000"),
-                ],
-                UPSTREAM_REPLY,
-            )
+        axum::routing::post(|body: axum::body::Bytes| async move {
+            let limits = [
+                ("x-ratelimit-limit-requests", "10000000"),
+                ("x-ratelimit-remaining-requests", "9999999"),
+                ("x-ratelimit-limit-tokens", "1000000000"),
+                ("x-ratelimit-remaining-tokens", "999999000"),
+            ];
+            let streams =
+                serde_json::from_slice::<serde_json::Value>(&body).is_ok_and(|request| request["stream"] == true);
+            let (content_type, body) = if streams {
+                let pieces = futures::StreamExt::then(
+                    futures::stream::iter(STREAM_EVENTS.iter().enumerate()),
+                    |(index, event)| async move {
+                        if index == 2 {
+                            tokio::time::sleep(STREAM_TAIL).await;
+                        }
+                        Ok::<_, std::convert::Infallible>(axum::body::Bytes::from_static(event.as_bytes()))
+                    },
+                );
+                ("text/event-stream", axum::body::Body::from_stream(pieces))
+            } else {
+                ("application/json", axum::body::Body::from(UPSTREAM_REPLY))
+            };
+            let mut response = axum::response::Response::new(body);
+            let headers = response.headers_mut();
+            headers.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static(content_type));
+            for (name, value) in limits {
+                headers.insert(name, axum::http::HeaderValue::from_static(value));
+            }
+            response
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -181,6 +230,50 @@ async fn call(client: &reqwest::Client, url: &str, counter: &AtomicUsize) -> any
         bail!("{url} answered {status}: {}", String::from_utf8_lossy(&text));
     }
     Ok(())
+}
+
+/// The events of the streamed answer: the role, the first piece, then (after the tail) the
+/// rest, the finish, the usage and `[DONE]`.
+const STREAM_EVENTS: [&str; 6] = [
+    "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n",
+    "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Paris\"},\"finish_reason\":null}]}\n\n",
+    "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\".\"},\"finish_reason\":null}]}\n\n",
+    "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+    "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":24,\"completion_tokens\":2,\"total_tokens\":26}}\n\n",
+    "data: [DONE]\n\n",
+];
+
+/// Streamed calls, one after another: for each, the time until its first piece of content
+/// arrived (the rest is read to the end before the next call).
+async fn streamed(client: &reqwest::Client, url: &str, counter: &AtomicUsize) -> anyhow::Result<Vec<Duration>> {
+    let mut samples = Vec::with_capacity(STREAM_ROUND);
+    for _ in 0..STREAM_ROUND {
+        let n = counter.fetch_add(1, Ordering::Relaxed);
+        let body = format!(
+            r#"{{"model":"gpt-4o-mini","stream":true,"messages":[{{"role":"user","content":"What is the capital of France? (request {n})"}}]}}"#
+        );
+        let started = Instant::now();
+        let mut response = client
+            .post(url)
+            .header("authorization", format!("Bearer {API_KEY}"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("{url} answered {} to a streamed request", response.status());
+        }
+        let mut seen = Vec::new();
+        let mut first = None;
+        while let Some(chunk) = response.chunk().await? {
+            seen.extend_from_slice(&chunk);
+            if first.is_none() && seen.windows(5).any(|window| window == b"Paris") {
+                first = Some(started.elapsed());
+            }
+        }
+        samples.push(first.with_context(|| format!("{url} streamed no content"))?);
+    }
+    Ok(samples)
 }
 
 async fn sequential(

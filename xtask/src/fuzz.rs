@@ -6,7 +6,8 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 /// The targets in `fuzz/fuzz_targets`, each a parser that reads outside input.
-const TARGETS: &[&str] = &["log_line", "config", "chat_request", "output_contract", "anthropic_stream"];
+const TARGETS: &[&str] =
+    &["log_line", "config", "chat_request", "output_contract", "anthropic_stream", "openai_stream"];
 
 pub fn fuzz(root: &Path, seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
     let installed = Command::new("cargo").args(["+nightly", "fuzz", "--version"]).current_dir(root).output();

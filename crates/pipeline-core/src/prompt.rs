@@ -400,6 +400,43 @@ mod tests {
     }
 
     #[test]
+    fn an_agents_step_is_not_matched_by_meaning() {
+        let config = Config::from_toml("[steps.chat]\nsemantic_field = 'messages'").unwrap();
+        let spec = config.step(&StepType::CHAT).unwrap();
+        let with_tools = json!({"messages": [{"role": "user", "content": "weather in Oslo?"}],
+            "tools": [{"name": "get_weather"}]});
+        assert!(super::semantic_text(spec, &with_tools).is_none());
+        let tool_result = json!({"messages": [{"role": "user", "content": "weather in Oslo?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "name": "get_weather", "arguments": "{}"}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "3 degrees"}]});
+        assert!(super::semantic_text(spec, &tool_result).is_none());
+        let plain = json!({"messages": [{"role": "user", "content": "weather in Oslo?"}], "tools": []});
+        assert!(super::semantic_text(spec, &plain).is_some());
+    }
+
+    #[test]
+    fn a_chat_caller_sets_tools_format_and_parameters() {
+        let config = Config::defaults().unwrap();
+        let spec = config.step(&StepType::CHAT).unwrap();
+        let input = json!({"messages": [{"role": "user", "content": "hi", "images": [{"url": "https://x/y.png"}]}],
+            "tools": [{"name": "f", "parameters": {"type": "object"}}], "tool_choice": {"function": "f"},
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "strict": true,
+                "schema": {"type": "object"}}},
+            "top_p": 0.5, "stop": ["END"], "seed": 3, "logit_bias": {"50256": -100}, "user": "u1"});
+        let rendered = config.prompts.render(spec, &input, &CallContext::new("ws", "c")).unwrap();
+        assert_eq!(rendered.messages.last().unwrap().images[0].url, "https://x/y.png");
+        let request = rendered.request;
+        assert_eq!(request.tools[0].name, "f");
+        assert_eq!(request.tool_choice, Some(providers::ToolChoice::Function("f".into())));
+        assert!(request.strict_schema().is_some());
+        assert_eq!((request.extras.top_p, request.extras.seed), (Some(0.5), Some(3)));
+        assert_eq!(request.extras.logit_bias["50256"], -100);
+        let bad_format = json!({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}});
+        let err = config.prompts.render(spec, &bad_format, &CallContext::new("ws", "c")).unwrap_err();
+        assert!(err.to_string().contains("response_format.type"), "{err}");
+    }
+
+    #[test]
     fn a_chat_step_compares_its_last_user_message() {
         let config = Config::from_toml("[steps.chat]\nsemantic_field = 'messages'").unwrap();
         let spec = config.step(&StepType::CHAT).unwrap();

@@ -323,3 +323,22 @@ pub struct ChatResponse {
     /// tool call.
     pub time_to_first_token: Option<Duration>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_provider_names_the_first_parameter_it_cannot_honour() {
+        let mut request = ChatRequest { messages: vec![ChatMessage::user("hi")], ..ChatRequest::default() };
+        assert_eq!(Capabilities::ANTHROPIC.refuses(&request), None);
+        request.extras.top_p = Some(0.9);
+        assert_eq!(Capabilities::ANTHROPIC.refuses(&request), None, "Anthropic takes top_p");
+        request.extras.seed = Some(7);
+        assert_eq!(Capabilities::ANTHROPIC.refuses(&request), Some("seed"));
+        assert_eq!(Capabilities::OPENAI.refuses(&request), None);
+        request.messages[0].images.push(Image { url: "https://x/y.png".into(), detail: None });
+        let text_only = Capabilities { images: false, ..Capabilities::OPENAI };
+        assert_eq!(text_only.refuses(&request), Some("messages"));
+    }
+}

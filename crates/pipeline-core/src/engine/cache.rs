@@ -236,4 +236,40 @@ mod tests {
     fn prompt_normalisation_keeps_inner_spacing() {
         assert_eq!(normalise_prompt("\n  a  b   \n\tc \n\n"), "a  b\n\tc");
     }
+
+    fn served(finish_reason: FinishReason, arguments: &str) -> Served {
+        let answer = super::super::served::Answer {
+            output: Value::String(String::new()),
+            tool_calls: vec![ToolCall { id: "c1".into(), name: "f".into(), arguments: arguments.into() }],
+            finish_reason,
+        };
+        Served::upstream(answer, crate::Source::Upstream, "m".into(), "p".into())
+    }
+
+    #[test]
+    fn only_whole_answers_with_runnable_tool_calls_are_kept() {
+        assert!(worth_serving_again(&served(FinishReason::ToolCalls, r#"{"city": "Oslo"}"#)));
+        assert!(!worth_serving_again(&served(FinishReason::ToolCalls, r#"{"city": "Os"#)));
+        assert!(!worth_serving_again(&served(FinishReason::Length, "{}")));
+        assert!(!worth_serving_again(&served(FinishReason::ContentFilter, "{}")));
+    }
+
+    #[test]
+    fn tools_and_parameters_are_part_of_the_key() {
+        let config = crate::Config::defaults().unwrap();
+        let spec = config.step(&StepType::CHAT).unwrap();
+        let context = CallContext::new("ws", "c");
+        let messages = [ChatMessage::user("hi")];
+        let sampling = Sampling { temperature: 0.0, max_output_tokens: 10 };
+        let key = |request: &ChatOptions| cache_key(spec, "m", &context, &messages, sampling, request);
+        let plain = ChatOptions::default();
+        let mut with_tool = ChatOptions::default();
+        with_tool.tools.push(providers::Tool { name: "f".into(), description: None, parameters: None, strict: None });
+        let mut seeded = ChatOptions::default();
+        seeded.extras.seed = Some(1);
+        assert_ne!(key(&plain), key(&with_tool));
+        assert_ne!(key(&plain), key(&seeded));
+        assert_ne!(key(&with_tool), key(&seeded));
+        assert_eq!(key(&seeded), key(&seeded.clone()));
+    }
 }

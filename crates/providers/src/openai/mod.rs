@@ -11,9 +11,7 @@ use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
 use async_openai::middleware::{HttpRequestFactory, ReqwestService};
 use async_openai::traits::RequestOptionsBuilder;
-use async_openai::types::chat::{
-    self, ChatCompletionMessageToolCalls, CreateChatCompletionRequest, CreateChatCompletionResponse,
-};
+use async_openai::types::chat::{self, ChatCompletionMessageToolCalls, CreateChatCompletionResponse};
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
 use tower::Service;
@@ -125,9 +123,7 @@ impl OpenAiCompatible {
         }
         let inner = &self.inner;
         let trace_id = request.trace_id.clone();
-        let body: CreateChatCompletionRequest = serde_json::from_value(request_body(&request)?).map_err(|err| {
-            ProviderError::InvalidRequest { message: format!("not a chat completion request: {err}") }
-        })?;
+        let body = request_body(&request)?;
         let started = Instant::now();
         let chat = inner.client.chat();
         // A trace id that is not a valid header value is simply not forwarded.
@@ -137,7 +133,8 @@ impl OpenAiCompatible {
         };
         let (reply, declared) = DECLARED
             .scope(std::cell::Cell::new(None), async {
-                let reply = chat.create(body).await;
+                // The body as built, not re-typed: every parameter is sent only when set.
+                let reply = chat.create_byot::<Value, CreateChatCompletionResponse>(body).await;
                 (reply, DECLARED.with(std::cell::Cell::get))
             })
             .await;
