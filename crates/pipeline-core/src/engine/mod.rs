@@ -4,6 +4,7 @@
 //!
 //! - `cache`: the exact and semantic caches, looked up before the upstream and filled after;
 //! - `coalesce`: identical calls in flight share one upstream request;
+//! - `plan`: the route a call takes, without the candidates that cannot honour it;
 //! - `route`: which candidate model a call goes to (one pure function) and each candidate's
 //!   latency;
 //! - `budget`: spend per workspace and step per day, against the budgets;
@@ -12,7 +13,8 @@
 //! - `stand_in`: the answers that stand in when no model could give one;
 //! - `record`: the one telemetry record of every call;
 //! - `served`: what a call comes to, and what it spent;
-//! - `builder`: putting an engine together;
+//! - `builder`: putting an engine together; `state`: what an engine shows of itself, and its
+//!   shutdown;
 //! - `embed`: the semantic cache's embedding model, offered on its own.
 
 mod budget;
@@ -20,10 +22,12 @@ mod builder;
 mod cache;
 mod coalesce;
 mod embed;
+mod plan;
 mod record;
 pub mod route;
 mod served;
 mod stand_in;
+mod state;
 mod upstream;
 
 use std::collections::{HashMap, HashSet};
@@ -33,10 +37,10 @@ use std::time::SystemTime;
 pub use builder::EngineBuilder;
 pub use embed::Embeddings;
 use providers::{ChatMessage, ProviderService};
-use resilience::{BreakerStatus, Deadline, Guards, PauseStatus, RetryPolicy};
+use resilience::{Deadline, Guards, RetryPolicy};
 use semantic_cache::{CacheKey, ExactCache, SemanticCache};
 use serde_json::Value;
-use telemetry::{Recorder, TelemetryError};
+use telemetry::Recorder;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -48,8 +52,8 @@ use self::served::{Served, Spent};
 use self::upstream::{Ask, CHARS_PER_TOKEN};
 use crate::prompt::{ChatOptions, Rendered, Sampling};
 use crate::{
-    CallContext, CallOptions, Clock, Config, PipelineError, PipelineResult, RouteSpec, SetupError, Source, StepKind,
-    StepSpec, StepType, TraceId,
+    CallContext, CallOptions, Clock, Config, PipelineError, PipelineResult, RouteSpec, Source, StepKind, StepSpec,
+    StepType, TraceId,
 };
 
 /// The engine. Cheap to clone; clones share the caches, the providers, the guards and the
@@ -287,53 +291,5 @@ impl Engine {
             }
             Err(err) => Err(err),
         }
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.inner.config
-    }
-
-    /// The time on the engine's clock (the log's time during a replay).
-    pub fn now(&self) -> SystemTime {
-        self.inner.clock.now()
-    }
-
-    /// The telemetry writer this engine records into.
-    pub fn recorder(&self) -> &Recorder {
-        &self.inner.recorder
-    }
-
-    /// The Prometheus metrics of this engine's calls.
-    pub fn metrics(&self) -> &telemetry::Metrics {
-        self.inner.recorder.metrics()
-    }
-
-    /// The state of every circuit breaker used so far (empty when breakers are off).
-    pub fn breakers(&self) -> Vec<BreakerStatus> {
-        self.inner.guards.breakers()
-    }
-
-    /// Every provider/model that a Retry-After from the upstream holds back now.
-    pub fn paused(&self) -> Vec<PauseStatus> {
-        self.inner.guards.paused()
-    }
-
-    /// Waits until every telemetry record of the calls made so far is written.
-    pub async fn flush(&self) -> Result<(), TelemetryError> {
-        self.inner.recorder.flush().await
-    }
-
-    /// Before the process ends: writes the pending telemetry and saves the semantic cache to
-    /// its snapshot, if one is configured.
-    pub async fn shutdown(&self) -> Result<(), SetupError> {
-        self.flush().await?;
-        if let (Some(cache), Some(path)) = (&self.inner.semantic, &self.inner.config.semantic.snapshot) {
-            let (cache, target) = (cache.clone(), path.clone());
-            let saved = tokio::task::spawn_blocking(move || cache.save(&target)).await.map_err(|err| {
-                semantic_cache::CacheError::Snapshot { path: path.clone(), reason: err.to_string() }
-            })??;
-            tracing::info!(entries = saved, "semantic cache saved");
-        }
-        Ok(())
     }
 }

@@ -1,28 +1,22 @@
-//! The upstream stage: the call's route (which candidate models may take it, in which order,
-//! decided by `route::route` and decided again after every failure another model may not
-//! have), each candidate asked through the guards with retries, the output contract with one
-//! repair, and what every attempt cost.
+//! The upstream stage: the route's answer held to the output contract (one repair) or to the
+//! caller's strict schema, each candidate asked through the guards with retries, and what
+//! every attempt cost. Which candidates, in which order, is `plan` and `route`'s.
 
-use std::borrow::Cow;
-use std::sync::{Arc, PoisonError};
+use std::sync::PoisonError;
 
-use providers::{
-    Capabilities, ChatMessage, ChatRequest, ChatResponse, ErrorClass, ProviderError, ResponseFormat, StreamSink,
-};
-use rand::RngCore;
+use providers::{ChatMessage, ChatRequest, ChatResponse, ErrorClass, ProviderError, ResponseFormat, StreamSink};
 use resilience::{Deadline, Outcome};
 use serde_json::Value;
-use telemetry::{ModelPrice, PricedTokens, RouteExclusion, RouteRecord, RouteStrategy};
+use telemetry::PricedTokens;
 use tokio::time::Instant;
 use tower::ServiceExt;
 use tracing::Instrument;
 
-use super::route::{self, CandidateState, Needs, RouteDecision, Snapshot};
 use super::served::{Answer, Spent};
 use super::{Call, Engine};
 use crate::contract::OutputContract;
 use crate::prompt::{ChatOptions, Sampling};
-use crate::{ModelSpec, PipelineError, RouteSpec, StepKind, StepSpec};
+use crate::{ModelSpec, PipelineError, RouteSpec, StepSpec};
 
 /// Average characters per token of English text under OpenAI's tokenizers; used only to
 /// estimate a call's cost and tokens before it is made.
@@ -55,163 +49,6 @@ pub(super) struct Answered<'a> {
 }
 
 impl Engine {
-    /// The provider a candidate runs on. A model on the configured primary provider runs on
-    /// the engine's primary, which may be one handed to the builder under another name.
-    fn provider_of<'a>(&'a self, candidate: &'a ModelSpec) -> &'a str {
-        if candidate.provider == self.inner.config.provider.name { &self.inner.primary } else { &candidate.provider }
-    }
-
-    /// The guards' key of a candidate: its provider and its model there.
-    fn guard_key(&self, candidate: &ModelSpec) -> String {
-        format!("{}/{}", self.provider_of(candidate), candidate.upstream)
-    }
-
-    /// The route this call takes: the step's, unless the call names a model or a route.
-    ///
-    /// A model the call names goes first, then the step's other candidates in order, when the
-    /// step has no configured route; with one, the route decides (a gateway client naming its
-    /// usual model does not override the operator's routing), and a named model that is one of
-    /// its candidates is merely tried first.
-    pub(super) fn plan<'s>(&self, spec: &'s StepSpec, call: &Call<'_>) -> Result<Cow<'s, RouteSpec>, PipelineError> {
-        let registry = &self.inner.config.models;
-        if let Some(chosen) = &call.options.route {
-            let candidates = match &chosen.candidates {
-                Some(names) => names
-                    .iter()
-                    .map(|name| {
-                        registry.get(name).cloned().ok_or_else(|| PipelineError::InvalidOptions {
-                            reason: format!(
-                                "route candidate `{name}` is not in the model registry (known: {})",
-                                registry.iter().map(|model| model.name.as_str()).collect::<Vec<_>>().join(", ")
-                            ),
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-                None => spec.route.candidates.clone(),
-            };
-            let names: Vec<&str> = candidates.iter().map(|candidate| candidate.name.as_str()).collect();
-            let label = format!("route:{}:{}", chosen.strategy.label(), names.join(","));
-            let weights = vec![1.0; candidates.len()];
-            return Ok(Cow::Owned(RouteSpec {
-                strategy: chosen.strategy,
-                weights,
-                min_tier: spec.route.min_tier,
-                configured: true,
-                label,
-                candidates,
-            }));
-        }
-        let Some(model) = call.options.model.as_deref().filter(|model| *model != spec.route.label) else {
-            return Ok(Cow::Borrowed(&spec.route));
-        };
-        let route = &spec.route;
-        if route.configured {
-            let Some(position) = route.candidates.iter().position(|candidate| candidate.name == model) else {
-                tracing::debug!(model, "the step's route decides, not the model the call named");
-                return Ok(Cow::Borrowed(route));
-            };
-            let mut candidates = route.candidates.clone();
-            let named = candidates.remove(position);
-            candidates.insert(0, named);
-            return Ok(Cow::Owned(RouteSpec {
-                label: route.label.clone(),
-                ..RouteSpec::ordered(candidates, String::new())
-            }));
-        }
-        let named = match registry.get(model) {
-            Some(spec) => spec.clone(),
-            None => {
-                if call.options.max_cost_usd.is_some() && self.inner.config.prices.price(model).is_none() {
-                    return Err(PipelineError::CostLimitExceeded {
-                        reason: format!(
-                            "the call sets max_cost_usd but model `{model}` has no price: add [models.\"{model}\"] \
-                             to the config"
-                        ),
-                    });
-                }
-                Arc::new(self.unregistered(model))
-            }
-        };
-        let candidates = std::iter::once(named).chain(route.candidates.iter().skip(1).cloned()).collect();
-        Ok(Cow::Owned(RouteSpec::ordered(candidates, model.to_owned())))
-    }
-
-    /// The route without the candidates whose provider cannot honour what the call asks for
-    /// (tools, images, sampling controls); with none left, the parameter is named.
-    pub(super) fn honouring<'s>(
-        &self,
-        route: Cow<'s, RouteSpec>,
-        messages: &[ChatMessage],
-        request: &ChatOptions,
-    ) -> Result<Cow<'s, RouteSpec>, PipelineError> {
-        let plain = messages.iter().all(|message| message.images.is_empty() && message.tool_calls.is_empty());
-        if plain && *request == ChatOptions::default() {
-            return Ok(route);
-        }
-        let probe = ChatRequest {
-            messages: messages.to_vec(),
-            tools: request.tools.clone(),
-            extras: request.extras.clone(),
-            ..ChatRequest::default()
-        };
-        let mut refused = None;
-        let kept: Vec<usize> = (0..route.candidates.len())
-            .filter(|&index| {
-                let candidate = &route.candidates[index];
-                let capabilities = self.capabilities(self.provider_of(candidate));
-                let param = capabilities
-                    .refuses(&probe)
-                    .or_else(|| (!candidate.tools && !probe.tools.is_empty()).then_some("tools"));
-                if let Some(param) = param {
-                    refused.get_or_insert((param, candidate.name.clone()));
-                }
-                param.is_none()
-            })
-            .collect();
-        if kept.len() == route.candidates.len() {
-            return Ok(route);
-        }
-        let Some(&first) = kept.first() else {
-            let (param, model) = refused.unwrap_or(("messages", String::new()));
-            return Err(PipelineError::Unsupported {
-                param: param.to_owned(),
-                reason: format!(
-                    "`{param}` cannot be honoured by any model this call may go to (`{model}`'s provider lacks it): \
-                     leave it out, or route the step to a model whose provider has it"
-                ),
-            });
-        };
-        tracing::debug!(first = %route.candidates[first].name, "candidates that cannot honour the request left out");
-        let mut honoured = route.into_owned();
-        honoured.candidates = kept.iter().map(|&index| honoured.candidates[index].clone()).collect();
-        honoured.weights = kept.iter().map(|&index| honoured.weights.get(index).copied().unwrap_or(1.0)).collect();
-        Ok(Cow::Owned(honoured))
-    }
-
-    /// What a provider's API can be asked for; one the config does not describe (handed to
-    /// the builder) is taken to be like the primary one.
-    fn capabilities(&self, provider: &str) -> Capabilities {
-        let config = &self.inner.config;
-        config.providers.get(provider).map_or(config.provider.capabilities, |p| p.capabilities)
-    }
-
-    /// A model a call names that the registry does not know: on the primary provider, priced
-    /// by the longest listed prefix of its name if any (else free, with a warning when it
-    /// answers), of unknown window and the lowest tier.
-    fn unregistered(&self, model: &str) -> ModelSpec {
-        let config = &self.inner.config;
-        ModelSpec {
-            name: model.to_owned(),
-            provider: config.provider.name.clone(),
-            upstream: model.to_owned(),
-            price: config.prices.price(model).unwrap_or(ModelPrice::new(0.0, 0.0)),
-            context_window: None,
-            tier: 1,
-            json: true,
-            tools: true,
-        }
-    }
-
     /// One answer from the route, and if it breaks the output contract, one repair request
     /// to the same model that shows it its reply and what is wrong with it.
     pub(super) async fn ask_and_validate<'r>(
@@ -278,149 +115,10 @@ impl Engine {
         Ok((answer, answered))
     }
 
-    /// The route, decided now and again after each failure that another candidate may not
-    /// have, until a candidate answers or none is left. The first decision, the candidates that
-    /// failed and the one that answered go into the call's record.
-    async fn ask_route<'r>(
-        &self,
-        ask: &Ask<'_>,
-        route: &'r RouteSpec,
-        messages: &[ChatMessage],
-        spent: &mut Spent,
-    ) -> Result<(ChatResponse, Answered<'r>), PipelineError> {
-        let mut failed = vec![false; route.candidates.len()];
-        let mut window_above = None;
-        let mut failure: Option<PipelineError> = None;
-        // Every candidate left out on the way, with the first reason that applied to it.
-        let mut journal = Journal::default();
-        loop {
-            if failure.is_some() && ask.deadline.is_past() {
-                break;
-            }
-            let decision = self.decide(ask, route, &failed, window_above);
-            let first_decision = journal.note(&decision);
-            let held = decision.held_by_guard().filter(|index| !failed[*index]);
-            // With no candidate left but one a guard holds, the guard refuses it in its own words.
-            let Some(index) = decision.chosen().or(if failure.is_none() { held } else { None }) else {
-                spent.route = Some(journal.record(route, None));
-                return Err(failure.unwrap_or_else(|| self.no_route(ask, route, &decision)));
-            };
-            let candidate = &route.candidates[index];
-            if let Some(previous) = &failure {
-                tracing::warn!(error = %previous, next = %candidate.name, "trying the route's next candidate");
-            }
-            spent.route = Some(journal.record(route, Some(index)));
-            match self.ask_with_retries(ask, candidate, messages, spent).await {
-                Ok(reply) => {
-                    // An answer is the route's own when it came from the candidate the route
-                    // prefers with every candidate healthy; else it is a fallback's.
-                    let preferred = if route.strategy == RouteStrategy::Ordered && !decision.downgraded {
-                        index == 0
-                    } else {
-                        first_decision && decision.chosen() == Some(index) && !journal.held_any()
-                    };
-                    return Ok((reply, Answered { candidate, preferred }));
-                }
-                Err(err) if err.falls_through() && !ask.stream.is_some_and(StreamSink::forwarded) => {
-                    failed[index] = true;
-                    journal.failed(index);
-                    if err.class() == telemetry::ErrorClass::ContextLength {
-                        let needed = ask.prompt_tokens + u64::from(ask.sampling.max_output_tokens);
-                        let size = candidate.context_window.unwrap_or(u32::try_from(needed).unwrap_or(u32::MAX));
-                        window_above = Some(window_above.map_or(size, |above: u32| above.max(size)));
-                    }
-                    spent.route = Some(journal.record(route, Some(index)));
-                    failure = Some(err);
-                }
-                Err(err) => return Err(err),
-            }
-        }
-        Err(failure
-            .unwrap_or(PipelineError::DeadlineExceeded { budget: ask.deadline.budget(), attempts: spent.attempts }))
-    }
-
-    /// One routing decision, on a snapshot of the candidates and the budget taken now.
-    fn decide(&self, ask: &Ask<'_>, route: &RouteSpec, failed: &[bool], window_above: Option<u32>) -> RouteDecision {
-        let inner = &self.inner;
-        let workspace = &ask.call.context.workspace;
-        let wait_bound = inner.guards.max_wait().min(ask.deadline.remaining());
-        let candidates = route
-            .candidates
-            .iter()
-            .zip(failed)
-            .map(|(candidate, failed)| {
-                let outlook = inner.guards.outlook(workspace, &self.guard_key(candidate), ask.estimated_tokens);
-                let (latency, in_flight) = inner.latencies.state(&candidate.name);
-                CandidateState {
-                    breaker_open: outlook.breaker_open,
-                    throttled: outlook.wait > wait_bound,
-                    failed: *failed,
-                    latency,
-                    in_flight,
-                }
-            })
-            .collect();
-        let budget = inner.budgets.view(workspace, ask.spec, ask.at);
-        let snapshot = Snapshot { candidates, budget_left_usd: budget.left_usd, downgrade: budget.downgrade };
-        let needs = Needs {
-            strategy: route.strategy,
-            candidates: &route.candidates,
-            weights: &route.weights,
-            min_tier: route.min_tier,
-            json: ask.spec.kind == StepKind::Structured,
-            prompt_tokens: ask.prompt_tokens,
-            max_output_tokens: ask.sampling.max_output_tokens,
-            window_above,
-            max_cost_usd: ask.call.options.max_cost_usd,
-        };
-        let mut rng = inner.rng.lock().unwrap_or_else(PoisonError::into_inner);
-        route::route(&needs, &snapshot, &mut *rng as &mut dyn RngCore)
-    }
-
-    /// Why no candidate could take the call, in the words of the filter that stopped them.
-    fn no_route(&self, ask: &Ask<'_>, route: &RouteSpec, decision: &RouteDecision) -> PipelineError {
-        if decision.stopped_by_budget() {
-            return self.inner.budgets.exhausted(&ask.call.context.workspace, ask.spec, ask.at);
-        }
-        if let Some(max_usd) = ask.call.options.max_cost_usd
-            && decision.excluded.iter().all(|(_, reason)| *reason == RouteExclusion::CostCeiling)
-        {
-            let cheapest = route
-                .candidates
-                .iter()
-                .map(|candidate| {
-                    (candidate, candidate.estimated_cost(ask.prompt_tokens, ask.sampling.max_output_tokens))
-                })
-                .min_by(|a, b| a.1.total_cmp(&b.1));
-            if let Some((candidate, estimated_usd)) = cheapest {
-                return PipelineError::CostLimitExceeded {
-                    reason: format!(
-                        "estimated cost ${estimated_usd:.6} (about {} prompt tokens + {} output tokens on `{}`) \
-                         exceeds the call's max_cost_usd ${max_usd:.6}",
-                        ask.prompt_tokens, ask.sampling.max_output_tokens, candidate.name
-                    ),
-                };
-            }
-        }
-        let excluded = decision
-            .excluded
-            .iter()
-            .map(|(index, reason)| format!("{}: {}", route.candidates[*index].name, reason.label()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let hint = match decision.excluded.first().map(|(_, reason)| *reason) {
-            Some(RouteExclusion::ContextWindow) => "shorten the input or add a candidate with a larger context_window",
-            Some(RouteExclusion::Capability) => "add a candidate that answers in JSON (models.NAME.json = true)",
-            Some(RouteExclusion::Tier) => "lower the route's min_tier or add a candidate of that tier",
-            _ => "add a candidate to the step's route",
-        };
-        PipelineError::NoRoute { step: ask.spec.step.clone(), excluded, hint: hint.to_owned() }
-    }
-
     /// One candidate, retried on retryable upstream failures as the retry policy allows.
     /// Guards that refuse (rate limit, breaker, pause) are not retried: they already waited as
     /// long as the call may, and another candidate is the better use of what is left.
-    async fn ask_with_retries(
+    pub(super) async fn ask_with_retries(
         &self,
         ask: &Ask<'_>,
         candidate: &ModelSpec,
@@ -616,56 +314,6 @@ impl Engine {
                 }
                 0.0
             }
-        }
-    }
-}
-
-/// A call's routing decisions so far, for its record: the strategy and downgrade of the first,
-/// and every candidate any of them left out, with the first reason (a failure overrides).
-#[derive(Debug, Default)]
-struct Journal {
-    strategy: Option<(RouteStrategy, bool)>,
-    excluded: Vec<(usize, RouteExclusion)>,
-}
-
-impl Journal {
-    /// Notes a decision; whether it is the first.
-    fn note(&mut self, decision: &RouteDecision) -> bool {
-        let first = self.strategy.is_none();
-        self.strategy.get_or_insert((decision.strategy, decision.downgraded));
-        for (index, reason) in &decision.excluded {
-            if !self.excluded.iter().any(|(noted, _)| noted == index) {
-                self.excluded.push((*index, *reason));
-            }
-        }
-        first
-    }
-
-    fn failed(&mut self, index: usize) {
-        self.excluded.retain(|(noted, _)| *noted != index);
-        self.excluded.push((index, RouteExclusion::Failed));
-    }
-
-    /// Whether a guard (a breaker, a rate limit) kept any candidate out.
-    fn held_any(&self) -> bool {
-        self.excluded
-            .iter()
-            .any(|(_, reason)| matches!(reason, RouteExclusion::BreakerOpen | RouteExclusion::RateLimited))
-    }
-
-    fn record(&self, route: &RouteSpec, chosen: Option<usize>) -> RouteRecord {
-        let (strategy, downgraded) = self.strategy.unwrap_or((route.strategy, false));
-        let name = |index: usize| route.candidates[index].name.clone();
-        RouteRecord {
-            strategy,
-            downgraded,
-            chosen: chosen.map(name),
-            excluded: self
-                .excluded
-                .iter()
-                .filter(|(index, _)| Some(*index) != chosen)
-                .map(|(index, reason)| (name(*index), *reason))
-                .collect(),
         }
     }
 }

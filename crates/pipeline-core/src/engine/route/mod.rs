@@ -10,8 +10,12 @@
 //! falls through to.
 //!
 //! Public as `pipeline_core::routing` so that the decision can be measured alone
-//! (`cargo xtask bench engine`) and reasoned about without an engine.
+//! (`cargo xtask bench engine`) and reasoned about without an engine. The engine's side (the
+//! snapshot taken, the route asked candidate by candidate, the decisions journaled for the
+//! record) is in `ask.rs` and `journal.rs`, private to the crate.
 
+mod ask;
+mod journal;
 mod latency;
 
 use std::sync::Arc;

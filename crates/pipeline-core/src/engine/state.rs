@@ -1,0 +1,59 @@
+//! What an engine shows of itself (its config, clock, telemetry, guards) and how it ends.
+
+use std::time::SystemTime;
+
+use resilience::{BreakerStatus, PauseStatus};
+use telemetry::{Recorder, TelemetryError};
+
+use super::Engine;
+use crate::{Config, SetupError};
+
+impl Engine {
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The time on the engine's clock (the log's time during a replay).
+    pub fn now(&self) -> SystemTime {
+        self.inner.clock.now()
+    }
+
+    /// The telemetry writer this engine records into.
+    pub fn recorder(&self) -> &Recorder {
+        &self.inner.recorder
+    }
+
+    /// The Prometheus metrics of this engine's calls.
+    pub fn metrics(&self) -> &telemetry::Metrics {
+        self.inner.recorder.metrics()
+    }
+
+    /// The state of every circuit breaker used so far (empty when breakers are off).
+    pub fn breakers(&self) -> Vec<BreakerStatus> {
+        self.inner.guards.breakers()
+    }
+
+    /// Every provider/model that a Retry-After from the upstream holds back now.
+    pub fn paused(&self) -> Vec<PauseStatus> {
+        self.inner.guards.paused()
+    }
+
+    /// Waits until every telemetry record of the calls made so far is written.
+    pub async fn flush(&self) -> Result<(), TelemetryError> {
+        self.inner.recorder.flush().await
+    }
+
+    /// Before the process ends: writes the pending telemetry and saves the semantic cache to
+    /// its snapshot, if one is configured.
+    pub async fn shutdown(&self) -> Result<(), SetupError> {
+        self.flush().await?;
+        if let (Some(cache), Some(path)) = (&self.inner.semantic, &self.inner.config.semantic.snapshot) {
+            let (cache, target) = (cache.clone(), path.clone());
+            let saved = tokio::task::spawn_blocking(move || cache.save(&target)).await.map_err(|err| {
+                semantic_cache::CacheError::Snapshot { path: path.clone(), reason: err.to_string() }
+            })??;
+            tracing::info!(entries = saved, "semantic cache saved");
+        }
+        Ok(())
+    }
+}
