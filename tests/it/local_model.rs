@@ -7,22 +7,27 @@ use testkit::{GatewayProcess, LlamaServer};
 
 const KEY: &str = "sk-aipipe-local-model";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_small_local_model_meets_the_structured_steps() {
-    let Some(llama) = LlamaServer::start() else { return };
-    let dir = tempfile::tempdir().unwrap();
+/// `aipipe serve` in front of the local model, its telemetry in `dir`.
+fn gateway_to(llama: &LlamaServer, dir: &Path) -> GatewayProcess {
     let config = format!(
         "[semantic]\nenabled = false\n[telemetry]\ndatabase_url = \"sqlite://{}\"\n[gateway.api_keys]\nlocal = \"LOCAL_KEY\"\n",
-        dir.path().join("telemetry.db").display()
+        dir.join("telemetry.db").display()
     );
-    let gateway = GatewayProcess::start(
+    GatewayProcess::start(
         Path::new(env!("CARGO_BIN_EXE_aipipe")),
-        dir.path(),
+        dir,
         &llama.base_url,
         &config,
         &[("LOCAL_KEY", KEY), ("OPENAI_API_KEY", "not-needed")],
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_local_model_meets_the_structured_steps() {
+    let Some(llama) = LlamaServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = gateway_to(&llama, dir.path());
     let http = reqwest::Client::new();
     let cases = [
         ("classifier", json!({"text": "The app crashes when I upload a photo", "labels": ["billing", "bug", "other"]})),
@@ -62,18 +67,7 @@ async fn a_small_local_model_meets_the_structured_steps() {
 async fn a_chat_answer_streams_from_a_small_local_model() {
     let Some(llama) = LlamaServer::start() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "[semantic]\nenabled = false\n[telemetry]\ndatabase_url = \"sqlite://{}\"\n[gateway.api_keys]\nlocal = \"LOCAL_KEY\"\n",
-        dir.path().join("telemetry.db").display()
-    );
-    let gateway = GatewayProcess::start(
-        Path::new(env!("CARGO_BIN_EXE_aipipe")),
-        dir.path(),
-        &llama.base_url,
-        &config,
-        &[("LOCAL_KEY", KEY), ("OPENAI_API_KEY", "not-needed")],
-    )
-    .unwrap();
+    let gateway = gateway_to(&llama, dir.path());
     let http = reqwest::Client::new();
     let ask = |question: &str, stream: bool| {
         let mut body = json!({"model": "smollm2", "max_tokens": 48, "temperature": 0.0,

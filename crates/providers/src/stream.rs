@@ -9,6 +9,7 @@ use std::fmt;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use eventsource_stream::{EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
@@ -205,6 +206,26 @@ impl StreamedReply {
             time_to_first_token: None,
         })
     }
+}
+
+/// The data of each server-sent event in a stream of body bytes; a body that cannot be read as
+/// events is a [`ProviderError::MalformedReply`], a transport failure the provider's own error.
+pub(crate) fn event_data<S, B, E>(bytes: S) -> impl Stream<Item = Result<String, ProviderError>> + Send + 'static
+where
+    S: Stream<Item = Result<B, E>> + Send + 'static,
+    B: AsRef<[u8]> + Send + 'static,
+    E: Into<ProviderError> + Send + 'static,
+{
+    bytes.eventsource().map(|event| match event {
+        Ok(event) => Ok(event.data),
+        Err(EventStreamError::Transport(err)) => Err(err.into()),
+        Err(EventStreamError::Utf8(err)) => {
+            Err(ProviderError::MalformedReply { message: format!("the event stream is not UTF-8: {err}") })
+        }
+        Err(EventStreamError::Parser(err)) => {
+            Err(ProviderError::MalformedReply { message: format!("not an event stream: {err}") })
+        }
+    })
 }
 
 /// Reads a provider's events to their end, forwarding every piece to `sink`, and answers with

@@ -8,7 +8,6 @@
 
 use std::time::SystemTime;
 
-use eventsource_stream::{EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 
@@ -104,18 +103,8 @@ where
     B: AsRef<[u8]> + Send + 'static,
     E: Into<ProviderError> + Send + 'static,
 {
-    bytes
-        .eventsource()
-        .map(|event| match event {
-            Ok(event) => parse(&event.data),
-            Err(EventStreamError::Transport(err)) => Err(err.into()),
-            Err(EventStreamError::Utf8(err)) => {
-                Err(ProviderError::MalformedReply { message: format!("the event stream is not UTF-8: {err}") })
-            }
-            Err(EventStreamError::Parser(err)) => {
-                Err(ProviderError::MalformedReply { message: format!("not an event stream: {err}") })
-            }
-        })
+    crate::stream::event_data(bytes)
+        .map(|data| data.and_then(|data| parse(&data)))
         .scan(Progress::default(), |progress, parsed| futures::future::ready(progress.next(parsed)))
         .filter_map(futures::future::ready)
 }

@@ -8,7 +8,6 @@
 
 use std::time::SystemTime;
 
-use eventsource_stream::{EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 
@@ -97,23 +96,14 @@ where
     B: AsRef<[u8]> + Send + 'static,
     E: Into<ProviderError> + Send + 'static,
 {
-    bytes
-        .eventsource()
-        .scan(Progress::default(), |progress, event| {
-            let events = match event {
+    crate::stream::event_data(bytes)
+        .scan(Progress::default(), |progress, data| {
+            let events = match data {
                 _ if progress.done => None,
-                Ok(event) => Some(progress.read(&event.data)),
+                Ok(data) => Some(progress.read(&data)),
                 Err(err) => {
                     progress.done = true;
-                    Some(vec![Err(match err {
-                        EventStreamError::Transport(err) => err.into(),
-                        EventStreamError::Utf8(err) => {
-                            ProviderError::MalformedReply { message: format!("the event stream is not UTF-8: {err}") }
-                        }
-                        EventStreamError::Parser(err) => {
-                            ProviderError::MalformedReply { message: format!("not an event stream: {err}") }
-                        }
-                    })])
+                    Some(vec![Err(err)])
                 }
             };
             futures::future::ready(events)
