@@ -117,9 +117,7 @@ fn parse_line(line: usize, text: &str) -> Result<LoggedCall, String> {
     let raw: RawLine = serde_json::from_value(value).map_err(|err| format!("not a log record: {err}"))?;
     let at = rfc3339("ts", &raw.ts)?;
     let step = StepType::new(&raw.step).map_err(|err| format!("`step`: {err}"))?;
-    if !(raw.latency_ms.is_finite() && raw.latency_ms >= 0.0) {
-        return Err(format!("`latency_ms` is {}: use a non-negative number of milliseconds", raw.latency_ms));
-    }
+    let latency = latency(raw.latency_ms)?;
     if !raw.input.is_object() {
         return Err("`input` must be a JSON object (the step's input fields)".into());
     }
@@ -149,7 +147,7 @@ fn parse_line(line: usize, text: &str) -> Result<LoggedCall, String> {
         input: raw.input,
         outcome,
         usage: Usage::new(raw.usage.input_tokens, raw.usage.output_tokens),
-        latency: Duration::from_secs_f64(raw.latency_ms / 1000.0),
+        latency,
         meaning: raw.meaning.filter(|meaning| !meaning.trim().is_empty()),
     })
 }
@@ -251,10 +249,7 @@ fn parse_openai_line(line: usize, value: Value) -> Result<LoggedCall, String> {
         (None, Some(created)) => unix_seconds(created as f64)?,
         (None, None) => return Err("no time: add `timestamp` (RFC 3339 or Unix seconds) or `response.created`".into()),
     };
-    let latency_ms = raw.latency_ms.unwrap_or(0.0);
-    if !(latency_ms.is_finite() && latency_ms >= 0.0) {
-        return Err(format!("`latency_ms` is {latency_ms}: use a non-negative number of milliseconds"));
-    }
+    let latency = latency(raw.latency_ms.unwrap_or(0.0))?;
     let response_model = raw.response.as_ref().and_then(|response| response.model.clone());
     let model = response_model.or_else(|| raw.request.model.clone()).filter(|model| !model.trim().is_empty());
     let model = model.ok_or("no model: the request or the response must name it")?;
@@ -281,18 +276,21 @@ fn parse_openai_line(line: usize, value: Value) -> Result<LoggedCall, String> {
         input,
         outcome,
         usage,
-        latency: Duration::from_secs_f64(latency_ms / 1000.0),
+        latency,
         meaning: None,
     })
 }
 
 fn unix_seconds(seconds: f64) -> Result<SystemTime, String> {
-    if !(seconds.is_finite() && seconds >= 0.0) {
-        return Err(format!("the time {seconds} is not Unix seconds"));
-    }
-    SystemTime::UNIX_EPOCH
-        .checked_add(Duration::from_secs_f64(seconds))
-        .ok_or_else(|| format!("the time {seconds} is out of range"))
+    let since_epoch =
+        Duration::try_from_secs_f64(seconds).map_err(|_| format!("the time {seconds} is not Unix seconds"))?;
+    SystemTime::UNIX_EPOCH.checked_add(since_epoch).ok_or_else(|| format!("the time {seconds} is out of range"))
+}
+
+/// A logged latency: a non-negative number of milliseconds that a duration can hold.
+fn latency(millis: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(millis / 1000.0)
+        .map_err(|_| format!("`latency_ms` is {millis}: use a non-negative number of milliseconds"))
 }
 
 /// The engine's one failure classifier decides what a logged HTTP failure was.
@@ -421,5 +419,19 @@ mod tests {
         log.extend_from_slice(b"\n\xff\xfe garbage\n");
         let (calls, bad) = read_log(log.as_slice()).unwrap();
         assert_eq!((calls.len(), bad.len(), bad[0].line), (1, 1, 2));
+    }
+
+    /// Found by the `log_line` fuzz target: a finite latency too large for a duration.
+    #[test]
+    fn a_latency_no_duration_can_hold_is_a_bad_line_not_a_panic() {
+        let huge = GOOD.replace(r#""latency_ms":850"#, r#""latency_ms":1e300"#);
+        let negative = GOOD.replace(r#""latency_ms":850"#, r#""latency_ms":-1"#);
+        let openai = r#"{"timestamp": 1e300, "latency_ms": 1e300, "request": {"model": "m", "messages": [{"role": "user", "content": "x"}]}, "response": {"choices": [{"message": {"content": "y"}}]}}"#;
+        let log = format!("{huge}\n{negative}\n{openai}\n");
+        let (calls, bad) = read_log(log.as_bytes()).unwrap();
+        assert!(calls.is_empty());
+        assert_eq!(bad.len(), 3);
+        assert!(bad[0].reason.contains("latency_ms"), "{}", bad[0].reason);
+        assert!(bad[1].reason.contains("latency_ms"), "{}", bad[1].reason);
     }
 }

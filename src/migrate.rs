@@ -9,13 +9,14 @@ use anyhow::Context;
 use pipeline_core::telemetry::TelemetryStore;
 
 pub async fn status(plan: &Path, db: &str, hours: f64, json: bool) -> anyhow::Result<String> {
-    if !(hours.is_finite() && hours > 0.0) {
-        anyhow::bail!("--hours {hours}: give a positive number of hours");
-    }
+    let window = Duration::try_from_secs_f64(hours * 3600.0)
+        .ok()
+        .filter(|window| !window.is_zero())
+        .with_context(|| format!("--hours {hours}: give a positive number of hours"))?;
     let plan = MigrationPlan::load(plan)?;
     let store = TelemetryStore::connect(db).await.with_context(|| format!("cannot read telemetry from `{db}`"))?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let from = now.saturating_sub(Duration::from_secs_f64(hours * 3600.0));
+    let from = now.saturating_sub(window);
     let rows = migration_status(&store, &plan, from.as_millis() as i64, now.as_millis() as i64 + 1).await?;
     store.close().await;
     let mut out = String::new();
