@@ -211,19 +211,22 @@ fn start_gateway(aipipe: &Path, dir: &Path, upstream: &str, extra: &str) -> anyh
         .with_context(|| format!("cannot start `{} serve`", aipipe.display()))
 }
 
-/// One chat completion with a question no earlier request asked.
-async fn call(client: &reqwest::Client, url: &str, counter: &AtomicUsize) -> anyhow::Result<()> {
+/// A chat completion request with a question no earlier request asked, whole or streamed.
+fn ask(client: &reqwest::Client, url: &str, counter: &AtomicUsize, stream: bool) -> reqwest::RequestBuilder {
     let n = counter.fetch_add(1, Ordering::Relaxed);
     let body = format!(
-        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"What is the capital of France? (request {n})"}}]}}"#
+        r#"{{"model":"gpt-4o-mini","stream":{stream},"messages":[{{"role":"user","content":"What is the capital of France? (request {n})"}}]}}"#
     );
-    let response = client
+    client
         .post(url)
         .header("authorization", format!("Bearer {API_KEY}"))
         .header("content-type", "application/json")
         .body(body)
-        .send()
-        .await?;
+}
+
+/// One chat completion with a question no earlier request asked.
+async fn call(client: &reqwest::Client, url: &str, counter: &AtomicUsize) -> anyhow::Result<()> {
+    let response = ask(client, url, counter, false).send().await?;
     let status = response.status();
     let text = response.bytes().await?;
     if !status.is_success() {
@@ -248,18 +251,9 @@ const STREAM_EVENTS: [&str; 6] = [
 async fn streamed(client: &reqwest::Client, url: &str, counter: &AtomicUsize) -> anyhow::Result<Vec<Duration>> {
     let mut samples = Vec::with_capacity(STREAM_ROUND);
     for _ in 0..STREAM_ROUND {
-        let n = counter.fetch_add(1, Ordering::Relaxed);
-        let body = format!(
-            r#"{{"model":"gpt-4o-mini","stream":true,"messages":[{{"role":"user","content":"What is the capital of France? (request {n})"}}]}}"#
-        );
+        let request = ask(client, url, counter, true);
         let started = Instant::now();
-        let mut response = client
-            .post(url)
-            .header("authorization", format!("Bearer {API_KEY}"))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await?;
+        let mut response = request.send().await?;
         if !response.status().is_success() {
             bail!("{url} answered {} to a streamed request", response.status());
         }
