@@ -37,10 +37,20 @@ pub(crate) struct ChatOptions {
     pub(crate) parallel_tool_calls: Option<bool>,
     pub(crate) extras: Extras,
     /// The caller's reply format; `None`: the step's.
-    #[serde(skip)]
+    #[serde(serialize_with = "format_in_key")]
     pub(crate) response_format: Option<ResponseFormat>,
-    /// The schema's text, for the cache key (`ResponseFormat` is not serialisable).
-    pub(crate) response_format_key: Option<String>,
+}
+
+/// A reply format as the cache key sees it.
+fn format_in_key<S: serde::Serializer>(format: &Option<ResponseFormat>, serializer: S) -> Result<S::Ok, S::Error> {
+    let keyed = format.as_ref().map(|format| match format {
+        ResponseFormat::Text => serde_json::json!("text"),
+        ResponseFormat::JsonObject => serde_json::json!("json_object"),
+        ResponseFormat::JsonSchema { name, schema, strict } => {
+            serde_json::json!({"name": name, "schema": schema, "strict": strict})
+        }
+    });
+    keyed.serialize(serializer)
 }
 
 impl ChatOptions {
@@ -239,10 +249,7 @@ fn render_chat(spec: &StepSpec, input: &Value) -> Result<Rendered, PipelineError
         Some(asked) => asked,
         None => spec.max_output_tokens,
     };
-    let (response_format, response_format_key) = match &chat.response_format {
-        None => (None, None),
-        Some(format) => (Some(response_format(format).map_err(invalid)?), Some(format.to_string())),
-    };
+    let response_format = chat.response_format.as_ref().map(response_format).transpose().map_err(invalid)?;
     let request = ChatOptions {
         tools: chat.tools,
         tool_choice: chat.tool_choice,
@@ -258,7 +265,6 @@ fn render_chat(spec: &StepSpec, input: &Value) -> Result<Rendered, PipelineError
             metadata: chat.metadata,
         },
         response_format,
-        response_format_key,
     };
     Ok(Rendered { messages, sampling: Sampling { temperature, max_output_tokens }, request })
 }

@@ -271,5 +271,13 @@ mod tests {
         assert_ne!(key(&plain), key(&seeded));
         assert_ne!(key(&with_tool), key(&seeded));
         assert_eq!(key(&seeded), key(&seeded.clone()));
+        let schema = |schema: serde_json::Value| ChatOptions {
+            response_format: Some(providers::ResponseFormat::JsonSchema { name: "s".into(), schema, strict: true }),
+            ..ChatOptions::default()
+        };
+        let city = schema(serde_json::json!({"type": "object", "required": ["city"]}));
+        let river = schema(serde_json::json!({"type": "object", "required": ["river"]}));
+        assert_ne!(key(&city), key(&river));
+        assert_ne!(key(&plain), key(&city));
     }
 }
