@@ -139,15 +139,37 @@ fn router(gateway: Arc<Gateway>, max_body_bytes: usize) -> Router {
 }
 
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
-    ([(header::CONTENT_TYPE, Metrics::CONTENT_TYPE)], gateway.engine.metrics().render()).into_response()
+    let metrics = gateway.engine.metrics();
+    for part in gateway.engine.shared_state() {
+        metrics.set_shared_state_up(part.part, part.up);
+    }
+    let (exact, semantic) = gateway.engine.cache_entries();
+    for (cache, entries) in [("exact", exact), ("semantic", semantic)] {
+        if let Some(entries) = entries {
+            metrics.set_cache_entries(cache, entries);
+        }
+    }
+    ([(header::CONTENT_TYPE, Metrics::CONTENT_TYPE)], metrics.render()).into_response()
 }
 
+/// Ready while not draining. A shared part that is down does not make a replica unready (it
+/// answers on its own), but it is named, so that an operator sees the degradation.
 async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
     if gateway.draining.load(Ordering::SeqCst) {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
-    } else {
-        "ready".into_response()
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
     }
+    let mut body = String::from("ready");
+    for part in gateway.engine.shared_state().into_iter().filter(|part| !part.up) {
+        let since = part.down_since.and_then(|since| since.elapsed().ok()).unwrap_or_default();
+        body.push_str(&format!(
+            "\ndegraded: {} at {} unreachable for {} s ({}): caches miss and limits are held at this replica's share",
+            part.part,
+            part.address,
+            since.as_secs(),
+            part.reason.unwrap_or_default()
+        ));
+    }
+    body.into_response()
 }
 
 async fn list_models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {

@@ -4,5 +4,6 @@
 mod local_model;
 mod migrate;
 mod replay;
+mod replicas;
 mod sdk;
 mod serve;

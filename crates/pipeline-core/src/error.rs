@@ -20,6 +20,8 @@ pub enum SetupError {
     Provider(#[from] providers::ProviderError),
     #[error("semantic cache: {0} (or set semantic.enabled = false)")]
     Semantic(#[from] semantic_cache::CacheError),
+    #[error("shared state: {0}")]
+    Shared(#[from] shared_state::SharedError),
 }
 
 impl SetupError {
@@ -41,6 +43,7 @@ impl SetupError {
             Self::Telemetry(err) => err.metric_label(),
             Self::Provider(err) => err.metric_label(),
             Self::Semantic(_) => "semantic_cache",
+            Self::Shared(err) => err.label(),
         }
     }
 }

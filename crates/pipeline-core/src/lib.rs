@@ -24,7 +24,7 @@ pub use clock::{Clock, ManualClock, SystemClock, TokioSystemClock};
 pub use config::{
     BudgetSettings, CacheSettings, Config, ConfigSource, EngineSettings, FallbackSettings, ModelRegistry, ModelSpec,
     OnBudget, ProviderKind, ProviderSettings, ResilienceSettings, RouteSpec, RoutingSettings, SemanticSettings,
-    StepSpec, TelemetrySettings,
+    StateSettings, StepSpec, TelemetrySettings,
 };
 pub use engine::route as routing;
 pub use engine::{Embeddings, Engine, EngineBuilder};

@@ -116,6 +116,11 @@ impl Breakers {
         Self { settings, breakers: Mutex::default() }
     }
 
+    /// How long an open breaker refuses calls.
+    pub fn open_for(&self) -> Duration {
+        self.settings.open_for
+    }
+
     fn breaker(&self, key: &str) -> Arc<Breaker> {
         let mut breakers = self.breakers.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(breaker) = breakers.get(key) {

@@ -1,8 +1,11 @@
+use std::num::NonZeroU32;
 use std::time::Duration;
 
+use shared_state::{SharedBreakers, SharedBuckets, Store};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::remote::RemoteBreakers;
 use crate::{
     BreakerPermit, BreakerSettings, BreakerState, BreakerStatus, Breakers, Deadline, Declared, Headroom, LimitSettings,
     Outcome, PausePermit, PauseStatus, Pauses, RateLimits, Refusal, TokenReservation,
@@ -28,7 +31,17 @@ pub struct Guards {
     pauses: Option<Pauses>,
     limits: Option<RateLimits>,
     breakers: Option<Breakers>,
+    /// Breakers other replicas opened, with the time each is open for here.
+    remote: Option<(RemoteBreakers, Duration)>,
     max_wait: Duration,
+}
+
+/// What the guards of one replica share with the others.
+#[derive(Debug, Clone)]
+pub struct SharedGuards {
+    pub store: Store,
+    /// How many replicas share the limits: while `store` is away, each holds this share.
+    pub replicas: NonZeroU32,
 }
 
 /// What the guards would do with a request to a provider/model now, asked without taking
@@ -60,6 +73,8 @@ pub struct Admission {
     pause: Option<PausePermit>,
     reservation: Option<TokenReservation>,
     breaker: Option<BreakerPermit>,
+    /// Where to publish the breaker, should this request open it.
+    remote: Option<(RemoteBreakers, String, Duration)>,
     waited: Duration,
 }
 
@@ -69,8 +84,19 @@ impl Guards {
             pauses: settings.pause_on_retry_after.then(Pauses::new),
             limits: settings.limits.map(RateLimits::new),
             breakers: settings.breaker.map(Breakers::new),
+            remote: None,
             max_wait: settings.max_wait,
         }
+    }
+
+    /// Limits held in Redis for every replica together, and breakers published to them.
+    pub fn shared(mut self, shared: SharedGuards) -> Self {
+        self.limits =
+            self.limits.map(|limits| limits.shared(SharedBuckets::new(shared.store.clone()), shared.replicas));
+        if let Some(open_for) = self.breakers.as_ref().map(Breakers::open_for) {
+            self.remote = Some((RemoteBreakers::follow(SharedBreakers::new(shared.store)), open_for));
+        }
+        self
     }
 
     /// Waits, within the deadline, until `workspace` may send one request of about
@@ -114,6 +140,10 @@ impl Guards {
             }
             None => None,
         };
+        if let Some(retry_after) = self.remote.as_ref().and_then(|(remote, _)| remote.open_for(key)) {
+            let refusal = Refusal::CircuitOpen { key: key.to_owned(), retry_after };
+            return Err(Refused { refusal, waited, breaker_state: Some(BreakerState::Open) });
+        }
         let breaker = match &self.breakers {
             Some(breakers) => match breakers.admit(key) {
                 Ok(permit) => Some(permit),
@@ -123,7 +153,8 @@ impl Guards {
             },
             None => None,
         };
-        Ok(Admission { pause, reservation, breaker, waited })
+        let remote = self.remote.as_ref().map(|(remote, open_for)| (remote.clone(), key.to_owned(), *open_for));
+        Ok(Admission { pause, reservation, breaker, remote, waited })
     }
 
     /// What a request of about `estimated_tokens` from `workspace` to `key` would meet now.
@@ -132,7 +163,8 @@ impl Guards {
         let limited =
             self.limits.as_ref().map_or(Duration::ZERO, |limits| limits.wait_for(workspace, key, estimated_tokens));
         Outlook {
-            breaker_open: self.breakers.as_ref().is_some_and(|breakers| breakers.refuses(key)),
+            breaker_open: self.breakers.as_ref().is_some_and(|breakers| breakers.refuses(key))
+                || self.remote.as_ref().is_some_and(|(remote, _)| remote.open_for(key).is_some()),
             wait: paused.max(limited),
         }
     }
@@ -178,6 +210,9 @@ impl Admission {
     /// the estimate stands). Returns the breaker's state afterwards, if breakers are on.
     pub fn finish(self, outcome: Outcome, used_tokens: Option<u64>) -> Option<BreakerState> {
         let state = self.breaker.map(|permit| permit.record(outcome));
+        if let (Some(BreakerState::Open), Some((remote, key, open_for))) = (state, &self.remote) {
+            remote.publish(key, *open_for);
+        }
         if let Some(permit) = self.pause {
             permit.record(outcome);
         }

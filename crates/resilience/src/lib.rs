@@ -10,7 +10,9 @@
 //! - [`RateLimits`]: requests and tokens per workspace and per provider/model (token buckets
 //!   that a call settles with its real usage), a provider/model held to the limits its upstream
 //!   declares; a call waits for capacity up to a short `max_wait`, then is refused with the
-//!   time to retry.
+//!   time to retry. With [`SharedGuards`], the limits are held in Redis for every replica
+//!   together (each replica falls back to its share while Redis is away), and an opened
+//!   breaker is published so that the other replicas skip the upstream too.
 //! - [`Breakers`]: a failsafe circuit breaker per provider/model that admits one half-open probe
 //!   at a time and reports its state.
 //! - [`Pauses`]: a Retry-After from the upstream holds back every call to that provider/model
@@ -24,12 +26,13 @@ mod error;
 mod guards;
 mod limit;
 mod pause;
+mod remote;
 mod retry;
 
 pub use breaker::{BreakerPermit, BreakerSettings, BreakerState, BreakerStatus, Breakers};
 pub use deadline::{Deadline, DeadlineExceeded};
 pub use error::{Refusal, Scope};
-pub use guards::{Admission, GuardSettings, Guards, Outlook, Refused};
+pub use guards::{Admission, GuardSettings, Guards, Outlook, Refused, SharedGuards};
 pub use limit::{Declared, Headroom, LimitSettings, Quota, RateLimits, TokenReservation, Window};
 pub use pause::{PausePermit, PauseStatus, Pauses};
 pub use retry::{GiveUp, Retries, RetryPolicy, RetrySettings};

@@ -3,6 +3,7 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use shared_state::{BucketAsk, SharedBuckets, Take};
 use tokio::time::Instant;
 
 use crate::{Deadline, Refusal, Scope};
@@ -17,6 +18,15 @@ pub struct Quota {
 impl Quota {
     fn per_second(self) -> f64 {
         f64::from(self.per_minute.get()) / 60.0
+    }
+
+    /// One replica's share of a limit that `replicas` replicas hold together. The burst is
+    /// rounded up: a bucket that holds less than two calls wastes what refills while it is
+    /// full, and the rate, not the burst, is what the sum must keep to.
+    fn share(self, replicas: NonZeroU32) -> Self {
+        let per_minute = NonZeroU32::new(self.per_minute.get() / replicas.get()).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(self.burst.get().div_ceil(replicas.get())).unwrap_or(NonZeroU32::MIN);
+        Self { per_minute, burst }
     }
 
     /// The tighter of two quotas, rate and burst each.
@@ -56,15 +66,33 @@ pub struct Declared {
 /// Requests and tokens per minute, per workspace and per provider/model, as token buckets on
 /// tokio's clock (so that a replay under `tokio::time::pause` sees the log's time). Tokens are
 /// reserved before a call and settled with its real usage afterwards ([`TokenReservation`]).
+///
+/// With [`RateLimits::shared`], the configured limits are buckets in Redis that every replica
+/// spends from; while Redis cannot be reached, each replica holds its share of them locally
+/// (the limit divided by the replicas), and goes back to Redis once it answers. What an
+/// upstream declares stays per replica: its count of what is left already sums every replica.
 #[derive(Debug)]
 pub struct RateLimits {
     settings: LimitSettings,
     buckets: Arc<Buckets>,
+    shared: Option<SharedLimits>,
+}
+
+#[derive(Debug, Clone)]
+struct SharedLimits {
+    buckets: SharedBuckets,
+    replicas: NonZeroU32,
 }
 
 impl RateLimits {
     pub fn new(settings: LimitSettings) -> Self {
-        Self { settings, buckets: Arc::default() }
+        Self { settings, buckets: Arc::default(), shared: None }
+    }
+
+    /// Holds the configured limits in buckets that `replicas` replicas share.
+    pub fn shared(mut self, buckets: SharedBuckets, replicas: NonZeroU32) -> Self {
+        self.shared = Some(SharedLimits { buckets, replicas });
+        self
     }
 
     /// Takes one request and `tokens` estimated tokens from the workspace's and the
@@ -84,6 +112,7 @@ impl RateLimits {
             taken: Vec::new(),
             reserved: tokens,
             requests: Vec::new(),
+            shared: None,
         };
         let mut waited = Duration::ZERO;
         let asks = [
@@ -92,9 +121,29 @@ impl RateLimits {
             (Scope::WorkspaceTokens, workspace, self.settings.workspace_tokens, tokens),
             (Scope::ModelTokens, model_key, self.settings.model_tokens, tokens),
         ];
+        // The shared buckets first, all or nothing, while Redis answers.
+        let mut local_share = None;
+        if let Some(shared) = &self.shared {
+            match shared.acquire(&asks, max_wait, deadline).await {
+                Ok((shared_wait, taken)) => {
+                    waited += shared_wait;
+                    reservation.shared = Some(taken);
+                }
+                Err(SharedRefusal::Refused(refusal)) => return Err(refusal),
+                Err(SharedRefusal::Unavailable) => local_share = Some(shared.replicas),
+            }
+        }
         for (scope, key, configured, amount) in asks {
+            // Without shared state the configured limit holds here; with it, only this
+            // replica's share while Redis is away; the upstream's declared limits always.
+            let local = match (&self.shared, local_share) {
+                (None, _) => configured,
+                (Some(_), Some(replicas)) => configured.map(|quota| quota.share(replicas)),
+                (Some(_), None) => None,
+            };
+            let only_declared = self.shared.is_some() && local_share.is_none();
             loop {
-                let wait = match self.buckets.try_take(scope, key, configured, amount) {
+                let wait = match self.buckets.try_take(scope, key, local, amount, only_declared) {
                     Taken::Yes => break,
                     Taken::Unlimited => break,
                     Taken::After(wait) => wait,
@@ -123,7 +172,12 @@ impl RateLimits {
             (Scope::ModelTokens, model_key, self.settings.model_tokens, tokens),
         ]
         .into_iter()
-        .map(|(scope, key, configured, amount)| self.buckets.wait_for(scope, key, configured, amount))
+        // The shared buckets cannot be asked without a round trip: a router weighs the local
+        // ones (declared limits, and this replica's share while Redis is away).
+        .map(|(scope, key, configured, amount)| {
+            let local = if self.shared.is_some() { None } else { configured };
+            self.buckets.wait_for(scope, key, local, amount)
+        })
         .max()
         .unwrap_or_default()
     }
@@ -199,9 +253,12 @@ impl Buckets {
 
     /// Takes `amount` now, or says how long until the bucket holds it. An amount larger than
     /// the burst waits for a full bucket and runs it into debt, rather than never going.
-    fn try_take(&self, scope: Scope, key: &str, configured: Option<Quota>, amount: u64) -> Taken {
+    /// With `only_declared`, a bucket kept for a configured limit (this replica's share while
+    /// the shared state was away) is passed over.
+    fn try_take(&self, scope: Scope, key: &str, configured: Option<Quota>, amount: u64, only_declared: bool) -> Taken {
         let mut buckets = self.lock();
         let bucket = match buckets.get_mut(&(scope, key.to_owned())) {
+            Some(bucket) if only_declared && !bucket.declared => return Taken::Unlimited,
             Some(bucket) => bucket,
             None => match configured {
                 Some(quota) => buckets.entry((scope, key.to_owned())).or_insert(Bucket::full(quota, false)),
@@ -293,6 +350,84 @@ pub struct TokenReservation {
     reserved: u64,
     /// Request buckets taken from: a request once sent stays counted.
     requests: Vec<(Scope, String, u64)>,
+    /// What the shared buckets gave.
+    shared: Option<SharedTaken>,
+}
+
+/// What a call took from the shared buckets: its requests and its estimated tokens.
+#[derive(Debug)]
+struct SharedTaken {
+    buckets: SharedBuckets,
+    asks: Vec<(Scope, BucketAsk)>,
+}
+
+impl SharedTaken {
+    /// Gives back what `change` says, off the call's path (a dead Redis costs nobody a wait).
+    fn give_back(self, change: impl Fn(Scope, f64) -> f64) {
+        let asks: Vec<BucketAsk> = self
+            .asks
+            .into_iter()
+            .map(|(scope, ask)| BucketAsk { amount: change(scope, ask.amount), ..ask })
+            .filter(|ask| ask.amount != 0.0)
+            .collect();
+        if asks.is_empty() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let buckets = self.buckets;
+            runtime.spawn(async move {
+                if let Err(error) = buckets.adjust(&asks).await {
+                    tracing::debug!(%error, "shared limit not adjusted");
+                }
+            });
+        }
+    }
+}
+
+enum SharedRefusal {
+    Refused(Refusal),
+    /// Redis could not be asked: the replica holds its share locally.
+    Unavailable,
+}
+
+impl SharedLimits {
+    async fn acquire(
+        &self,
+        asks: &[(Scope, &str, Option<Quota>, u64); 4],
+        max_wait: Duration,
+        deadline: &Deadline,
+    ) -> Result<(Duration, SharedTaken), SharedRefusal> {
+        let asks: Vec<(Scope, BucketAsk)> = asks
+            .iter()
+            .filter_map(|&(scope, key, configured, amount)| {
+                let quota = configured?;
+                let bucket = format!("{}:{key}", scope.label());
+                let ask = BucketAsk {
+                    bucket,
+                    per_minute: quota.per_minute.get(),
+                    burst: quota.burst.get(),
+                    amount: amount as f64,
+                };
+                Some((scope, ask))
+            })
+            .collect();
+        let plain: Vec<BucketAsk> = asks.iter().map(|(_, ask)| ask.clone()).collect();
+        let mut waited = Duration::ZERO;
+        loop {
+            match self.buckets.take(&plain).await {
+                Ok(Take::Taken) => return Ok((waited, SharedTaken { buckets: self.buckets.clone(), asks })),
+                Ok(Take::After { after, tightest }) => {
+                    let scope = asks.get(tightest).map_or(Scope::WorkspaceRequests, |(scope, _)| *scope);
+                    if after > max_wait.saturating_sub(waited) || !deadline.allows(after) {
+                        return Err(SharedRefusal::Refused(Refusal::RateLimited { scope, retry_after: after }));
+                    }
+                    tokio::time::sleep(after).await;
+                    waited += after;
+                }
+                Err(_) => return Err(SharedRefusal::Unavailable),
+            }
+        }
+    }
 }
 
 impl TokenReservation {
@@ -305,6 +440,13 @@ impl TokenReservation {
     /// have been billed): the estimate stands.
     pub fn settle(mut self, used: Option<u64>) {
         self.requests.clear();
+        if let Some(shared) = self.shared.take() {
+            // Requests sent stay counted; the estimate of tokens gives way to the real usage.
+            shared.give_back(|scope, reserved| match (scope.is_requests(), used) {
+                (true, _) | (false, None) => 0.0,
+                (false, Some(used)) => reserved - used as f64,
+            });
+        }
         let taken = std::mem::take(&mut self.taken);
         for (scope, key, reserved) in taken {
             let delta = used.map_or(0.0, |used| reserved as f64 - used as f64);
@@ -315,6 +457,9 @@ impl TokenReservation {
 
 impl Drop for TokenReservation {
     fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            shared.give_back(|_, taken| taken);
+        }
         for (scope, key, amount) in self.taken.drain(..).chain(self.requests.drain(..)) {
             self.buckets.adjust(scope, &key, amount as f64);
         }

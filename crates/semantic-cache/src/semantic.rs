@@ -53,6 +53,16 @@ impl Query {
     pub fn normalized(&self) -> &str {
         &self.prepared.normalized
     }
+
+    /// The request text as given.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Its embedding, unit length.
+    pub fn vector(&self) -> &[f32] {
+        &self.vector
+    }
 }
 
 /// A cached answer served for a similar request.

@@ -35,6 +35,8 @@ struct Inner {
     time_to_first_token: HistogramVec,
     rate_limit_wait: HistogramVec,
     breaker_state: IntGaugeVec,
+    shared_state_up: IntGaugeVec,
+    cache_entries: IntGaugeVec,
     dropped: IntCounter,
     alerts: IntCounterVec,
     route_decisions: IntCounterVec,
@@ -113,6 +115,22 @@ impl Metrics {
             &["provider", "model"],
         )?;
         registry.register(Box::new(breaker_state.clone()))?;
+        let shared_state_up = IntGaugeVec::new(
+            Opts::new(
+                "aipipe_shared_state_up",
+                "Whether a shared part (redis, semantic_store) answers: 0 while this replica falls back on its own.",
+            ),
+            &["part"],
+        )?;
+        registry.register(Box::new(shared_state_up.clone()))?;
+        let cache_entries = IntGaugeVec::new(
+            Opts::new(
+                "aipipe_cache_entries",
+                "Answers this replica's caches hold (semantic: its own and those followed from the other replicas).",
+            ),
+            &["cache"],
+        )?;
+        registry.register(Box::new(cache_entries.clone()))?;
         let dropped = IntCounter::new(
             "aipipe_telemetry_rows_dropped_total",
             "Telemetry rows lost to a full queue or a failed write.",
@@ -132,6 +150,8 @@ impl Metrics {
                 time_to_first_token,
                 rate_limit_wait,
                 breaker_state,
+                shared_state_up,
+                cache_entries,
                 dropped,
                 alerts,
                 route_decisions,
@@ -200,6 +220,16 @@ impl Metrics {
                 inner.route_decisions.with_label_values(&[step, &candidate, outcome]).inc();
             }
         }
+    }
+
+    /// `part` is `redis` or `semantic_store`: a fixed set.
+    pub fn set_shared_state_up(&self, part: &str, up: bool) {
+        self.inner.shared_state_up.with_label_values(&[part]).set(i64::from(up));
+    }
+
+    /// `cache` is `exact` or `semantic`.
+    pub fn set_cache_entries(&self, cache: &str, entries: u64) {
+        self.inner.cache_entries.with_label_values(&[cache]).set(i64::try_from(entries).unwrap_or(i64::MAX));
     }
 
     pub fn count_dropped(&self, rows: u64) {

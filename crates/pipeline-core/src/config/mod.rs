@@ -24,7 +24,7 @@ pub(crate) use self::raw::RawStep;
 use self::raw::{ENGINE_SECTIONS, RawConfig};
 pub use self::settings::{
     CacheSettings, EngineSettings, FallbackSettings, ProviderKind, ProviderSettings, ResilienceSettings,
-    SemanticSettings, TelemetrySettings,
+    SemanticSettings, StateSettings, TelemetrySettings,
 };
 pub use self::step::StepSpec;
 use crate::prompt::Prompts;
@@ -122,6 +122,8 @@ pub struct Config {
     pub fallback: FallbackSettings,
     pub cache: CacheSettings,
     pub semantic: SemanticSettings,
+    /// What several replicas share through Redis.
+    pub state: StateSettings,
     pub telemetry: TelemetrySettings,
     /// `None`: no anomaly alerts.
     pub alerts: Option<telemetry::AlertSettings>,
@@ -180,6 +182,7 @@ impl Config {
         Ok(Self {
             fallback: FallbackSettings::validate(&raw.fallback)?,
             cache: CacheSettings::validate(&raw.cache)?,
+            state: StateSettings::validate(&raw.state)?,
             telemetry: TelemetrySettings::validate(raw.telemetry)?,
             alerts: settings::alerts(&raw.alerts)?,
             prices: models.prices(),

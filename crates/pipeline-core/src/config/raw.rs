@@ -20,6 +20,7 @@ pub(crate) const ENGINE_SECTIONS: &[&str] = &[
     "fallback",
     "cache",
     "semantic",
+    "state",
     "telemetry",
     "alerts",
     "models",
@@ -40,6 +41,7 @@ pub(crate) struct RawConfig {
     pub(crate) fallback: RawFallback,
     pub(crate) cache: RawCache,
     pub(crate) semantic: RawSemantic,
+    pub(crate) state: RawState,
     pub(crate) telemetry: RawTelemetry,
     pub(crate) alerts: RawAlerts,
     #[serde(default)]
@@ -185,6 +187,17 @@ pub(crate) struct RawRoute {
 
 fn ordered() -> String {
     "ordered".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawState {
+    pub(crate) redis_url: String,
+    pub(crate) semantic_url: String,
+    pub(crate) replicas: u32,
+    pub(crate) timeout_ms: u64,
+    pub(crate) retry_ms: u64,
+    pub(crate) key_prefix: String,
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,10 +8,11 @@ use std::time::Duration;
 use providers::Capabilities;
 use semantic_cache::ModelPaths;
 use serde::Deserialize;
+use shared_state::StoreSettings;
 
 use super::raw::{
     RawAlerts, RawBreaker, RawCache, RawEndpoint, RawEngine, RawFallback, RawLimits, RawProvider, RawRetry,
-    RawSemantic, RawTelemetry,
+    RawSemantic, RawState, RawTelemetry,
 };
 use super::validate::{cosine, finite_positive, http_url, non_empty, positive, positive_millis, probability};
 use crate::SetupError;
@@ -262,6 +263,67 @@ impl SemanticSettings {
             threads: raw.threads,
             snapshot: Some(raw.snapshot_path).filter(|path| !path.trim().is_empty()).map(PathBuf::from),
         })
+    }
+}
+
+/// What several replicas share, and how they reach it. `None` URLs: this process alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateSettings {
+    /// The exact cache, the rate limits and the open breakers.
+    pub redis: Option<StoreSettings>,
+    /// The semantic cache's entries (the same Redis unless `semantic_url` names another).
+    pub semantic: Option<StoreSettings>,
+    pub replicas: NonZeroU32,
+}
+
+impl StateSettings {
+    pub(super) fn validate(raw: &RawState) -> Result<Self, SetupError> {
+        let replicas = NonZeroU32::new(raw.replicas).ok_or_else(|| {
+            SetupError::invalid("state.replicas", "must be at least 1 (the replicas sharing the limits)")
+        })?;
+        let timeout = Duration::from_millis(positive("state.timeout_ms", raw.timeout_ms)?);
+        let retry_after = Duration::from_millis(positive("state.retry_ms", raw.retry_ms)?);
+        if raw.key_prefix.trim().is_empty() {
+            return Err(SetupError::invalid(
+                "state.key_prefix",
+                "must not be empty: every key aipipe writes starts with it",
+            ));
+        }
+        let store = |url: &str, url_key: &'static str| -> Result<Option<StoreSettings>, SetupError> {
+            let url = url.trim();
+            if url.is_empty() {
+                return Ok(None);
+            }
+            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://")) {
+                return Err(SetupError::invalid(
+                    format!("state.{url_key}"),
+                    "must be a Redis URL (redis://host:port/db, rediss:// with TLS); the semantic store is a \
+                     Redis stream that every replica follows (docs/ARCHITECTURE.md)",
+                ));
+            }
+            Ok(Some(StoreSettings {
+                url: url.to_owned(),
+                url_key,
+                timeout,
+                retry_after,
+                key_prefix: raw.key_prefix.clone(),
+            }))
+        };
+        let redis = store(&raw.redis_url, "redis_url")?;
+        let semantic = match store(&raw.semantic_url, "semantic_url")? {
+            Some(semantic) => Some(semantic),
+            None => redis.clone(),
+        };
+        if replicas.get() > 1 && redis.is_none() {
+            tracing::warn!(
+                "state.replicas is {replicas} but state.redis_url is empty: each replica holds the whole limit"
+            );
+        }
+        Ok(Self { redis, semantic, replicas })
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.redis.is_some() || self.semantic.is_some()
     }
 }
 

@@ -212,3 +212,33 @@ fn a_probability_is_not_a_similarity() {
     // A probability of 0 is a bar (serve whatever passes the guards); a cosine of 0 is none.
     assert_eq!(Config::from_toml("[semantic]\nmin_confidence = 0").unwrap().semantic.min_confidence, 0.0);
 }
+
+#[test]
+fn shared_state_is_off_by_default_and_its_errors_name_the_key() {
+    let config = Config::defaults().unwrap();
+    assert!(!config.state.is_shared());
+    assert_eq!(config.state.replicas.get(), 1);
+
+    let config = Config::from_toml("[state]\nredis_url = \"redis://:pw@cache:6379/0\"\nreplicas = 3").unwrap();
+    let redis = config.state.redis.as_ref().unwrap();
+    // The semantic store is the same Redis unless named.
+    assert_eq!(config.state.semantic.as_ref(), Some(redis));
+    assert_eq!((redis.timeout, config.state.replicas.get()), (Duration::from_millis(200), 3));
+
+    let config = Config::from_toml("[state]\nredis_url = \"redis://a/\"\nsemantic_url = \"redis://b/\"").unwrap();
+    assert_eq!(config.state.semantic.unwrap().url, "redis://b/");
+
+    for (toml, key) in [
+        ("[state]\nredis_url = \"postgres://db/x\"", "state.redis_url"),
+        ("[state]\nsemantic_url = \"http://x\"", "state.semantic_url"),
+        ("[state]\nreplicas = 0", "state.replicas"),
+        ("[state]\ntimeout_ms = 0", "state.timeout_ms"),
+        ("[state]\nkey_prefix = \" \"", "state.key_prefix"),
+    ] {
+        match Config::from_toml(toml) {
+            Err(SetupError::Invalid { key: named, .. }) => assert_eq!(named, key, "{toml}"),
+            other => panic!("{toml}: {other:?}"),
+        }
+    }
+    assert!(Config::from_toml("[state]\nredis = \"x\"").is_err(), "unknown keys are refused");
+}

@@ -10,12 +10,13 @@ use providers::{
     Anthropic, AnthropicSettings, ChatRequest, ChatResponse, OpenAiCompatible, OpenAiSettings, ProviderError,
     ProviderService,
 };
-use resilience::{GuardSettings, Guards, RetryPolicy};
+use resilience::{GuardSettings, Guards, RetryPolicy, SharedGuards};
 use semantic_cache::{Embedder, ExactCache, SemanticCache};
 use telemetry::{Recorder, RecorderSettings, TelemetryStore};
 
 use super::budget::Budgets;
 use super::route::Latencies;
+use super::shared::Shared;
 use super::{Engine, Inner};
 use crate::{Clock, Config, ProviderKind, ProviderSettings, SetupError, SystemClock};
 
@@ -86,13 +87,20 @@ impl EngineBuilder {
             true => Some(semantic_cache(&config, self.embedder, self.clock.as_ref())?),
             false => None,
         };
+        let shared = Shared::connect(&config.state, config.semantic.max_entries)?;
+        if let (Some(shared), Some(semantic)) = (&shared, &semantic) {
+            shared.follow(semantic);
+        }
         let resilience = &config.resilience;
-        let guards = Guards::new(GuardSettings {
+        let mut guards = Guards::new(GuardSettings {
             limits: resilience.limits,
             breaker: resilience.breaker,
             pause_on_retry_after: resilience.pause_on_retry_after,
             max_wait: resilience.max_wait,
         });
+        if let Some(store) = shared.as_ref().and_then(Shared::redis) {
+            guards = guards.shared(SharedGuards { store, replicas: config.state.replicas });
+        }
         let retry = RetryPolicy::new(resilience.retry);
         let latencies = Latencies::new(config.routing.latency_half_life);
         let budgets = Budgets::new(config.budgets.clone(), config.steps().any(|spec| spec.daily_budget_usd.is_some()));
@@ -109,6 +117,7 @@ impl EngineBuilder {
                 primary,
                 cache,
                 semantic,
+                shared,
                 guards,
                 retry,
                 flights: Arc::default(),

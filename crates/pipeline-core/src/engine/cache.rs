@@ -4,8 +4,9 @@
 use std::time::SystemTime;
 
 use providers::{ChatMessage, FinishReason, Role, ToolCall};
-use semantic_cache::{CacheKey, Lookup, Query, ServeBar};
+use semantic_cache::{CacheKey, ExactCache, Lookup, Query, ServeBar};
 use serde_json::Value;
+use tracing::Instrument;
 
 use super::served::{Served, Spend};
 use super::{Call, Engine};
@@ -36,15 +37,23 @@ pub(super) struct SemanticRequest {
 }
 
 impl Engine {
-    pub(super) fn exact_lookup(&self, key: &CacheKey, policy: CachePolicy, at: SystemTime) -> Option<Served> {
+    pub(super) async fn exact_lookup(&self, key: &CacheKey, policy: CachePolicy, at: SystemTime) -> Option<Served> {
         let cache = self.inner.cache.as_ref()?;
         let max_age = policy.readable_age()?;
-        let _span = tracing::info_span!("cache.lookup").entered();
-        let entry = cache.get(key, at)?;
-        if max_age.is_some_and(|max_age| entry.age(at) > max_age) {
-            return None;
+        let young_enough = |stored_at: SystemTime| {
+            max_age.is_none_or(|max_age| at.duration_since(stored_at).unwrap_or_default() <= max_age)
+        };
+        {
+            let _span = tracing::info_span!("cache.lookup").entered();
+            if let Some(entry) = cache.get(key, at) {
+                return young_enough(entry.stored_at).then(|| Served::exact_hit(entry.value.clone()));
+            }
         }
-        Some(Served::exact_hit(entry.value.clone()))
+        // Another replica may have stored it; its answer warms this replica's cache.
+        let shared = self.inner.shared.as_ref()?;
+        let (answer, stored_at) = shared.answer(key).instrument(tracing::info_span!("cache.shared_lookup")).await?;
+        cache.insert(*key, answer.clone(), stored_at);
+        young_enough(stored_at).then(|| Served::exact_hit(answer))
     }
 
     /// The semantic side of a call: the step's free-text field, embedded, in a namespace made
@@ -117,8 +126,9 @@ impl Engine {
         }
     }
 
-    /// Keeps a fresh upstream answer in both caches, as the call's policy allows.
-    pub(super) fn store_answer(
+    /// Keeps a fresh upstream answer in both caches, as the call's policy allows, and shares
+    /// it with the other replicas.
+    pub(super) async fn store_answer(
         &self,
         key: CacheKey,
         similar: Option<SemanticRequest>,
@@ -139,6 +149,13 @@ impl Engine {
             finish_reason: served.finish_reason,
             tool_calls: served.tool_calls.clone(),
         };
+        if let Some(shared) = &self.inner.shared {
+            let model = self.inner.semantic.as_ref().map(|cache| cache.embedder().model_id());
+            let shared_similar =
+                similar.as_ref().zip(model).map(|(similar, model)| (similar.namespace.as_str(), &similar.query, model));
+            let ttl = self.inner.cache.as_ref().map(ExactCache::ttl);
+            shared.store(key, &answer, shared_similar, at, ttl).instrument(tracing::info_span!("cache.share")).await;
+        }
         if let (Some(cache), Some(similar)) = (&self.inner.semantic, similar) {
             cache.insert(&similar.namespace, similar.query, answer.clone(), at);
         }

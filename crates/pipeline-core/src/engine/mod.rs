@@ -12,6 +12,7 @@
 //!   output contract with one repair;
 //! - `stand_in`: the answers that stand in when no model could give one;
 //! - `record`: the one telemetry record of every call;
+//! - `shared`: what the replicas share through Redis (the exact cache, the semantic feed);
 //! - `served`: what a call comes to, and what it spent;
 //! - `builder`: putting an engine together; `state`: what an engine shows of itself, and its
 //!   shutdown;
@@ -26,6 +27,7 @@ mod plan;
 mod record;
 pub mod route;
 mod served;
+mod shared;
 mod stand_in;
 mod state;
 mod upstream;
@@ -71,6 +73,8 @@ struct Inner {
     primary: String,
     cache: Option<ExactCache<CachedAnswer>>,
     semantic: Option<Arc<SemanticCache<CachedAnswer>>>,
+    /// Redis, when several replicas share their caches and limits.
+    shared: Option<shared::Shared>,
     guards: Guards,
     retry: RetryPolicy,
     flights: Arc<Flights>,
@@ -200,8 +204,8 @@ impl Engine {
         let key = cache_key(spec, &route.label, call.context, &messages, sampling, &request);
         let prompt = Prompt { messages, sampling, request, chars, key };
 
-        // 3. The exact cache.
-        if let Some(hit) = self.exact_lookup(&prompt.key, call.options.cache, at) {
+        // 3. The exact cache: this replica's, then the one the replicas share.
+        if let Some(hit) = self.exact_lookup(&prompt.key, call.options.cache, at).await {
             return Ok(hit);
         }
 
@@ -274,7 +278,7 @@ impl Engine {
                 // 7. The answer kept in both caches. A fallback's answer is not what the route
                 //    prefers: not cached, so the next call asks again.
                 if source == Source::Upstream {
-                    self.store_answer(prompt.key, similar, call.options.cache, &served, spent.spend(), at);
+                    self.store_answer(prompt.key, similar, call.options.cache, &served, spent.spend(), at).await;
                 }
                 Ok(served)
             }

@@ -3,6 +3,7 @@
 use std::time::SystemTime;
 
 use resilience::{BreakerStatus, PauseStatus};
+use shared_state::PartStatus;
 use telemetry::{Recorder, TelemetryError};
 
 use super::Engine;
@@ -31,6 +32,20 @@ impl Engine {
     /// The state of every circuit breaker used so far (empty when breakers are off).
     pub fn breakers(&self) -> Vec<BreakerStatus> {
         self.inner.guards.breakers()
+    }
+
+    /// How many answers the exact and the semantic cache hold now (approximate: evictions
+    /// are applied in batches); `None` for a cache that is off.
+    pub fn cache_entries(&self) -> (Option<u64>, Option<u64>) {
+        let exact = self.inner.cache.as_ref().map(|cache| cache.len());
+        let semantic = self.inner.semantic.as_ref().map(|cache| cache.len());
+        (exact, semantic)
+    }
+
+    /// Each shared part (Redis, the semantic store) and whether it answers now; empty when
+    /// this process shares nothing.
+    pub fn shared_state(&self) -> Vec<PartStatus> {
+        self.inner.shared.as_ref().map(super::shared::Shared::status).unwrap_or_default()
     }
 
     /// Every provider/model that a Retry-After from the upstream holds back now.

@@ -7,4 +7,5 @@ mod engine_http;
 mod resilience;
 mod routing;
 mod semantic;
+mod shared;
 mod telemetry;
