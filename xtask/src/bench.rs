@@ -70,7 +70,7 @@ const PARAPHRASE: (&str, &str) =
     ("I was charged twice for my March invoice", "I was charged two times for the March invoice");
 
 /// Short prompts of the kind components send, for the query side.
-const PROMPTS: &[&str] = &[
+pub(crate) const PROMPTS: &[&str] = &[
     "Classify this support ticket: I was charged twice for my March invoice",
     "Summarise the quarterly revenue report for the board",
     "Is the lead from Acme Robotics ready for a sales call?",
@@ -229,7 +229,7 @@ type Embedded = (String, Vec<f32>);
 /// Unique Quora questions (dev, then test) and their embeddings, for index figures on real,
 /// clustered text rather than random vectors. `None`, with a note, without the data folder.
 /// Embeddings are kept in target/eval-embeddings after the first run (~4 minutes here).
-fn real_sentences(embedder: &Embedder, count: usize) -> anyhow::Result<Option<Vec<Embedded>>> {
+pub(crate) fn real_sentences(embedder: &Embedder, count: usize) -> anyhow::Result<Option<Vec<Embedded>>> {
     let Ok(data) = crate::data_folder() else {
         eprintln!("xtask: no data folder: the index figures on real sentences are skipped");
         return Ok(None);
@@ -258,7 +258,7 @@ fn real_sentences(embedder: &Embedder, count: usize) -> anyhow::Result<Option<Ve
 }
 
 /// The semantic cache's settings as shipped, with room for `max_entries`.
-fn shipped_settings(max_entries: u64) -> anyhow::Result<SemanticSettings> {
+pub(crate) fn shipped_settings(max_entries: u64) -> anyhow::Result<SemanticSettings> {
     let shipped = pipeline_core::Config::defaults()?.semantic;
     Ok(SemanticSettings {
         ttl: shipped.ttl,
@@ -469,7 +469,16 @@ fn route_decisions() -> Vec<Duration> {
     samples
 }
 
-async fn bench_engine_with(toml: &str) -> anyhow::Result<pipeline_core::Engine> {
+pub(crate) async fn bench_engine_with(toml: &str) -> anyhow::Result<pipeline_core::Engine> {
+    bench_engine_built(toml, None).await
+}
+
+/// An engine on `toml` in front of an in-process provider that answers at once; with
+/// `embedder`, its semantic cache uses that model rather than loading one.
+pub(crate) async fn bench_engine_built(
+    toml: &str,
+    embedder: Option<Arc<Embedder>>,
+) -> anyhow::Result<pipeline_core::Engine> {
     use pipeline_core::providers::{ChatRequest, ChatResponse, FinishReason, ProviderError, Usage};
     use pipeline_core::telemetry::{Recorder, RecorderSettings, TelemetryStore};
 
@@ -486,12 +495,13 @@ async fn bench_engine_with(toml: &str) -> anyhow::Result<pipeline_core::Engine> 
     });
     let store = TelemetryStore::connect("sqlite::memory:").await?;
     let recorder = Recorder::spawn(store, RecorderSettings { queue_capacity: 4 * ENGINE_CALLS, batch_size: 512 });
-    let engine = pipeline_core::Engine::builder(pipeline_core::Config::from_toml(toml)?)
+    let mut builder = pipeline_core::Engine::builder(pipeline_core::Config::from_toml(toml)?)
         .provider("in-process", answer_at_once)
-        .recorder(recorder)
-        .build()
-        .await?;
-    Ok(engine)
+        .recorder(recorder);
+    if let Some(embedder) = embedder {
+        builder = builder.embedder(embedder);
+    }
+    Ok(builder.build().await?)
 }
 
 /// Warm-up and measured calls; each `name` gets its own texts, so that a miss figure only

@@ -82,12 +82,12 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
         }
         direct_ttft.sort();
         gateway_ttft.sort();
-        let direct_rps = closed_loop(&client, &direct_url, &counter).await?;
+        let direct_rps = closed_loop(&client, std::slice::from_ref(&direct_url), &counter).await?;
         // Alternated, so that drift in the machine's speed falls on both alike.
         let (mut gateway_rps, mut unlimited_rps) = (0.0, 0.0);
         for _ in 0..2 {
-            gateway_rps += closed_loop(&client, &gateway_url, &counter).await? / 2.0;
-            unlimited_rps += closed_loop(&client, &unlimited_url, &counter).await? / 2.0;
+            gateway_rps += closed_loop(&client, std::slice::from_ref(&gateway_url), &counter).await? / 2.0;
+            unlimited_rps += closed_loop(&client, std::slice::from_ref(&unlimited_url), &counter).await? / 2.0;
         }
         drop((gateway, unlimited));
         direct.sort();
@@ -153,7 +153,7 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
 /// An OpenAI-compatible endpoint that answers every completion at once with the same reply,
 /// declaring generous rate limits in its headers as OpenAI does; a streamed request gets its
 /// first piece at once and the rest after [`STREAM_TAIL`].
-async fn start_upstream() -> anyhow::Result<std::net::SocketAddr> {
+pub(crate) async fn start_upstream() -> anyhow::Result<std::net::SocketAddr> {
     let app = axum::Router::new().route(
         "/v1/chat/completions",
         axum::routing::post(|body: axum::body::Bytes| async move {
@@ -201,7 +201,7 @@ async fn start_upstream() -> anyhow::Result<std::net::SocketAddr> {
 /// `aipipe serve` on the shipped defaults, plus `extra` config; each request is new, so every
 /// call misses the cache and goes upstream. The only things set: where telemetry goes and the
 /// workspace's key.
-fn start_gateway(aipipe: &Path, dir: &Path, upstream: &str, extra: &str) -> anyhow::Result<GatewayProcess> {
+pub(crate) fn start_gateway(aipipe: &Path, dir: &Path, upstream: &str, extra: &str) -> anyhow::Result<GatewayProcess> {
     let config = format!(
         "[telemetry]\ndatabase_url = \"sqlite://{}\"\n[gateway.api_keys]\nbench = \"{API_KEY_VARIABLE}\"\n{extra}",
         dir.join("telemetry.db").display()
@@ -285,13 +285,19 @@ async fn sequential(
     Ok(samples)
 }
 
-/// Requests per second with `CONCURRENCY` requests always in flight.
-async fn closed_loop(client: &reqwest::Client, url: &str, counter: &Arc<AtomicUsize>) -> anyhow::Result<f64> {
+/// Requests per second with `CONCURRENCY` requests always in flight, spread evenly over `urls`
+/// (several replicas behind a round-robin balancer).
+pub(crate) async fn closed_loop(
+    client: &reqwest::Client,
+    urls: &[String],
+    counter: &Arc<AtomicUsize>,
+) -> anyhow::Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let workers: Vec<_> = (0..CONCURRENCY)
-        .map(|_| {
-            let (client, url, counter, stop) = (client.clone(), url.to_owned(), counter.clone(), stop.clone());
+        .map(|worker| {
+            let url = urls[worker % urls.len()].clone();
+            let (client, counter, stop) = (client.clone(), counter.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut done = 0_u64;
                 while !stop.load(Ordering::Relaxed) {

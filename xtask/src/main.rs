@@ -13,6 +13,7 @@ use xtask::gen_log;
 mod bench;
 mod bench_gateway;
 mod bench_replay;
+mod bench_shared;
 mod boost;
 mod calibrate;
 mod eval;
@@ -36,7 +37,9 @@ enum Task {
     /// per call, with an in-process provider that answers at once. `gateway`: requests per
     /// second and added latency of `aipipe serve` against a loopback upstream, versus that
     /// upstream called directly by the same load generator. `replay`: `aipipe replay` of a
-    /// generated 50,000-call log, with and without the semantic cache.
+    /// generated 50,000-call log, with and without the semantic cache. `shared`: state shared
+    /// through Redis (exact and semantic lookups, limiter decisions, one replica against two);
+    /// needs Debian's `redis-server`.
     Bench {
         #[arg(value_enum)]
         what: BenchTarget,
@@ -123,6 +126,9 @@ fn main() -> ExitCode {
         Task::Bench { what: BenchTarget::Gateway, json } => {
             workspace_root().and_then(|root| bench_gateway::bench_gateway(json, &root))
         }
+        Task::Bench { what: BenchTarget::Shared, json } => {
+            workspace_root().and_then(|root| bench_shared::bench_shared(json, &root))
+        }
         Task::Bench { what: BenchTarget::Replay, json } => workspace_root()
             .and_then(|root| data_folder().and_then(|data| bench_replay::bench_replay(json, &root, &data))),
         Task::Calibrate { target_precision, json } if cfg!(debug_assertions) => {
@@ -160,6 +166,7 @@ enum BenchTarget {
     Engine,
     Gateway,
     Replay,
+    Shared,
 }
 
 /// Figures from a debug build would measure the compiler's settings, not the code, and training
