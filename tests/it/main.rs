@@ -3,6 +3,7 @@
 
 mod local_model;
 mod migrate;
+mod prometheus;
 mod replay;
 mod replicas;
 mod sdk;
