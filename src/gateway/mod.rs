@@ -13,6 +13,7 @@ mod error;
 mod options;
 mod response;
 mod settings;
+mod status;
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -57,6 +58,7 @@ struct Gateway {
     /// The models `/v1/models` lists: every model the config names.
     models: Vec<String>,
     draining: AtomicBool,
+    status_access: status::StatusAccess,
 }
 
 pub async fn serve(mut config: Config, settings: GatewaySettings, options: ServeOptions) -> anyhow::Result<()> {
@@ -64,6 +66,7 @@ pub async fn serve(mut config: Config, settings: GatewaySettings, options: Serve
         config.provider.base_url = base_url;
     }
     let keys = ApiKeys::from_env(&settings.api_keys)?;
+    let status_access = status::StatusAccess::from_env(settings.status_admin_key_env.as_deref())?;
     let models = listed_models(&config);
     let engine = Engine::builder(config).build().await?;
     let gateway = Arc::new(Gateway {
@@ -73,6 +76,7 @@ pub async fn serve(mut config: Config, settings: GatewaySettings, options: Serve
         default_component: settings.default_component,
         models,
         draining: AtomicBool::new(false),
+        status_access,
     });
     let app = router(gateway.clone(), settings.max_body_bytes);
     let listener = TcpListener::bind(options.listen)
@@ -87,6 +91,8 @@ pub async fn serve(mut config: Config, settings: GatewaySettings, options: Serve
     }
 
     let (stop, stopped) = tokio::sync::watch::channel(());
+    // The status page reads who asks: loopback clients only, without an admin key.
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let mut stopped = stopped;
         let _ = stopped.changed().await;
@@ -131,6 +137,7 @@ fn router(gateway: Arc<Gateway>, max_body_bytes: usize) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/status", get(status::status))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such route")
         })

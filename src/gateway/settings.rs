@@ -16,6 +16,7 @@ pub struct RawGateway {
     default_component: String,
     max_body_bytes: usize,
     drain_timeout_ms: u64,
+    status_admin_key_env: String,
     #[serde(default)]
     api_keys: BTreeMap<String, String>,
 }
@@ -31,6 +32,9 @@ pub struct GatewaySettings {
     pub drain_timeout: Duration,
     /// Workspace -> the environment variable that holds its API key.
     pub api_keys: BTreeMap<String, String>,
+    /// The environment variable that holds the key opening `/status` to any client; `None`:
+    /// loopback clients only.
+    pub status_admin_key_env: Option<String>,
 }
 
 impl RawGateway {
@@ -69,6 +73,7 @@ impl RawGateway {
             max_body_bytes: self.max_body_bytes,
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             api_keys: self.api_keys,
+            status_admin_key_env: Some(self.status_admin_key_env).filter(|variable| !variable.trim().is_empty()),
         })
     }
 }

@@ -8,3 +8,4 @@ mod replay;
 mod replicas;
 mod sdk;
 mod serve;
+mod status;

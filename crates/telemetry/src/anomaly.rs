@@ -85,7 +85,12 @@ struct Detector {
     steps: HashMap<String, StepWatch>,
     metrics: Metrics,
     client: Option<reqwest::Client>,
+    /// The latest alerts, newest last, for a status page.
+    recent: std::collections::VecDeque<Alert>,
 }
+
+/// Alerts a status page shows.
+const RECENT_ALERTS: usize = 20;
 
 #[derive(Debug, Default)]
 struct StepWatch {
@@ -110,7 +115,14 @@ const MINUTE_MS: i64 = 60_000;
 impl AnomalyDetector {
     pub fn new(settings: AlertSettings, metrics: Metrics) -> Self {
         let client = settings.webhook_url.as_ref().map(|_| reqwest::Client::new());
-        Self { inner: Arc::new(Mutex::new(Detector { settings, steps: HashMap::new(), metrics, client })) }
+        let detector = Detector { settings, steps: HashMap::new(), metrics, client, recent: Default::default() };
+        Self { inner: Arc::new(Mutex::new(detector)) }
+    }
+
+    /// The latest alerts raised (at most 20), newest first.
+    pub fn recent(&self) -> Vec<Alert> {
+        let detector = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        detector.recent.iter().rev().cloned().collect()
     }
 
     /// Takes one call into its step's current minute; returns the alerts raised by a minute
@@ -132,6 +144,10 @@ impl AnomalyDetector {
         watch.cost_usd += record.cost_usd;
         for alert in &alerts {
             detector.raise(alert);
+            if detector.recent.len() == RECENT_ALERTS {
+                detector.recent.pop_front();
+            }
+            detector.recent.push_back(alert.clone());
         }
         alerts
     }

@@ -23,5 +23,5 @@ pub use record::{
     mean_recovery_secs,
 };
 pub use recorder::{Recorder, RecorderSettings};
-pub use report::{Figures, Report, percentile};
+pub use report::{Figures, Minute, Report, percentile};
 pub use store::TelemetryStore;

@@ -111,6 +111,11 @@ impl Recorder {
         &self.store
     }
 
+    /// The latest anomaly alerts, newest first (empty when alerts are off).
+    pub fn recent_alerts(&self) -> Vec<crate::Alert> {
+        self.counters.anomalies.as_ref().map(AnomalyDetector::recent).unwrap_or_default()
+    }
+
     /// The Prometheus metrics of every call recorded here.
     pub fn metrics(&self) -> &Metrics {
         &self.counters.metrics

@@ -54,7 +54,37 @@ struct Call {
     saved_cost_usd: f64,
 }
 
+/// Calls per minute by what served them, for a status page's chart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Minute {
+    /// The minute's start, Unix milliseconds.
+    pub minute_ms: i64,
+    pub by_source: BTreeMap<Source, u64>,
+}
+
+const SOURCE_ROWS: &str = "SELECT ts_ms, source FROM calls WHERE ts_ms >= $1 AND ts_ms < $2";
+
 impl TelemetryStore {
+    /// Calls of each minute from `from_ms` to `to_ms` by source, every minute present (empty
+    /// ones too), oldest first.
+    pub async fn calls_per_minute(&self, from_ms: i64, to_ms: i64) -> Result<Vec<Minute>, TelemetryError> {
+        const MINUTE_MS: i64 = 60_000;
+        let first = from_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
+        let mut minutes: Vec<Minute> = (first..to_ms)
+            .step_by(MINUTE_MS as usize)
+            .map(|minute_ms| Minute { minute_ms, by_source: BTreeMap::new() })
+            .collect();
+        for row in self.rows_in_window(SOURCE_ROWS, from_ms, to_ms).await? {
+            let ts_ms: i64 = row.try_get("ts_ms").map_err(TelemetryError::Query)?;
+            let source = word(&row, "source", Source::parse).map_err(TelemetryError::Query)?;
+            let index = usize::try_from((ts_ms - first).div_euclid(MINUTE_MS)).unwrap_or(usize::MAX);
+            if let Some(minute) = minutes.get_mut(index) {
+                *minute.by_source.entry(source).or_default() += 1;
+            }
+        }
+        Ok(minutes)
+    }
+
     /// The figures of the calls with `from_ms <= ts_ms < to_ms` (Unix milliseconds).
     pub async fn report(&self, from_ms: i64, to_ms: i64) -> Result<Report, TelemetryError> {
         let rows = self.rows_in_window(REPORT_ROWS, from_ms, to_ms).await?;

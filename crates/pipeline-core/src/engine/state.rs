@@ -48,6 +48,12 @@ impl Engine {
         self.inner.shared.as_ref().map(super::shared::Shared::status).unwrap_or_default()
     }
 
+    /// Each rate limit's headroom now (this replica's buckets: declared by an upstream, or
+    /// configured when no Redis holds them).
+    pub fn headroom(&self) -> Vec<resilience::Headroom> {
+        self.inner.guards.headroom()
+    }
+
     /// Every provider/model that a Retry-After from the upstream holds back now.
     pub fn paused(&self) -> Vec<PauseStatus> {
         self.inner.guards.paused()
