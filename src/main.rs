@@ -6,6 +6,7 @@ mod migrate;
 mod replay;
 mod report;
 mod setup;
+mod traces;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,7 +16,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use pipeline_core::ConfigSource;
 use pipeline_core::semantic_cache::ModelPaths;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(name = "aipipe", version, about = "One engine for every AI call: cache, resilience, telemetry.")]
@@ -23,7 +23,8 @@ struct Cli {
     /// A TOML file over the embedded defaults; AIPIPE_SECTION__KEY variables override both.
     #[arg(long, global = true, env = "AIPIPE_CONFIG")]
     config: Option<PathBuf>,
-    /// How diagnostics on stderr look. RUST_LOG sets what is shown (default: warn).
+    /// How diagnostics on stderr look. RUST_LOG sets what is shown (default: warn); traces go
+    /// to an OTLP collector if `telemetry.otlp_endpoint` or OTEL_EXPORTER_OTLP_ENDPOINT names one.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -99,7 +100,6 @@ enum MigrateCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -110,7 +110,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let style = match cli.log_format {
+        LogFormat::Text => traces::LogStyle::Text,
+        LogFormat::Json => traces::LogStyle::Json,
+    };
     if let Command::Setup = cli.command {
+        traces::init(style, None)?;
         return setup::setup(&ModelPaths::installed());
     }
     // One config file serves every command: the gateway's table is read (and so accepted)
@@ -119,14 +124,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let gateway = gateway::RawGateway::read(&mut source)?;
     let config = source.engine()?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    match cli.command {
+    // Only the gateway's calls are traced: a replay runs on the log's clock, whose span times
+    // would be wrong.
+    let traced = matches!(cli.command, Command::Serve { .. }).then_some(&config.telemetry);
+    let traces = {
+        let _runtime = runtime.enter();
+        traces::init(style, traced)?
+    };
+    let outcome = run_command(cli.command, config, gateway, &runtime);
+    traces.shutdown();
+    outcome
+}
+
+fn run_command(
+    command: Command,
+    config: pipeline_core::Config,
+    gateway: gateway::RawGateway,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
+    match command {
         Command::Setup => {}
         Command::Replay { log, db, json, html, base_url } => {
             let upstream = match base_url {
                 Some(base_url) => replay::Upstream::Live { base_url },
                 None => replay::Upstream::Recorded,
             };
-            let mut report = replay::run(&log, &db, config, upstream, &runtime)?;
+            let mut report = replay::run(&log, &db, config, upstream, runtime)?;
             let html = html.unwrap_or_else(|| db.with_extension("html"));
             std::fs::write(&html, html::render(&report)?)
                 .with_context(|| format!("cannot write the HTML report `{}`", html.display()))?;
@@ -151,13 +174,4 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }

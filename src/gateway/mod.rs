@@ -14,6 +14,7 @@ mod options;
 mod response;
 mod settings;
 mod status;
+mod trace;
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -33,6 +34,7 @@ use pipeline_core::telemetry::Metrics;
 use pipeline_core::{CallContext, CallOptions, Config, Engine, PipelineResult, StepKind, StepType, TraceId};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tracing::Instrument;
 
 use self::auth::ApiKeys;
 use self::error::ApiError;
@@ -150,6 +152,7 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
     for part in gateway.engine.shared_state() {
         metrics.set_shared_state_up(part.part, part.up);
     }
+    metrics.set_trace_spans_dropped(crate::traces::spans_dropped());
     let (exact, semantic) = gateway.engine.cache_entries();
     for (cache, entries) in [("exact", exact), ("semantic", semantic)] {
         if let Some(entries) = entries {
@@ -196,7 +199,11 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match complete(&gateway, &headers, body).await {
+    // The caller's trace continues here (W3C `traceparent`); the call's span is a child.
+    let span = trace::request_span(&headers, "/v1/chat/completions");
+    let answered = complete(&gateway, &headers, body).instrument(span.clone()).await;
+    let _entered = span.enter();
+    match answered {
         Ok(response) => response,
         Err(error) => gateway.refuse(&headers, error),
     }
@@ -245,7 +252,7 @@ async fn complete(
     let engine = gateway.engine.clone();
     // The call runs on its own task: it finishes (and leaves its row) even when the caller
     // goes away mid-answer.
-    let mut call = tokio::spawn(async move { engine.execute(step, input, context, options).await });
+    let mut call = tokio::spawn(async move { engine.execute(step, input, context, options).await }.in_current_span());
     // Until the first piece, a failure is still an HTTP error with its status; after it, an
     // error event in the stream.
     let first = tokio::select! {
@@ -299,12 +306,15 @@ impl Gateway {
     }
 
     /// The call's context from the headers (component, trace id); the workspace is the key's.
+    /// The trace id is the caller's `x-aipipe-trace-id`, else its W3C trace's (`traceparent`,
+    /// or the one the exported trace starts), so that a row and its trace share one id.
     fn context(&self, headers: &HeaderMap) -> Result<CallContext, ApiError> {
         let component = header_text(headers, "x-aipipe-component")?.unwrap_or(&self.default_component).to_owned();
         let mut context = CallContext::new("", component);
-        if let Some(trace_id) = header_text(headers, "x-aipipe-trace-id")? {
-            context.trace_id = Some(TraceId::from(trace_id));
-        }
+        context.trace_id = match header_text(headers, "x-aipipe-trace-id")? {
+            Some(trace_id) => Some(TraceId::from(trace_id)),
+            None => trace::current_trace_id(headers),
+        };
         Ok(context)
     }
 

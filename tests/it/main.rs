@@ -3,6 +3,7 @@
 
 mod local_model;
 mod migrate;
+mod otlp;
 mod prometheus;
 mod replay;
 mod replicas;

@@ -1,7 +1,8 @@
 //! `cargo xtask bench gateway`: what `aipipe serve` adds to a call, against a loopback
 //! upstream that answers at once (and declares generous rate limits, as OpenAI does). The same
 //! load generator calls the upstream directly, the gateway on the shipped defaults, and the
-//! same gateway with its limits off, in the same run, on this machine (load generator,
+//! same gateway with its limits off, and the same gateway exporting traces over OTLP to a
+//! local collector, in the same run, on this machine (load generator,
 //! upstream and gateways share its cores).
 
 use std::path::Path;
@@ -48,6 +49,10 @@ struct GatewayFigure {
     /// false`, measured in the same run.
     #[serde(skip_serializing_if = "Option::is_none")]
     share_of_limits_off: Option<f64>,
+    /// Requests per second of this gateway exporting traces over OTLP over the same gateway
+    /// without, measured in the same run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    share_of_export_off: Option<f64>,
 }
 
 pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
@@ -60,19 +65,32 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
         let upstream_url = format!("http://{upstream}/v1");
         let gateway = start_gateway(&aipipe, dir.path(), &upstream_url, "")?;
         let unlimited = start_gateway(&aipipe, limits_off.path(), &upstream_url, "[limits]\nenabled = false\n")?;
+        // The shipped defaults but for a collector to export traces to (one that takes them
+        // and answers at once, as a local collector agent does).
+        let exporting_dir = tempfile::tempdir()?;
+        let collector = start_collector().await?;
+        let exporting = start_gateway_with(
+            &aipipe,
+            exporting_dir.path(),
+            &upstream_url,
+            &format!("otlp_endpoint = \"http://{collector}\"\n"),
+            "",
+        )?;
+        let exporting_url = format!("{}/chat/completions", exporting.base_url);
         let direct_url = format!("http://{upstream}/v1/chat/completions");
         let gateway_url = format!("{}/chat/completions", gateway.base_url);
         let unlimited_url = format!("{}/chat/completions", unlimited.base_url);
         let client = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build()?;
         let counter = Arc::new(AtomicUsize::new(0));
 
-        for url in [&direct_url, &gateway_url, &unlimited_url] {
+        for url in [&direct_url, &gateway_url, &unlimited_url, &exporting_url] {
             sequential(&client, url, LATENCY_ROUND, &counter).await?;
         }
-        let (mut direct, mut through) = (Vec::new(), Vec::new());
+        let (mut direct, mut through, mut exported) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..LATENCY_ROUNDS {
             direct.extend(sequential(&client, &direct_url, LATENCY_ROUND, &counter).await?);
             through.extend(sequential(&client, &gateway_url, LATENCY_ROUND, &counter).await?);
+            exported.extend(sequential(&client, &exporting_url, LATENCY_ROUND, &counter).await?);
         }
         // Time to first token of streamed answers: through the gateway minus direct.
         let (mut direct_ttft, mut gateway_ttft) = (Vec::new(), Vec::new());
@@ -84,14 +102,17 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
         gateway_ttft.sort();
         let direct_rps = closed_loop(&client, std::slice::from_ref(&direct_url), &counter).await?;
         // Alternated, so that drift in the machine's speed falls on both alike.
-        let (mut gateway_rps, mut unlimited_rps) = (0.0, 0.0);
+        let (mut gateway_rps, mut unlimited_rps, mut exporting_rps) = (0.0, 0.0, 0.0);
         for _ in 0..2 {
             gateway_rps += closed_loop(&client, std::slice::from_ref(&gateway_url), &counter).await? / 2.0;
             unlimited_rps += closed_loop(&client, std::slice::from_ref(&unlimited_url), &counter).await? / 2.0;
+            exporting_rps += closed_loop(&client, std::slice::from_ref(&exporting_url), &counter).await? / 2.0;
         }
-        drop((gateway, unlimited));
+        drop((gateway, unlimited, exporting));
         direct.sort();
         through.sort();
+        exported.sort();
+        let (exported_p50, exported_p99) = (percentile_us(&exported, 0.50), percentile_us(&exported, 0.99));
         let (direct_p50, direct_p99) = (percentile_us(&direct, 0.50), percentile_us(&direct, 0.99));
         let (gateway_p50, gateway_p99) = (percentile_us(&through, 0.50), percentile_us(&through, 0.99));
         anyhow::Ok(vec![
@@ -103,6 +124,7 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
                 added_p50_us: None,
                 added_p99_us: None,
                 share_of_limits_off: None,
+                share_of_export_off: None,
             },
             GatewayFigure {
                 name: "gateway",
@@ -112,6 +134,17 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
                 added_p50_us: Some(gateway_p50 - direct_p50),
                 added_p99_us: Some(gateway_p99 - direct_p99),
                 share_of_limits_off: Some(gateway_rps / unlimited_rps),
+                share_of_export_off: None,
+            },
+            GatewayFigure {
+                name: "gateway_otlp",
+                requests_per_second: Some(exporting_rps),
+                p50_us: exported_p50,
+                p99_us: exported_p99,
+                added_p50_us: Some(exported_p50 - direct_p50),
+                added_p99_us: Some(exported_p99 - direct_p99),
+                share_of_limits_off: None,
+                share_of_export_off: Some(exporting_rps / gateway_rps),
             },
             GatewayFigure {
                 name: "stream_ttft_added_us",
@@ -121,6 +154,7 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
                 added_p50_us: None,
                 added_p99_us: None,
                 share_of_limits_off: None,
+                share_of_export_off: None,
             },
         ])
     })?;
@@ -129,9 +163,17 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
         if json {
             println!("{}", serde_json::to_string(figure)?);
         } else {
-            let added = match (figure.added_p50_us, figure.added_p99_us, figure.share_of_limits_off) {
-                (Some(p50), Some(p99), Some(share)) => {
-                    format!("   added p50 {p50:.0} us, p99 {p99:.0} us; {:.0}% of limits off", share * 100.0)
+            let added = match (figure.added_p50_us, figure.added_p99_us) {
+                (Some(p50), Some(p99)) => {
+                    format!("   added p50 {p50:.0} us, p99 {p99:.0} us")
+                        + &figure
+                            .share_of_limits_off
+                            .map(|share| format!("; {:.0}% of limits off", share * 100.0))
+                            .unwrap_or_default()
+                        + &figure
+                            .share_of_export_off
+                            .map(|share| format!("; {:.0}% of export off", share * 100.0))
+                            .unwrap_or_default()
                 }
                 _ => String::new(),
             };
@@ -188,11 +230,27 @@ pub(crate) async fn start_upstream() -> anyhow::Result<std::net::SocketAddr> {
             response
         }),
     );
+    serve_locally(app, "upstream").await
+}
+
+/// An OTLP/HTTP collector that takes every export and answers at once.
+async fn start_collector() -> anyhow::Result<std::net::SocketAddr> {
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(|_body: axum::body::Bytes| async {
+            ([("content-type", "application/x-protobuf")], Vec::new())
+        }),
+    );
+    serve_locally(app, "collector").await
+}
+
+/// `app` on a free loopback port, served until the process ends.
+async fn serve_locally(app: axum::Router, what: &'static str) -> anyhow::Result<std::net::SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app).await {
-            eprintln!("xtask: the bench upstream stopped: {err}");
+            eprintln!("xtask: the bench {what} stopped: {err}");
         }
     });
     Ok(address)
@@ -202,8 +260,19 @@ pub(crate) async fn start_upstream() -> anyhow::Result<std::net::SocketAddr> {
 /// call misses the cache and goes upstream. The only things set: where telemetry goes and the
 /// workspace's key.
 pub(crate) fn start_gateway(aipipe: &Path, dir: &Path, upstream: &str, extra: &str) -> anyhow::Result<GatewayProcess> {
+    start_gateway_with(aipipe, dir, upstream, "", extra)
+}
+
+/// The same, with `telemetry` lines in its `[telemetry]` table.
+fn start_gateway_with(
+    aipipe: &Path,
+    dir: &Path,
+    upstream: &str,
+    telemetry: &str,
+    extra: &str,
+) -> anyhow::Result<GatewayProcess> {
     let config = format!(
-        "[telemetry]\ndatabase_url = \"sqlite://{}\"\n[gateway.api_keys]\nbench = \"{API_KEY_VARIABLE}\"\n{extra}",
+        "[telemetry]\ndatabase_url = \"sqlite://{}\"\n{telemetry}[gateway.api_keys]\nbench = \"{API_KEY_VARIABLE}\"\n{extra}",
         dir.join("telemetry.db").display()
     );
     let env = [(API_KEY_VARIABLE, API_KEY), ("OPENAI_API_KEY", "sk-bench-upstream")];

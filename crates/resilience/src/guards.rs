@@ -116,11 +116,17 @@ impl Guards {
             waited: waited + asked.elapsed(),
             breaker_state: None,
         };
+        // A guard that lets the request through at once leaves no span: a span costs more than
+        // the check, and a trace shows the waits.
         let pause = match &self.pauses {
             Some(pauses) => {
                 let asked = Instant::now();
-                let admitted =
-                    pauses.admit(key, self.max_wait, deadline).instrument(tracing::info_span!("limit.pause")).await;
+                let span = if pauses.resumes_in(key).is_zero() {
+                    tracing::Span::none()
+                } else {
+                    tracing::info_span!("limit.pause")
+                };
+                let admitted = pauses.admit(key, self.max_wait, deadline).instrument(span).await;
                 let (permit, pause_wait) = admitted.map_err(|refusal| refused(refusal, waited, asked))?;
                 waited += pause_wait;
                 Some(permit)
@@ -130,10 +136,13 @@ impl Guards {
         let reservation = match &self.limits {
             Some(limits) => {
                 let asked = Instant::now();
-                let acquired = limits
-                    .acquire(workspace, key, estimated_tokens, self.max_wait, deadline)
-                    .instrument(tracing::info_span!("limit.acquire"))
-                    .await;
+                let span = if limits.answers_at_once(workspace, key, estimated_tokens) {
+                    tracing::Span::none()
+                } else {
+                    tracing::info_span!("limit.acquire")
+                };
+                let acquired =
+                    limits.acquire(workspace, key, estimated_tokens, self.max_wait, deadline).instrument(span).await;
                 let (limit_wait, reservation) = acquired.map_err(|refusal| refused(refusal, waited, asked))?;
                 waited += limit_wait;
                 Some(reservation)

@@ -182,6 +182,11 @@ impl RateLimits {
         .unwrap_or_default()
     }
 
+    /// Whether a request would be taken now without waiting or asking Redis.
+    pub fn answers_at_once(&self, workspace: &str, model_key: &str, tokens: u64) -> bool {
+        self.shared.is_none() && self.wait_for(workspace, model_key, tokens).is_zero()
+    }
+
     /// What the upstream declared for `model_key` in a response: from now on the
     /// provider/model's buckets hold no more than it allows, nor than it has left.
     pub fn declare(&self, model_key: &str, declared: Declared) {

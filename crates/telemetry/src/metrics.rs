@@ -37,6 +37,7 @@ struct Inner {
     breaker_state: IntGaugeVec,
     shared_state_up: IntGaugeVec,
     cache_entries: IntGaugeVec,
+    spans_dropped: IntCounter,
     dropped: IntCounter,
     alerts: IntCounterVec,
     route_decisions: IntCounterVec,
@@ -131,6 +132,11 @@ impl Metrics {
             &["cache"],
         )?;
         registry.register(Box::new(cache_entries.clone()))?;
+        let spans_dropped = IntCounter::new(
+            "aipipe_trace_spans_dropped_total",
+            "Finished spans not exported over OTLP: the export queue was full or the collector failed.",
+        )?;
+        registry.register(Box::new(spans_dropped.clone()))?;
         let dropped = IntCounter::new(
             "aipipe_telemetry_rows_dropped_total",
             "Telemetry rows lost to a full queue or a failed write.",
@@ -152,6 +158,7 @@ impl Metrics {
                 breaker_state,
                 shared_state_up,
                 cache_entries,
+                spans_dropped,
                 dropped,
                 alerts,
                 route_decisions,
@@ -230,6 +237,12 @@ impl Metrics {
     /// `cache` is `exact` or `semantic`.
     pub fn set_cache_entries(&self, cache: &str, entries: u64) {
         self.inner.cache_entries.with_label_values(&[cache]).set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+
+    /// The process's count of spans not exported so far (it only grows).
+    pub fn set_trace_spans_dropped(&self, total: u64) {
+        let counted = self.inner.spans_dropped.get();
+        self.inner.spans_dropped.inc_by(total.saturating_sub(counted));
     }
 
     pub fn count_dropped(&self, rows: u64) {

@@ -290,6 +290,8 @@ pub(crate) struct RawTelemetry {
     pub(crate) database_url: String,
     pub(crate) queue_capacity: usize,
     pub(crate) batch_size: usize,
+    pub(crate) otlp_endpoint: String,
+    pub(crate) otlp_queue_capacity: usize,
 }
 
 #[derive(Debug, Deserialize)]

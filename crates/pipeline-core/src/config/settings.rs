@@ -48,6 +48,14 @@ pub enum ProviderKind {
 }
 
 impl ProviderKind {
+    /// As the config writes it, and as OpenTelemetry's `gen_ai.system` names it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::OpenAi => "openai",
+            Self::Anthropic => "anthropic",
+        }
+    }
+
     /// What the API can do, unless the provider's config says otherwise.
     pub fn default_capabilities(self) -> Capabilities {
         match self {
@@ -332,14 +340,27 @@ pub struct TelemetrySettings {
     pub database_url: String,
     pub queue_capacity: usize,
     pub batch_size: usize,
+    /// Where traces go over OTLP/HTTP (the collector's base URL: `/v1/traces` is added);
+    /// `None`: only if the standard `OTEL_EXPORTER_OTLP_*ENDPOINT` variables name one.
+    pub otlp_endpoint: Option<String>,
+    /// Spans waiting for export; past it they are dropped and counted, never waited for.
+    pub otlp_queue_capacity: usize,
 }
 
 impl TelemetrySettings {
     pub(super) fn validate(raw: RawTelemetry) -> Result<Self, SetupError> {
+        let otlp_endpoint = raw.otlp_endpoint.trim();
+        let otlp_endpoint = if otlp_endpoint.is_empty() {
+            None
+        } else {
+            Some(http_url("telemetry.otlp_endpoint", otlp_endpoint.to_owned())?)
+        };
         Ok(Self {
             database_url: non_empty("telemetry.database_url", raw.database_url)?,
             queue_capacity: positive("telemetry.queue_capacity", raw.queue_capacity)?,
             batch_size: positive("telemetry.batch_size", raw.batch_size)?,
+            otlp_endpoint,
+            otlp_queue_capacity: positive("telemetry.otlp_queue_capacity", raw.otlp_queue_capacity)?,
         })
     }
 }

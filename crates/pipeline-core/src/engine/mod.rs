@@ -120,14 +120,24 @@ impl Engine {
         options: CallOptions,
     ) -> Result<PipelineResult, PipelineError> {
         let trace_id = context.trace_id.clone().unwrap_or_else(TraceId::random);
+        // Named after OpenTelemetry's GenAI conventions where one applies, aipipe's own
+        // otherwise: an OTLP exporter (`aipipe serve` with `telemetry.otlp_endpoint`) sends
+        // them as the span's attributes.
         let span = tracing::info_span!(
             "aipipe.call",
-            step = %step,
-            workspace = %context.workspace,
-            component = %context.component,
-            trace_id = %trace_id,
-            source = tracing::field::Empty,
-            status = tracing::field::Empty,
+            "aipipe.step" = %step,
+            "aipipe.workspace" = %context.workspace,
+            "aipipe.component" = %context.component,
+            "aipipe.trace_id" = %trace_id,
+            "aipipe.source" = tracing::field::Empty,
+            "aipipe.confidence" = tracing::field::Empty,
+            "aipipe.status" = tracing::field::Empty,
+            "gen_ai.operation.name" = "chat",
+            "gen_ai.request.model" = tracing::field::Empty,
+            "gen_ai.response.model" = tracing::field::Empty,
+            "gen_ai.usage.input_tokens" = tracing::field::Empty,
+            "gen_ai.usage.output_tokens" = tracing::field::Empty,
+            "gen_ai.response.finish_reasons" = tracing::field::Empty,
         );
         let call = Call { step: &step, input: &input, context: &context, options: &options, trace_id: &trace_id };
         async {
@@ -193,6 +203,7 @@ impl Engine {
         let deadline = Deadline::after(call.options.deadline.unwrap_or(config.engine.default_deadline));
         let route = self.plan(spec, call)?;
         spent.model = Some(route.candidates[0].upstream.clone());
+        tracing::Span::current().record("gen_ai.request.model", route.candidates[0].upstream.as_str());
 
         // 2. The prompt, from the step's templates (or the caller's messages).
         let Rendered { messages, sampling, request } = config.prompts.render(spec, call.input, call.context)?;
@@ -285,7 +296,8 @@ impl Engine {
             // 8. No model could answer, or not in the step's shape: a stand-in, if the caller
             //    takes one.
             Err(err) if err.stand_in_may_answer() && call.options.allow_stand_in => {
-                match self.stand_in(spec, similar.as_ref(), &err, at) {
+                let stand_in = tracing::info_span!("stand_in", "error.type" = err.metric_label());
+                match stand_in.in_scope(|| self.stand_in(spec, similar.as_ref(), &err, at)) {
                     Some(served) => {
                         tracing::warn!(error = %err, source = served.source.label(), "the upstream could not answer; a fallback did");
                         Ok(served)

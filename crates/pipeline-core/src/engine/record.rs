@@ -37,7 +37,14 @@ impl Engine {
                 0.0,
             ),
         };
-        span.record("source", telemetry::Source::label(source));
+        span.record("aipipe.source", telemetry::Source::label(source));
+        span.record("aipipe.confidence", confidence);
+        span.record("gen_ai.response.model", model.as_str());
+        span.record("gen_ai.usage.input_tokens", spent.usage.input_tokens);
+        span.record("gen_ai.usage.output_tokens", spent.usage.output_tokens);
+        if let Some(served) = served {
+            span.record("gen_ai.response.finish_reasons", served.finish_reason.as_str());
+        }
         let (status, error_class, error_message) = match outcome {
             Ok(served) => (CallStatus::Ok, served.degraded_by, None),
             Err(err) => {
@@ -46,7 +53,7 @@ impl Engine {
                 (CallStatus::Error, Some(err.class()), Some(message))
             }
         };
-        span.record("status", status.label());
+        span.record("aipipe.status", status.label());
         self.inner.recorder.record(CallRecord {
             ts_ms: unix_ms(at),
             step: self.step_label(Some(call.step)),

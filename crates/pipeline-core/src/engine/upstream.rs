@@ -76,7 +76,10 @@ impl Engine {
             "That reply does not satisfy the required JSON schema: {violations}. \
              Reply again with only a JSON object that satisfies the schema."
         )));
-        let repaired = self.ask_with_retries(ask, answered.candidate, &repair, spent).await?;
+        let repaired = self
+            .ask_with_retries(ask, answered.candidate, &repair, spent)
+            .instrument(tracing::info_span!("contract.repair"))
+            .await?;
         let output = validate(ask.spec, &repaired.content).map_err(|violations| PipelineError::ContractViolation {
             step: ask.spec.step.clone(),
             attempts: spent.attempts,
@@ -162,9 +165,57 @@ impl Engine {
         }
     }
 
+    /// One upstream request in a span of its own, its guards' waits inside it, with the
+    /// GenAI attributes of what was asked and answered.
+    async fn attempt(
+        &self,
+        ask: &Ask<'_>,
+        candidate: &ModelSpec,
+        messages: &[ChatMessage],
+        spent: &mut Spent,
+    ) -> Result<ChatResponse, PipelineError> {
+        let provider_name = self.provider_of(candidate);
+        let system = self.inner.config.providers.get(provider_name).map_or_else(
+            || {
+                if provider_name == self.inner.config.provider.name {
+                    self.inner.config.provider.kind.label()
+                } else {
+                    provider_name
+                }
+            },
+            |settings| settings.kind.label(),
+        );
+        let span = tracing::info_span!(
+            "upstream.attempt",
+            attempt = spent.attempts + 1,
+            key = %self.guard_key(candidate),
+            "gen_ai.system" = system,
+            "gen_ai.operation.name" = "chat",
+            "gen_ai.request.model" = candidate.upstream.as_str(),
+            "gen_ai.response.model" = tracing::field::Empty,
+            "gen_ai.usage.input_tokens" = tracing::field::Empty,
+            "gen_ai.usage.output_tokens" = tracing::field::Empty,
+            "gen_ai.response.finish_reasons" = tracing::field::Empty,
+            "error.type" = tracing::field::Empty,
+        );
+        let result = self.attempt_in_span(ask, candidate, messages, spent).instrument(span.clone()).await;
+        match &result {
+            Ok(reply) => {
+                span.record("gen_ai.response.model", reply.model.as_str());
+                span.record("gen_ai.usage.input_tokens", reply.usage.input_tokens);
+                span.record("gen_ai.usage.output_tokens", reply.usage.output_tokens);
+                span.record("gen_ai.response.finish_reasons", reply.finish_reason.as_str());
+            }
+            Err(err) => {
+                span.record("error.type", err.metric_label());
+            }
+        }
+        result
+    }
+
     /// One upstream request: admitted by the guards, sent with a timeout that ends no later
     /// than the call's deadline, and its outcome handed back to every guard.
-    async fn attempt(
+    async fn attempt_in_span(
         &self,
         ask: &Ask<'_>,
         candidate: &ModelSpec,
@@ -209,7 +260,6 @@ impl Engine {
         spent.attempts += 1;
         spent.model = Some(candidate.upstream.clone());
         spent.provider = Some(provider_name.to_owned());
-        let span = tracing::info_span!("upstream.attempt", attempt = spent.attempts, %key);
         let request_timeout = inner
             .config
             .providers
@@ -219,7 +269,7 @@ impl Engine {
         let timeout = request_timeout.min(ask.deadline.remaining());
         let in_flight = inner.latencies.start(&candidate.name);
         let started = Instant::now();
-        let result = match tokio::time::timeout(timeout, provider.oneshot(request)).instrument(span).await {
+        let result = match tokio::time::timeout(timeout, provider.oneshot(request)).await {
             Ok(result) => result,
             Err(_) => Err(ProviderError::Timeout { after: timeout }),
         };
