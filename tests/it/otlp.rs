@@ -13,7 +13,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use pipeline_core::telemetry::TelemetryStore;
 use prost::Message as _;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+use reqwest::header::CONTENT_TYPE;
 use serde_json::json;
 use testkit::{GatewayProcess, Reply, ScriptedUpstream};
 
@@ -128,11 +128,7 @@ async fn a_call_exports_its_span_tree_in_the_callers_trace_with_the_rows_trace_i
     let http = reqwest::Client::new();
     let ask = |question: &str, traceparent: Option<String>| {
         let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": question}]});
-        let mut request = http
-            .post(format!("{}/chat/completions", gateway.base_url))
-            .header(CONTENT_TYPE, "application/json")
-            .header(AUTHORIZATION, format!("Bearer {KEY}"))
-            .body(body.to_string());
+        let mut request = gateway.chat(&http, KEY, &body);
         if let Some(traceparent) = traceparent {
             request = request.header("traceparent", traceparent);
         }

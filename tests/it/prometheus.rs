@@ -7,7 +7,6 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use serde_json::{Value, json};
 use testkit::{GatewayProcess, Reply, ScriptedUpstream, Streamed};
 
@@ -116,14 +115,7 @@ async fn a_real_prometheus_scrapes_the_gateway_and_the_dashboard_queries_run() {
     {
         let body = json!({"model": "gpt-4o-mini", "stream": stream,
             "messages": [{"role": "user", "content": question}]});
-        let response = http
-            .post(format!("{}/chat/completions", gateway.base_url))
-            .header(CONTENT_TYPE, "application/json")
-            .header(AUTHORIZATION, format!("Bearer {KEY}"))
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
+        let response = gateway.chat(&http, KEY, &body).send().await.unwrap();
         assert_eq!(response.status(), 200);
         response.text().await.unwrap();
     }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pipeline_core::telemetry::TelemetryStore;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use serde_json::json;
 use testkit::{GatewayProcess, RedisServer, Reply, ScriptedUpstream, fresh_postgres};
 
@@ -52,15 +51,7 @@ impl Replica {
         let body = json!({"model": "gpt-4o-mini", "messages": [
             {"role": "system", "content": "You answer support questions."},
             {"role": "user", "content": question}]});
-        self.http
-            .post(format!("{}/chat/completions", self.process.base_url))
-            .header(CONTENT_TYPE, "application/json")
-            .header(AUTHORIZATION, format!("Bearer {KEY}"))
-            .header("x-aipipe-cache", cache)
-            .body(body.to_string())
-            .send()
-            .await
-            .ok()
+        self.process.chat(&self.http, KEY, &body).header("x-aipipe-cache", cache).send().await.ok()
     }
 
     /// The source that answered, and the trace id, of an answered question.

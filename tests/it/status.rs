@@ -6,7 +6,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pipeline_core::telemetry::TelemetryStore;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use serde_json::json;
 use testkit::{GatewayProcess, Reply, ScriptedUpstream};
 
@@ -87,13 +86,7 @@ async fn the_status_page_in_a_browser_shows_what_the_telemetry_store_reports() {
     let questions = ["refund?", "invoice?", "refund?", "shipping?", "invoice?", "warranty?", "broken request"];
     for question in questions {
         let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": question}]});
-        http.post(format!("{}/chat/completions", gateway.base_url))
-            .header(CONTENT_TYPE, "application/json")
-            .header(AUTHORIZATION, format!("Bearer {KEY}"))
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
+        gateway.chat(&http, KEY, &body).send().await.unwrap();
     }
     // Rows are written off the call path: wait until all are in.
     let store = TelemetryStore::connect(&format!("sqlite://{}", database.display())).await.unwrap();

@@ -76,6 +76,14 @@ impl GatewayProcess {
         }
     }
 
+    /// A chat completion request of `body` to it, as `key`'s workspace (headers can be added).
+    pub fn chat(&self, http: &reqwest::Client, key: &str, body: &serde_json::Value) -> reqwest::RequestBuilder {
+        http.post(format!("{}/chat/completions", self.base_url))
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {key}"))
+            .body(body.to_string())
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
