@@ -6,6 +6,7 @@
 //! ([`spans_dropped`], `aipipe_trace_spans_dropped_total`), and a collector that is down costs
 //! an error in the log, never a call.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SdkTracerProvider, Span, SpanData, SpanExporter as _, SpanProcessor};
 use pipeline_core::TelemetrySettings;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -117,8 +118,24 @@ fn provider(telemetry: &TelemetrySettings) -> anyhow::Result<SdkTracerProvider> 
     let service = std::env::var("OTEL_SERVICE_NAME").ok().filter(|name| !name.trim().is_empty());
     let resource = Resource::builder().with_service_name(service.unwrap_or_else(|| "aipipe".to_owned())).build();
     exporter.set_resource(&resource);
-    let processor = QueueProcessor::spawn(exporter, telemetry.otlp_queue_capacity)?;
+    let delay = export_delay(std::env::var("OTEL_BSP_SCHEDULE_DELAY").ok().as_deref(), telemetry.otlp_export_delay)?;
+    let processor = QueueProcessor::spawn(exporter, telemetry.otlp_queue_capacity, delay)?;
     Ok(SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource).build())
+}
+
+/// The delay between exports: `OTEL_BSP_SCHEDULE_DELAY` (milliseconds, as OpenTelemetry's SDKs
+/// read it) when set, else the config's.
+fn export_delay(variable: Option<&str>, configured: Duration) -> anyhow::Result<Duration> {
+    match variable.map(str::trim) {
+        None | Some("") => Ok(configured),
+        Some(value) => match value.parse::<u64>() {
+            Ok(millis) if millis > 0 => Ok(Duration::from_millis(millis)),
+            _ => anyhow::bail!(
+                "OTEL_BSP_SCHEDULE_DELAY: `{value}` is not a positive whole number of milliseconds \
+                 (unset it to use telemetry.otlp_export_delay_ms)"
+            ),
+        },
+    }
 }
 
 enum Message {
@@ -126,18 +143,22 @@ enum Message {
     Flush(oneshot::Sender<()>),
 }
 
-/// Finished spans into a bounded queue, exported in batches by a task of its own.
+/// Finished spans into a bounded queue, exported in batches by a task of its own. The task is
+/// woken when a batch is full, a flush is asked or the delay has passed, never per span: a
+/// wake-up per span would cost a thread switch each.
 #[derive(Debug)]
 struct QueueProcessor {
     queue: mpsc::Sender<Message>,
+    batch_ready: Arc<Notify>,
 }
 
 impl QueueProcessor {
-    fn spawn(exporter: opentelemetry_otlp::SpanExporter, capacity: usize) -> anyhow::Result<Self> {
+    fn spawn(exporter: opentelemetry_otlp::SpanExporter, capacity: usize, delay: Duration) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Handle::try_current().context("traces are exported from the tokio runtime")?;
         let (queue, received) = mpsc::channel(capacity.max(1));
-        runtime.spawn(export(exporter, received));
-        Ok(Self { queue })
+        let batch_ready = Arc::new(Notify::new());
+        runtime.spawn(export(exporter, received, batch_ready.clone(), delay));
+        Ok(Self { queue, batch_ready })
     }
 
     /// Waits (blocking, off the runtime's workers: at shutdown) until what is queued now is
@@ -145,6 +166,7 @@ impl QueueProcessor {
     fn flush(&self, timeout: Duration) -> OTelSdkResult {
         let (done, exported) = oneshot::channel();
         self.queue.try_send(Message::Flush(done)).map_err(|_| OTelSdkError::InternalFailure("queue full".into()))?;
+        self.batch_ready.notify_one();
         let waited = std::thread::spawn(move || exported.blocking_recv());
         let started = std::time::Instant::now();
         while !waited.is_finished() {
@@ -163,6 +185,9 @@ impl SpanProcessor for QueueProcessor {
     fn on_end(&self, span: SpanData) {
         if self.queue.try_send(Message::Span(Box::new(span))).is_err() {
             SPANS_DROPPED.fetch_add(1, Ordering::Relaxed);
+        } else if self.queue.max_capacity() - self.queue.capacity() >= BATCH {
+            // Stores one permit when the task is not waiting: repeated calls cost an atomic.
+            self.batch_ready.notify_one();
         }
     }
 
@@ -175,30 +200,65 @@ impl SpanProcessor for QueueProcessor {
     }
 }
 
-async fn export(exporter: opentelemetry_otlp::SpanExporter, mut received: mpsc::Receiver<Message>) {
-    let mut batch = Vec::with_capacity(BATCH);
-    while let Some(message) = received.recv().await {
+async fn export(
+    exporter: opentelemetry_otlp::SpanExporter,
+    mut received: mpsc::Receiver<Message>,
+    batch_ready: Arc<Notify>,
+    delay: Duration,
+) {
+    loop {
+        tokio::select! {
+            () = batch_ready.notified() => {}
+            () = tokio::time::sleep(delay) => {}
+        }
+        // What is queued now, and no more: spans that keep arriving wait for the next round
+        // rather than keeping this one from ending.
+        let mut spans = Vec::with_capacity(received.len());
         let mut flushed = Vec::new();
-        let mut next = Some(message);
-        while let Some(message) = next.take() {
-            match message {
-                Message::Span(span) => batch.push(*span),
-                Message::Flush(done) => flushed.push(done),
-            }
-            if batch.len() < BATCH {
-                next = received.try_recv().ok();
+        let mut open = true;
+        for _ in 0..received.len().max(1) {
+            match received.try_recv() {
+                Ok(Message::Span(span)) => spans.push(*span),
+                Ok(Message::Flush(done)) => flushed.push(done),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
             }
         }
-        if !batch.is_empty() {
-            let spans = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-            let count = spans.len() as u64;
-            if let Err(error) = exporter.export(spans).await {
+        while !spans.is_empty() {
+            let rest = spans.split_off(spans.len().min(BATCH));
+            let batch = std::mem::replace(&mut spans, rest);
+            let count = batch.len() as u64;
+            if let Err(error) = exporter.export(batch).await {
                 SPANS_DROPPED.fetch_add(count, Ordering::Relaxed);
                 tracing::warn!(%error, spans = count, "traces not exported");
             }
         }
         for done in flushed {
             let _ = done.send(());
+        }
+        if !open {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_delay_variable_overrides_the_config_and_a_bad_one_is_named() {
+        let configured = Duration::from_millis(1_000);
+        assert_eq!(export_delay(None, configured).unwrap(), configured);
+        assert_eq!(export_delay(Some(" "), configured).unwrap(), configured);
+        assert_eq!(export_delay(Some("250"), configured).unwrap(), Duration::from_millis(250));
+        for bad in ["0", "1s", "-5"] {
+            let error = export_delay(Some(bad), configured).unwrap_err().to_string();
+            assert!(error.starts_with("OTEL_BSP_SCHEDULE_DELAY: `"), "{error}");
+            assert!(error.contains(bad), "{error}");
         }
     }
 }

@@ -292,6 +292,7 @@ pub(crate) struct RawTelemetry {
     pub(crate) batch_size: usize,
     pub(crate) otlp_endpoint: String,
     pub(crate) otlp_queue_capacity: usize,
+    pub(crate) otlp_export_delay_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]

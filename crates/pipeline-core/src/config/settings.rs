@@ -345,6 +345,9 @@ pub struct TelemetrySettings {
     pub otlp_endpoint: Option<String>,
     /// Spans waiting for export; past it they are dropped and counted, never waited for.
     pub otlp_queue_capacity: usize,
+    /// The longest a finished span waits to be exported: spans go out in batches, when a batch
+    /// is full or this long after the last export.
+    pub otlp_export_delay: Duration,
 }
 
 impl TelemetrySettings {
@@ -361,6 +364,7 @@ impl TelemetrySettings {
             batch_size: positive("telemetry.batch_size", raw.batch_size)?,
             otlp_endpoint,
             otlp_queue_capacity: positive("telemetry.otlp_queue_capacity", raw.otlp_queue_capacity)?,
+            otlp_export_delay: positive_millis("telemetry.otlp_export_delay_ms", raw.otlp_export_delay_ms)?,
         })
     }
 }
