@@ -16,10 +16,12 @@ pub(super) fn request_span(headers: &HeaderMap, route: &'static str) -> tracing:
         "http.request.method" = "POST",
         "http.route" = route,
     );
-    let parent = TraceContextPropagator::new().extract(&Headers(headers));
-    if parent.span().span_context().is_valid() {
-        // Fails only when no OpenTelemetry layer is installed: nothing to continue then.
-        let _ = span.set_parent(parent);
+    // Without an OpenTelemetry layer the span is disabled and there is nothing to continue.
+    if !span.is_disabled() {
+        let parent = TraceContextPropagator::new().extract(&Headers(headers));
+        if parent.span().span_context().is_valid() {
+            let _ = span.set_parent(parent);
+        }
     }
     span
 }
@@ -28,11 +30,12 @@ pub(super) fn request_span(headers: &HeaderMap, route: &'static str) -> tracing:
 /// caller's, from its `traceparent`; else none (the engine makes one).
 pub(super) fn current_trace_id(headers: &HeaderMap) -> Option<TraceId> {
     let exported = tracing::Span::current().context().span().span_context().trace_id();
-    let caller = || TraceContextPropagator::new().extract(&Headers(headers)).span().span_context().trace_id();
-    [exported, caller()]
-        .into_iter()
-        .find(|id| *id != opentelemetry::trace::TraceId::INVALID)
-        .map(|id| TraceId::from(id.to_string()))
+    let id = if exported == opentelemetry::trace::TraceId::INVALID {
+        TraceContextPropagator::new().extract(&Headers(headers)).span().span_context().trace_id()
+    } else {
+        exported
+    };
+    (id != opentelemetry::trace::TraceId::INVALID).then(|| TraceId::from(id.to_string()))
 }
 
 struct Headers<'a>(&'a HeaderMap);

@@ -82,9 +82,14 @@ async fn openai_clients_get_openai_answers() {
     let gateway = Gateway::start(dir.path(), &upstream, "");
 
     // Non-streaming: the caller's messages reach the upstream as they are, without JSON mode.
-    let response = gateway.post(Some(KEY_A), &[("x-aipipe-component", "docs-bot")], &chat("Capital of France?")).await;
+    // Traces are not exported here, yet a caller's W3C trace still names the call's row.
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("00-{caller_trace}-00f067aa0ba902b7-01");
+    let headers = [("x-aipipe-component", "docs-bot"), ("traceparent", traceparent.as_str())];
+    let response = gateway.post(Some(KEY_A), &headers, &chat("Capital of France?")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-aipipe-source"], "upstream");
+    assert_eq!(response.headers()["x-aipipe-trace-id"], caller_trace);
     let body = json_body(response).await;
     assert_eq!(body["object"], "chat.completion");
     assert_eq!(body["choices"][0]["message"]["role"], "assistant");

@@ -136,13 +136,7 @@ impl Guards {
         let reservation = match &self.limits {
             Some(limits) => {
                 let asked = Instant::now();
-                let span = if limits.answers_at_once(workspace, key, estimated_tokens) {
-                    tracing::Span::none()
-                } else {
-                    tracing::info_span!("limit.acquire")
-                };
-                let acquired =
-                    limits.acquire(workspace, key, estimated_tokens, self.max_wait, deadline).instrument(span).await;
+                let acquired = limits.acquire(workspace, key, estimated_tokens, self.max_wait, deadline).await;
                 let (limit_wait, reservation) = acquired.map_err(|refusal| refused(refusal, waited, asked))?;
                 waited += limit_wait;
                 Some(reservation)

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use shared_state::{BucketAsk, SharedBuckets, Take};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::{Deadline, Refusal, Scope};
 
@@ -121,10 +122,14 @@ impl RateLimits {
             (Scope::WorkspaceTokens, workspace, self.settings.workspace_tokens, tokens),
             (Scope::ModelTokens, model_key, self.settings.model_tokens, tokens),
         ];
+        // A span only for a call that waits: a round trip to Redis, or a sleep for a local
+        // bucket. It ends when the reservation is made or refused.
+        let mut waiting: Option<tracing::Span> = None;
         // The shared buckets first, all or nothing, while Redis answers.
         let mut local_share = None;
         if let Some(shared) = &self.shared {
-            match shared.acquire(&asks, max_wait, deadline).await {
+            let span = waiting.get_or_insert_with(|| tracing::info_span!("limit.acquire")).clone();
+            match shared.acquire(&asks, max_wait, deadline).instrument(span).await {
                 Ok((shared_wait, taken)) => {
                     waited += shared_wait;
                     reservation.shared = Some(taken);
@@ -153,7 +158,8 @@ impl RateLimits {
                     // Dropping the reservation gives back what it took so far.
                     return Err(Refusal::RateLimited { scope, retry_after: wait });
                 }
-                tokio::time::sleep(wait).await;
+                let span = waiting.get_or_insert_with(|| tracing::info_span!("limit.acquire")).clone();
+                tokio::time::sleep(wait).instrument(span).await;
                 waited += wait;
             }
             let taken = (scope, key.to_owned(), amount);
@@ -180,11 +186,6 @@ impl RateLimits {
         })
         .max()
         .unwrap_or_default()
-    }
-
-    /// Whether a request would be taken now without waiting or asking Redis.
-    pub fn answers_at_once(&self, workspace: &str, model_key: &str, tokens: u64) -> bool {
-        self.shared.is_none() && self.wait_for(workspace, model_key, tokens).is_zero()
     }
 
     /// What the upstream declared for `model_key` in a response: from now on the
