@@ -150,15 +150,19 @@ enum Message {
 struct QueueProcessor {
     queue: mpsc::Sender<Message>,
     batch_ready: Arc<Notify>,
+    /// Spans queued that make a batch: [`BATCH`], or the whole queue when it is smaller (else
+    /// a small queue would fill, and drop spans, between two timed exports).
+    batch: usize,
 }
 
 impl QueueProcessor {
     fn spawn(exporter: opentelemetry_otlp::SpanExporter, capacity: usize, delay: Duration) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Handle::try_current().context("traces are exported from the tokio runtime")?;
-        let (queue, received) = mpsc::channel(capacity.max(1));
+        let capacity = capacity.max(1);
+        let (queue, received) = mpsc::channel(capacity);
         let batch_ready = Arc::new(Notify::new());
         runtime.spawn(export(exporter, received, batch_ready.clone(), delay));
-        Ok(Self { queue, batch_ready })
+        Ok(Self { queue, batch_ready, batch: BATCH.min(capacity) })
     }
 
     /// Waits (blocking, off the runtime's workers: at shutdown) until what is queued now is
@@ -185,7 +189,7 @@ impl SpanProcessor for QueueProcessor {
     fn on_end(&self, span: SpanData) {
         if self.queue.try_send(Message::Span(Box::new(span))).is_err() {
             SPANS_DROPPED.fetch_add(1, Ordering::Relaxed);
-        } else if self.queue.max_capacity() - self.queue.capacity() >= BATCH {
+        } else if self.queue.max_capacity() - self.queue.capacity() >= self.batch {
             // Stores one permit when the task is not waiting: repeated calls cost an atomic.
             self.batch_ready.notify_one();
         }
