@@ -144,8 +144,8 @@ enum Message {
 }
 
 /// Finished spans into a bounded queue, exported in batches by a task of its own. The task is
-/// woken when a batch is full, a flush is asked or the delay has passed, never per span: a
-/// wake-up per span would cost a thread switch each.
+/// woken when a batch is full, a flush is asked or the delay has passed, never per span, as
+/// OpenTelemetry's batch processor is.
 #[derive(Debug)]
 struct QueueProcessor {
     queue: mpsc::Sender<Message>,
@@ -217,10 +217,11 @@ async fn export(
         }
         // What is queued now, and no more: spans that keep arriving wait for the next round
         // rather than keeping this one from ending.
-        let mut spans = Vec::with_capacity(received.len());
+        let queued = received.len();
+        let mut spans = Vec::with_capacity(queued);
         let mut flushed = Vec::new();
         let mut open = true;
-        for _ in 0..received.len().max(1) {
+        for _ in 0..queued.max(1) {
             match received.try_recv() {
                 Ok(Message::Span(span)) => spans.push(*span),
                 Ok(Message::Flush(done)) => flushed.push(done),

@@ -125,11 +125,11 @@ impl RateLimits {
         // A span only for a call that waits: a round trip to Redis, or a sleep for a local
         // bucket. It ends when the reservation is made or refused.
         let mut waiting: Option<tracing::Span> = None;
+        let mut waiting_span = move || waiting.get_or_insert_with(|| tracing::info_span!("limit.acquire")).clone();
         // The shared buckets first, all or nothing, while Redis answers.
         let mut local_share = None;
         if let Some(shared) = &self.shared {
-            let span = waiting.get_or_insert_with(|| tracing::info_span!("limit.acquire")).clone();
-            match shared.acquire(&asks, max_wait, deadline).instrument(span).await {
+            match shared.acquire(&asks, max_wait, deadline).instrument(waiting_span()).await {
                 Ok((shared_wait, taken)) => {
                     waited += shared_wait;
                     reservation.shared = Some(taken);
@@ -158,8 +158,7 @@ impl RateLimits {
                     // Dropping the reservation gives back what it took so far.
                     return Err(Refusal::RateLimited { scope, retry_after: wait });
                 }
-                let span = waiting.get_or_insert_with(|| tracing::info_span!("limit.acquire")).clone();
-                tokio::time::sleep(wait).instrument(span).await;
+                tokio::time::sleep(wait).instrument(waiting_span()).await;
                 waited += wait;
             }
             let taken = (scope, key.to_owned(), amount);
