@@ -127,10 +127,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // Only the gateway's calls are traced: a replay runs on the log's clock, whose span times
     // would be wrong.
     let traced = matches!(cli.command, Command::Serve { .. }).then_some(&config.telemetry);
-    let traces = {
-        let _runtime = runtime.enter();
-        traces::init(style, traced)?
-    };
+    let traces = traces::init(style, traced)?;
     let outcome = run_command(cli.command, config, gateway, &runtime);
     traces.shutdown();
     outcome

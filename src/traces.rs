@@ -61,8 +61,7 @@ impl Traces {
 }
 
 /// The log, and traces to the collector `telemetry` or the `OTEL_EXPORTER_OTLP_*` variables
-/// name (none without `telemetry`: a command that runs no calls exports nothing). Must run
-/// inside the tokio runtime that will carry the export.
+/// name (none without `telemetry`: a command that runs no calls exports nothing).
 pub fn init(style: LogStyle, telemetry: Option<&TelemetrySettings>) -> anyhow::Result<Traces> {
     let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
@@ -156,12 +155,23 @@ struct QueueProcessor {
 }
 
 impl QueueProcessor {
+    /// The export runs on a thread of its own, as OpenTelemetry's batch processor does: turning
+    /// a batch into protobuf takes long enough (about a millisecond for 512 spans) that on
+    /// the runtime's workers it held up the requests queued behind it, and the gateway's p99
+    /// showed it.
     fn spawn(exporter: opentelemetry_otlp::SpanExporter, capacity: usize, delay: Duration) -> anyhow::Result<Self> {
-        let runtime = tokio::runtime::Handle::try_current().context("traces are exported from the tokio runtime")?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the runtime that exports traces")?;
         let capacity = capacity.max(1);
         let (queue, received) = mpsc::channel(capacity);
         let batch_ready = Arc::new(Notify::new());
-        runtime.spawn(export(exporter, received, batch_ready.clone(), delay));
+        let woken = batch_ready.clone();
+        std::thread::Builder::new()
+            .name("otlp-export".to_owned())
+            .spawn(move || runtime.block_on(export(exporter, received, woken, delay)))
+            .context("cannot start the thread that exports traces")?;
         Ok(Self { queue, batch_ready, batch: BATCH.min(capacity) })
     }
 
