@@ -25,7 +25,11 @@ pub fn fuzz(root: &Path, seconds: u64, only: Option<&str>) -> anyhow::Result<()>
         let seeds = root.join("fuzz").join("seeds").join(target);
         eprintln!("xtask: fuzzing `{target}` for {seconds} s");
         let mut command = Command::new("cargo");
-        command.args(["+nightly", "fuzz", "run", target]).arg(&corpus);
+        // No AddressSanitizer: every crate of ours forbids `unsafe`, so it would only watch
+        // the dependencies' unsafe code, at the price of 2.5 of the stage's 9 minutes of build
+        // and four to five times fewer executions in the same seconds (measured on
+        // `log_line` and `chat_request`).
+        command.args(["+nightly", "fuzz", "run", "--sanitizer", "none", target]).arg(&corpus);
         if seeds.is_dir() {
             command.arg(&seeds);
         }
