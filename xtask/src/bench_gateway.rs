@@ -105,23 +105,16 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
         direct_ttft.sort();
         gateway_ttft.sort();
         let direct_rps = closed_loop(&client, std::slice::from_ref(&direct_url), &counter).await?;
-        // Each round measures the three gateways back to back (in the reverse order every other
-        // round, so that neither side of a ratio always goes first), and a ratio compares
-        // windows of the same round.
-        let (mut gateway_rps, mut unlimited_rps, mut exporting_rps) = (Vec::new(), Vec::new(), Vec::new());
-        for round in 0..THROUGHPUT_ROUNDS {
-            let mut order = [
-                (&gateway_url, &mut gateway_rps),
-                (&unlimited_url, &mut unlimited_rps),
-                (&exporting_url, &mut exporting_rps),
-            ];
-            if round % 2 == 1 {
-                order.reverse();
-            }
-            for (url, figures) in order {
-                figures.push(closed_loop(&client, std::slice::from_ref(url), &counter).await?);
-            }
-        }
+        let [gateway_rps, unlimited_rps, exporting_rps] = closed_loop_rounds(
+            &client,
+            [
+                std::slice::from_ref(&gateway_url),
+                std::slice::from_ref(&unlimited_url),
+                std::slice::from_ref(&exporting_url),
+            ],
+            &counter,
+        )
+        .await?;
         let share_of_limits_off = median_ratio(&gateway_rps, &unlimited_rps);
         let share_of_export_off = median_ratio(&exporting_rps, &gateway_rps);
         let (gateway_rps, exporting_rps) = (median(gateway_rps), median(exporting_rps));
@@ -209,14 +202,36 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Closed-loop requests per second of each setup (the URLs of one gateway, or of replicas
+/// behind a balancer), one window each per round for [`THROUGHPUT_ROUNDS`] rounds. Within a
+/// round the setups run back to back, in reverse order every other round so that neither side
+/// of a ratio always goes first: compare them with [`median_ratio`], round by round.
+pub(crate) async fn closed_loop_rounds<const SETUPS: usize>(
+    client: &reqwest::Client,
+    setups: [&[String]; SETUPS],
+    counter: &Arc<AtomicUsize>,
+) -> anyhow::Result<[Vec<f64>; SETUPS]> {
+    let mut figures: [Vec<f64>; SETUPS] = std::array::from_fn(|_| Vec::with_capacity(THROUGHPUT_ROUNDS));
+    for round in 0..THROUGHPUT_ROUNDS {
+        let mut order: Vec<usize> = (0..SETUPS).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for setup in order {
+            figures[setup].push(closed_loop(client, setups[setup], counter).await?);
+        }
+    }
+    Ok(figures)
+}
+
 /// The median of `figures` (nearest rank, as every percentile here).
-fn median(mut figures: Vec<f64>) -> f64 {
+pub(crate) fn median(mut figures: Vec<f64>) -> f64 {
     figures.sort_by(f64::total_cmp);
     pipeline_core::telemetry::percentile(&figures, 0.5)
 }
 
 /// The median over rounds of `numerators[i] / denominators[i]`.
-fn median_ratio(numerators: &[f64], denominators: &[f64]) -> f64 {
+pub(crate) fn median_ratio(numerators: &[f64], denominators: &[f64]) -> f64 {
     median(numerators.iter().zip(denominators).map(|(numerator, denominator)| numerator / denominator).collect())
 }
 

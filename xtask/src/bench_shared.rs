@@ -304,7 +304,7 @@ async fn semantic_engine(config: &str, embedder: &Arc<Embedder>) -> anyhow::Resu
 /// Closed-loop requests per second through one replica and through two (load spread over
 /// both), each with Redis, against the same loopback upstream.
 async fn replicas_throughput(aipipe: &Path, redis: &RedisServer) -> anyhow::Result<Vec<SharedFigure>> {
-    use crate::bench_gateway::{closed_loop, start_gateway, start_upstream};
+    use crate::bench_gateway::{closed_loop, closed_loop_rounds, median, median_ratio, start_gateway, start_upstream};
     let upstream = format!("http://{}/v1", start_upstream().await?);
     let dirs = [tempfile::tempdir()?, tempfile::tempdir()?, tempfile::tempdir()?];
     let one = start_gateway(aipipe, dirs[0].path(), &upstream, &state_config(redis, "bench-one"))?;
@@ -318,14 +318,10 @@ async fn replicas_throughput(aipipe: &Path, redis: &RedisServer) -> anyhow::Resu
     let one_url = [format!("{}/chat/completions", one.base_url)];
     let pair_urls: Vec<String> = pair.iter().map(|gateway| format!("{}/chat/completions", gateway.base_url)).collect();
     closed_loop(&client, &one_url, &counter).await?;
-    // Alternated, so that drift in the machine's speed falls on both alike.
-    let (mut one_rps, mut pair_rps) = (0.0, 0.0);
-    for _ in 0..2 {
-        one_rps += closed_loop(&client, &one_url, &counter).await? / 2.0;
-        pair_rps += closed_loop(&client, &pair_urls, &counter).await? / 2.0;
-    }
+    let [one_rps, pair_rps] = closed_loop_rounds(&client, [&one_url, &pair_urls], &counter).await?;
+    let over_one = median_ratio(&pair_rps, &one_rps);
     Ok(vec![
-        SharedFigure::throughput("one_replica", one_rps, None),
-        SharedFigure::throughput("two_replicas", pair_rps, Some(pair_rps / one_rps)),
+        SharedFigure::throughput("one_replica", median(one_rps), None),
+        SharedFigure::throughput("two_replicas", median(pair_rps), Some(over_one)),
     ])
 }
