@@ -142,8 +142,8 @@ enum Message {
     Flush(oneshot::Sender<()>),
 }
 
-/// Finished spans into a bounded queue, exported in batches by a task of its own. The task is
-/// woken when a batch is full, a flush is asked or the delay has passed, never per span, as
+/// Finished spans into a bounded queue, exported in batches from a thread of its own. The export
+/// is woken when a batch is full, a flush is asked or the delay has passed, never per span, as
 /// OpenTelemetry's batch processor is.
 #[derive(Debug)]
 struct QueueProcessor {
