@@ -128,7 +128,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // would be wrong.
     let traced = matches!(cli.command, Command::Serve { .. }).then_some(&config.telemetry);
     let traces = traces::init(style, traced)?;
-    let outcome = run_command(cli.command, config, gateway, &runtime);
+    let outcome = run_command(cli.command, config, gateway, &runtime, traces.sink());
     traces.shutdown();
     outcome
 }
@@ -138,6 +138,7 @@ fn run_command(
     config: pipeline_core::Config,
     gateway: gateway::RawGateway,
     runtime: &tokio::runtime::Runtime,
+    spans: Option<std::sync::Arc<dyn pipeline_core::telemetry::SpanSink>>,
 ) -> anyhow::Result<()> {
     match command {
         Command::Setup => {}
@@ -162,7 +163,7 @@ fn run_command(
         }
         Command::Serve { listen, base_url } => {
             let settings = gateway.validate(&config)?;
-            runtime.block_on(gateway::serve(config, settings, gateway::ServeOptions { listen, base_url }))?;
+            runtime.block_on(gateway::serve(config, settings, gateway::ServeOptions { listen, base_url, spans }))?;
         }
         Command::Migrate { what: MigrateCommand::Status { plan, db, hours, json } } => {
             let db = db.unwrap_or_else(|| config.telemetry.database_url.clone());

@@ -49,6 +49,8 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// Replaces `provider.base_url` from the config.
     pub base_url: Option<String>,
+    /// Where calls' spans go, when traces are exported.
+    pub spans: Option<Arc<dyn pipeline_core::telemetry::SpanSink>>,
 }
 
 #[derive(Debug)]
@@ -70,7 +72,11 @@ pub async fn serve(mut config: Config, settings: GatewaySettings, options: Serve
     let keys = ApiKeys::from_env(&settings.api_keys)?;
     let status_access = status::StatusAccess::from_env(settings.status_admin_key_env.as_deref())?;
     let models = listed_models(&config);
-    let engine = Engine::builder(config).build().await?;
+    let mut engine = Engine::builder(config);
+    if let Some(spans) = options.spans {
+        engine = engine.spans(spans);
+    }
+    let engine = engine.build().await?;
     let gateway = Arc::new(Gateway {
         engine: engine.clone(),
         keys,
@@ -200,19 +206,20 @@ async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     // The caller's trace continues here (W3C `traceparent`); the call's span is a child.
-    let span = trace::request_span(&headers, "/v1/chat/completions");
-    let answered = complete(&gateway, &headers, body).instrument(span.clone()).await;
-    let _entered = span.enter();
-    match answered {
+    let mut span = trace::RequestSpan::start(gateway.engine.span_sink(), &headers, "/v1/chat/completions");
+    let response = match complete(&gateway, &headers, body, &mut span).await {
         Ok(response) => response,
         Err(error) => gateway.refuse(&headers, error),
-    }
+    };
+    span.end(response.status());
+    response
 }
 
 async fn complete(
     gateway: &Gateway,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
+    span: &mut trace::RequestSpan,
 ) -> Result<Response, ApiError> {
     let workspace = gateway.keys.workspace(headers)?;
     let body = body.map_err(|rejection| ApiError::unreadable_body(rejection.status(), rejection.body_text()))?;
@@ -229,6 +236,7 @@ async fn complete(
         Some(StepKind::Structured) => request.structured_input(&step)?,
     };
     let mut context = CallContext { workspace, ..gateway.context(headers)? };
+    span.adopt(&mut context);
     let options = call_options(headers, &request)?;
     let content_of = move |result: &PipelineResult| match (&result.output, kind) {
         (Value::String(text), Some(StepKind::Chat)) => text.clone(),
@@ -306,14 +314,14 @@ impl Gateway {
     }
 
     /// The call's context from the headers (component, trace id); the workspace is the key's.
-    /// The trace id is the caller's `x-aipipe-trace-id`, else its W3C trace's (`traceparent`,
-    /// or the one the exported trace starts), so that a row and its trace share one id.
+    /// The trace id is the caller's `x-aipipe-trace-id`, else its W3C trace's (`traceparent`),
+    /// so that a row and its trace share one id.
     fn context(&self, headers: &HeaderMap) -> Result<CallContext, ApiError> {
         let component = header_text(headers, "x-aipipe-component")?.unwrap_or(&self.default_component).to_owned();
         let mut context = CallContext::new("", component);
         context.trace_id = match header_text(headers, "x-aipipe-trace-id")? {
             Some(trace_id) => Some(TraceId::from(trace_id)),
-            None => trace::current_trace_id(headers),
+            None => trace::caller_trace_id(headers),
         };
         Ok(context)
     }

@@ -1,41 +1,118 @@
-//! W3C trace context: a request's `traceparent` continues the caller's trace, and the call's
-//! telemetry row carries the trace's id.
+//! W3C trace context: a request's `traceparent` continues the caller's trace, the gateway's
+//! request span is the parent of the call's, and the call's telemetry row carries the trace's
+//! id.
 
-use axum::http::HeaderMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::http::{HeaderMap, StatusCode};
 use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
 use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use pipeline_core::TraceId;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use pipeline_core::telemetry::{FinishedSpan, ParentSpan, SpanId, SpanKind, SpanSink, W3cTraceId};
+use pipeline_core::{CallContext, TraceId, TraceParent};
 
-/// The server span of one request, a child of the caller's span if it sent `traceparent`.
-pub(super) fn request_span(headers: &HeaderMap, route: &'static str) -> tracing::Span {
-    let span = tracing::info_span!(
-        "gateway.request",
-        "otel.kind" = "server",
-        "http.request.method" = "POST",
-        "http.route" = route,
-    );
-    // Without an OpenTelemetry layer the span is disabled and there is nothing to continue.
-    if !span.is_disabled() {
-        let parent = TraceContextPropagator::new().extract(&Headers(headers));
-        if parent.span().span_context().is_valid() {
-            let _ = span.set_parent(parent);
-        }
-    }
-    span
+/// The caller's span, from its `traceparent`.
+#[derive(Debug, Clone, Copy)]
+struct Caller {
+    trace_id: W3cTraceId,
+    span: SpanId,
+    sampled: bool,
 }
 
-/// The id of the trace the current span belongs to, when traces are exported; else the
-/// caller's, from its `traceparent`; else none (the engine makes one).
-pub(super) fn current_trace_id(headers: &HeaderMap) -> Option<TraceId> {
-    let exported = tracing::Span::current().context().span().span_context().trace_id();
-    let id = if exported == opentelemetry::trace::TraceId::INVALID {
-        TraceContextPropagator::new().extract(&Headers(headers)).span().span_context().trace_id()
-    } else {
-        exported
-    };
-    (id != opentelemetry::trace::TraceId::INVALID).then(|| TraceId::from(id.to_string()))
+fn caller(headers: &HeaderMap) -> Option<Caller> {
+    let context = TraceContextPropagator::new().extract(&Headers(headers));
+    let span = context.span();
+    let span = span.span_context();
+    if !span.is_valid() {
+        return None;
+    }
+    Some(Caller {
+        trace_id: W3cTraceId::of(&span.trace_id().to_string()),
+        span: SpanId::from_bytes(span.span_id().to_bytes())?,
+        sampled: span.is_sampled(),
+    })
+}
+
+/// The id of the caller's W3C trace, if it sent one: the call's id, so that a row and its
+/// trace share it.
+pub(super) fn caller_trace_id(headers: &HeaderMap) -> Option<TraceId> {
+    caller(headers).map(|caller| TraceId::from(caller.trace_id.to_string()))
+}
+
+/// The server span of one request, when traces are exported: a child of the caller's span if
+/// it sent `traceparent`, and the parent of the call's.
+pub(super) struct RequestSpan(Option<Open>);
+
+struct Open {
+    sink: Arc<dyn SpanSink>,
+    id: SpanId,
+    caller: Option<Caller>,
+    route: &'static str,
+    start: SystemTime,
+    /// The trace and whether it is exported, once known (from the call's id, or at the end).
+    trace: Option<(W3cTraceId, bool)>,
+}
+
+impl RequestSpan {
+    pub(super) fn start(sink: Option<&Arc<dyn SpanSink>>, headers: &HeaderMap, route: &'static str) -> Self {
+        Self(sink.map(|sink| Open {
+            sink: sink.clone(),
+            id: SpanId::random(),
+            caller: caller(headers),
+            route,
+            start: SystemTime::now(),
+            trace: None,
+        }))
+    }
+
+    /// Puts the call in this span's trace: its id (made here when the caller gave none) and
+    /// this span as its parent.
+    pub(super) fn adopt(&mut self, context: &mut CallContext) {
+        let Some(open) = &mut self.0 else { return };
+        let call_id = context.trace_id.get_or_insert_with(TraceId::random);
+        let (trace_id, sampled) = open.decide(Some(call_id));
+        context.trace_parent = Some(TraceParent { trace_id, span: ParentSpan { id: open.id, remote: false }, sampled });
+    }
+
+    pub(super) fn end(self, status: StatusCode) {
+        let Some(mut open) = self.0 else { return };
+        let (trace_id, sampled) = open.decide(None);
+        if !sampled {
+            return;
+        }
+        open.sink.export(vec![FinishedSpan {
+            trace_id,
+            id: open.id,
+            parent: open.caller.map(|caller| ParentSpan { id: caller.span, remote: true }),
+            name: "gateway.request",
+            kind: SpanKind::Server,
+            start: open.start,
+            end: SystemTime::now(),
+            attributes: vec![
+                ("http.request.method", "POST".into()),
+                ("http.route", open.route.into()),
+                ("http.response.status_code", i64::from(status.as_u16()).into()),
+            ],
+            // As OpenTelemetry's HTTP conventions have it for a server: a 4xx is the caller's.
+            failed: status.is_server_error(),
+        }]);
+    }
+}
+
+impl Open {
+    /// The trace: the caller's W3C trace, else the call's id's; exported as the caller's
+    /// flag, else the sampler, decides.
+    fn decide(&mut self, call_id: Option<&TraceId>) -> (W3cTraceId, bool) {
+        *self.trace.get_or_insert_with(|| {
+            let trace_id = match (self.caller, call_id) {
+                (Some(caller), _) => caller.trace_id,
+                (None, Some(call_id)) => W3cTraceId::of(call_id.as_str()),
+                (None, None) => W3cTraceId::of(TraceId::random().as_str()),
+            };
+            (trace_id, self.sink.samples(trace_id, self.caller.map(|caller| caller.sampled)))
+        })
+    }
 }
 
 struct Headers<'a>(&'a HeaderMap);

@@ -11,7 +11,7 @@ use axum::body::Bytes;
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use pipeline_core::telemetry::TelemetryStore;
+use pipeline_core::telemetry::{TelemetryStore, W3cTraceId};
 use prost::Message as _;
 use reqwest::header::CONTENT_TYPE;
 use serde_json::json;
@@ -152,6 +152,8 @@ async fn a_call_exports_its_span_tree_in_the_callers_trace_with_the_rows_trace_i
     }
     let attempt = named(&spans, "upstream.attempt");
     assert!(children(&spans, attempt).is_empty(), "{:?}", children(&spans, attempt));
+    assert_eq!(attempt.kind, 3, "a client span: a request to the model's provider");
+    assert_eq!(request.kind, 2, "a server span");
     // OpenTelemetry's GenAI attributes, and aipipe's own.
     let attempt = attributes(attempt);
     assert_eq!(attempt["gen_ai.system"], "openai");
@@ -173,9 +175,34 @@ async fn a_call_exports_its_span_tree_in_the_callers_trace_with_the_rows_trace_i
     let trace_id = response.headers()["x-aipipe-trace-id"].to_str().unwrap().to_owned();
     let spans = received.trace(&trace_id).await;
     assert!(named(&spans, "gateway.request").parent_span_id.is_empty(), "a root span");
-    assert_eq!(attributes(named(&spans, "aipipe.call"))["aipipe.trace_id"], trace_id);
+    let call = attributes(named(&spans, "aipipe.call"));
+    assert!(!call.contains_key("aipipe.trace_id"), "the row's id is the trace's: no attribute repeats it");
 
-    // 3. A call that meets a Retry-After pause: its attempt's wait is a child span.
+    // 3. A caller's id of its own: its trace is derived from it, and the call's span names it.
+    let mut request = gateway.chat(
+        &http,
+        KEY,
+        &json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Capital of Peru?"}]}),
+    );
+    request = request.header("x-aipipe-trace-id", "order-1234");
+    assert_eq!(request.send().await.unwrap().status(), 200);
+    let derived = W3cTraceId::of("order-1234").to_string();
+    let spans = received.trace(&derived).await;
+    assert_eq!(attributes(named(&spans, "aipipe.call"))["aipipe.trace_id"], "order-1234");
+
+    // 4. A caller whose trace is not sampled: nothing of it is exported. Spans leave in the
+    //    order they end, so once the next call's trace has arrived, this one would have.
+    const UNSAMPLED: &str = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let response = ask("Capital of Chile?", Some(format!("00-{UNSAMPLED}-{CALLER_SPAN}-00"))).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let after = ask("Capital of Japan?", None).await.unwrap();
+    received.trace(after.headers()["x-aipipe-trace-id"].to_str().unwrap()).await;
+    assert!(
+        received.0.lock().unwrap().iter().all(|span| hex(&span.trace_id) != UNSAMPLED),
+        "an unsampled trace was exported"
+    );
+
+    // 5. A call that meets a Retry-After pause: its attempt's wait is a child span.
     let (storm, during) = tokio::join!(ask("A storm is coming?", None), async {
         // Sent once the 429 has gone back to the gateway, well within its 300 ms pause.
         let started = Instant::now();
@@ -201,7 +228,7 @@ async fn a_call_exports_its_span_tree_in_the_callers_trace_with_the_rows_trace_i
     assert!(gateway.wait().unwrap().success());
     let store = TelemetryStore::connect(&format!("sqlite://{}", database.display())).await.unwrap();
     let rows: Vec<String> = store.records().await.unwrap().into_iter().map(|record| record.trace_id).collect();
-    assert_eq!(rows.len(), 4);
+    assert_eq!(rows.len(), 7);
     assert_eq!(rows[..2], [CALLER_TRACE.to_owned(), trace_id]);
     assert!(rows.contains(&paused_trace));
 }

@@ -25,8 +25,8 @@ const CONCURRENCY: usize = 16;
 const THROUGHPUT_WINDOW: Duration = Duration::from_secs(5);
 /// Closed-loop windows per gateway. On two shared cores one window can be 20% off the next
 /// one of the same gateway, so a share is the median of its rounds' ratios, not the ratio of
-/// two windows.
-const THROUGHPUT_ROUNDS: usize = 5;
+/// two windows; with 5 rounds the median itself still moved by 10% from run to run.
+const THROUGHPUT_ROUNDS: usize = 9;
 /// Streamed requests per time-to-first-token round, alternating as above.
 const STREAM_ROUND: usize = 100;
 /// The streaming upstream sends its first piece at once and the rest after this pause, so that
@@ -57,6 +57,11 @@ struct GatewayFigure {
     /// without, measured in the same run.
     #[serde(skip_serializing_if = "Option::is_none")]
     share_of_export_off: Option<f64>,
+    /// The gateway process's CPU time (all its threads) per request over its closed-loop
+    /// windows: steadier than requests per second on a shared machine, and what sets them
+    /// when the cores are the bound. Linux only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_us_per_request: Option<f64>,
 }
 
 pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
@@ -105,6 +110,7 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
         direct_ttft.sort();
         gateway_ttft.sort();
         let direct_rps = closed_loop(&client, std::slice::from_ref(&direct_url), &counter).await?;
+        let cpu_before = [process_cpu(gateway.pid()), process_cpu(exporting.pid())];
         let [gateway_rps, unlimited_rps, exporting_rps] = closed_loop_rounds(
             &client,
             [
@@ -115,6 +121,13 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
             &counter,
         )
         .await?;
+        let cpu_after = [process_cpu(gateway.pid()), process_cpu(exporting.pid())];
+        let per_request = |index: usize, rps: &[f64]| {
+            let requests: f64 = rps.iter().map(|rps| rps * THROUGHPUT_WINDOW.as_secs_f64()).sum();
+            let spent = cpu_after[index]?.checked_sub(cpu_before[index]?)?;
+            Some(spent.as_secs_f64() * 1e6 / requests)
+        };
+        let (gateway_cpu, exporting_cpu) = (per_request(0, &gateway_rps), per_request(1, &exporting_rps));
         let share_of_limits_off = median_ratio(&gateway_rps, &unlimited_rps);
         let share_of_export_off = median_ratio(&exporting_rps, &gateway_rps);
         let (gateway_rps, exporting_rps) = (median(gateway_rps), median(exporting_rps));
@@ -135,6 +148,7 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
                 added_p99_us: None,
                 share_of_limits_off: None,
                 share_of_export_off: None,
+                cpu_us_per_request: None,
             },
             GatewayFigure {
                 name: "gateway",
@@ -145,6 +159,7 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
                 added_p99_us: Some(gateway_p99 - direct_p99),
                 share_of_limits_off: Some(share_of_limits_off),
                 share_of_export_off: None,
+                cpu_us_per_request: gateway_cpu,
             },
             GatewayFigure {
                 name: "gateway_otlp",
@@ -155,6 +170,7 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
                 added_p99_us: Some(exported_p99 - direct_p99),
                 share_of_limits_off: None,
                 share_of_export_off: Some(share_of_export_off),
+                cpu_us_per_request: exporting_cpu,
             },
             GatewayFigure {
                 name: "stream_ttft_added_us",
@@ -165,6 +181,7 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
                 added_p99_us: None,
                 share_of_limits_off: None,
                 share_of_export_off: None,
+                cpu_us_per_request: None,
             },
         ])
     })?;
@@ -184,6 +201,10 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
                             .share_of_export_off
                             .map(|share| format!("; {:.0}% of export off", share * 100.0))
                             .unwrap_or_default()
+                        + &figure
+                            .cpu_us_per_request
+                            .map(|cpu| format!("; {cpu:.0} us of CPU per request"))
+                            .unwrap_or_default()
                 }
                 _ => String::new(),
             };
@@ -200,6 +221,18 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The CPU time process `pid` has used so far, all threads (Linux's `/proc`; `None`
+/// elsewhere).
+fn process_cpu(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command's name, which may hold spaces: state is the 1st field, utime the 12th
+    // and stime the 13th, in clock ticks of 1/100 s on Linux.
+    let (_, fields) = stat.rsplit_once(") ")?;
+    let mut fields = fields.split(' ').skip(11);
+    let ticks = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 /// Closed-loop requests per second of each setup (the URLs of one gateway, or of replicas

@@ -29,7 +29,7 @@ pub use config::{
 pub use engine::route as routing;
 pub use engine::{Embeddings, Engine, EngineBuilder};
 pub use error::{PipelineError, SetupError};
-pub use request::{CachePolicy, CallContext, CallOptions, RouteChoice, TraceId};
+pub use request::{CachePolicy, CallContext, CallOptions, RouteChoice, TraceId, TraceParent};
 pub use result::{PipelineResult, SimilarRequest, Source};
 pub use step::{InvalidStepName, StepKind, StepType};
 

@@ -40,6 +40,16 @@ impl fmt::Display for TraceId {
     }
 }
 
+/// Where a call sits in a trace that began before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    /// The trace's id as exported: the caller's W3C trace when it sent one, which a
+    /// `x-aipipe-trace-id` of its own (the row's) does not replace.
+    pub trace_id: telemetry::W3cTraceId,
+    pub span: telemetry::ParentSpan,
+    pub sampled: bool,
+}
+
 /// Who is calling, for isolation (workspace), attribution (component) and tracing.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CallContext {
@@ -49,6 +59,10 @@ pub struct CallContext {
     pub component: String,
     /// A new one is made when absent.
     pub trace_id: Option<TraceId>,
+    /// The span the call's span continues (the gateway's request span), and whether the
+    /// trace is exported; none: the call's span starts its trace, sampled as the engine's
+    /// span sink decides.
+    pub trace_parent: Option<TraceParent>,
     /// Free data the prompt templates can read as `context.metadata`.
     pub metadata: BTreeMap<String, Value>,
 }

@@ -3,7 +3,6 @@ use std::time::Duration;
 
 use shared_state::{SharedBreakers, SharedBuckets, Store};
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use crate::remote::RemoteBreakers;
 use crate::{
@@ -62,6 +61,36 @@ pub struct Refused {
     pub waited: Duration,
     /// The breaker's state, when it was the breaker that refused.
     pub breaker_state: Option<BreakerState>,
+    /// The guards that held it, the one that refused included.
+    pub waits: Vec<GuardWait>,
+}
+
+/// One guard holding a request before it was sent: what a trace shows as a child span of the
+/// upstream attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuardWait {
+    pub guard: WaitedOn,
+    /// On tokio's clock.
+    pub started: Instant,
+    pub took: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitedOn {
+    /// A provider/model's Retry-After pause.
+    Pause,
+    /// The rate limits: a sleep for a local bucket, or a round trip to the shared ones.
+    Limit,
+}
+
+impl WaitedOn {
+    /// The span's name in a trace.
+    pub fn span_name(self) -> &'static str {
+        match self {
+            Self::Pause => "limit.pause",
+            Self::Limit => "limit.acquire",
+        }
+    }
 }
 
 /// Permission to send one request to a provider/model, from every guard. Settle it with
@@ -76,6 +105,7 @@ pub struct Admission {
     /// Where to publish the breaker, should this request open it.
     remote: Option<(RemoteBreakers, String, Duration)>,
     waited: Duration,
+    waits: Vec<GuardWait>,
 }
 
 impl Guards {
@@ -109,55 +139,71 @@ impl Guards {
         deadline: &Deadline,
     ) -> Result<Admission, Refused> {
         let mut waited = Duration::ZERO;
-        // A guard that refuses may have waited first (for capacity, for a probe's verdict):
-        // that time counts too, as the time since it was asked, on tokio's clock.
-        let refused = |refusal, waited: Duration, asked: Instant| Refused {
-            refusal,
-            waited: waited + asked.elapsed(),
-            breaker_state: None,
+        // A guard that lets the request through at once leaves no wait: recording one costs
+        // more than the check, and a trace is for the waits. A refusal always leaves its
+        // guard's, being what someone reading the trace looks for.
+        let mut waits = Vec::new();
+        let mut held = |guard, started: Instant| {
+            let took = started.elapsed();
+            waits.push(GuardWait { guard, started, took });
+            took
         };
-        // A guard that lets the request through at once leaves no span: a span costs more than
-        // the check, and a trace shows the waits.
         let pause = match &self.pauses {
             Some(pauses) => {
                 let asked = Instant::now();
-                let span = if pauses.resumes_in(key).is_zero() {
-                    tracing::Span::none()
-                } else {
-                    tracing::info_span!("limit.pause")
-                };
-                let admitted = pauses.admit(key, self.max_wait, deadline).instrument(span).await;
-                let (permit, pause_wait) = admitted.map_err(|refusal| refused(refusal, waited, asked))?;
-                waited += pause_wait;
-                Some(permit)
+                let paused = !pauses.resumes_in(key).is_zero();
+                match pauses.admit(key, self.max_wait, deadline).await {
+                    Ok((permit, pause_wait)) => {
+                        if paused {
+                            held(WaitedOn::Pause, asked);
+                        }
+                        waited += pause_wait;
+                        Some(permit)
+                    }
+                    Err(refusal) => {
+                        // A guard that refuses may have waited first (for capacity, for a
+                        // probe's verdict): that time counts too, on tokio's clock.
+                        let waited = waited + held(WaitedOn::Pause, asked);
+                        return Err(Refused { refusal, waited, breaker_state: None, waits });
+                    }
+                }
             }
             None => None,
         };
         let reservation = match &self.limits {
             Some(limits) => {
                 let asked = Instant::now();
-                let acquired = limits.acquire(workspace, key, estimated_tokens, self.max_wait, deadline).await;
-                let (limit_wait, reservation) = acquired.map_err(|refusal| refused(refusal, waited, asked))?;
-                waited += limit_wait;
-                Some(reservation)
+                match limits.acquire(workspace, key, estimated_tokens, self.max_wait, deadline).await {
+                    Ok((limit_wait, reservation)) => {
+                        if !limit_wait.is_zero() || limits.is_shared() {
+                            held(WaitedOn::Limit, asked);
+                        }
+                        waited += limit_wait;
+                        Some(reservation)
+                    }
+                    Err(refusal) => {
+                        let waited = waited + held(WaitedOn::Limit, asked);
+                        return Err(Refused { refusal, waited, breaker_state: None, waits });
+                    }
+                }
             }
             None => None,
         };
         if let Some(retry_after) = self.remote.as_ref().and_then(|(remote, _)| remote.open_for(key)) {
             let refusal = Refusal::CircuitOpen { key: key.to_owned(), retry_after };
-            return Err(Refused { refusal, waited, breaker_state: Some(BreakerState::Open) });
+            return Err(Refused { refusal, waited, breaker_state: Some(BreakerState::Open), waits });
         }
         let breaker = match &self.breakers {
             Some(breakers) => match breakers.admit(key) {
                 Ok(permit) => Some(permit),
                 Err(refusal) => {
-                    return Err(Refused { refusal, waited, breaker_state: Some(breakers.state(key)) });
+                    return Err(Refused { refusal, waited, breaker_state: Some(breakers.state(key)), waits });
                 }
             },
             None => None,
         };
         let remote = self.remote.as_ref().map(|(remote, open_for)| (remote.clone(), key.to_owned(), *open_for));
-        Ok(Admission { pause, reservation, breaker, remote, waited })
+        Ok(Admission { pause, reservation, breaker, remote, waited, waits })
     }
 
     /// What a request of about `estimated_tokens` from `workspace` to `key` would meet now.
@@ -205,6 +251,11 @@ impl Admission {
     /// How long the guards held the request before admitting it.
     pub fn waited(&self) -> Duration {
         self.waited
+    }
+
+    /// The guards that held the request, in the order it met them (none if it went at once).
+    pub fn waits(&self) -> &[GuardWait] {
+        &self.waits
     }
 
     /// Tells every guard how the request went: the breaker counts a fault, a Retry-After

@@ -32,7 +32,7 @@ mod retry;
 pub use breaker::{BreakerPermit, BreakerSettings, BreakerState, BreakerStatus, Breakers};
 pub use deadline::{Deadline, DeadlineExceeded};
 pub use error::{Refusal, Scope};
-pub use guards::{Admission, GuardSettings, Guards, Outlook, Refused, SharedGuards};
+pub use guards::{Admission, GuardSettings, GuardWait, Guards, Outlook, Refused, SharedGuards, WaitedOn};
 pub use limit::{Declared, Headroom, LimitSettings, Quota, RateLimits, TokenReservation, Window};
 pub use pause::{PausePermit, PauseStatus, Pauses};
 pub use retry::{GiveUp, Retries, RetryPolicy, RetrySettings};

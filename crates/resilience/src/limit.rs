@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use shared_state::{BucketAsk, SharedBuckets, Take};
 use tokio::time::Instant;
-use tracing::Instrument as _;
 
 use crate::{Deadline, Refusal, Scope};
 
@@ -91,6 +90,12 @@ impl RateLimits {
     }
 
     /// Holds the configured limits in buckets that `replicas` replicas share.
+    /// Whether the limits are held in the store the replicas share (each acquire is a round
+    /// trip to it).
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
     pub fn shared(mut self, buckets: SharedBuckets, replicas: NonZeroU32) -> Self {
         self.shared = Some(SharedLimits { buckets, replicas });
         self
@@ -122,14 +127,10 @@ impl RateLimits {
             (Scope::WorkspaceTokens, workspace, self.settings.workspace_tokens, tokens),
             (Scope::ModelTokens, model_key, self.settings.model_tokens, tokens),
         ];
-        // A span only for a call that waits: a round trip to Redis, or a sleep for a local
-        // bucket. It ends when the reservation is made or refused.
-        let mut waiting: Option<tracing::Span> = None;
-        let mut waiting_span = move || waiting.get_or_insert_with(|| tracing::info_span!("limit.acquire")).clone();
         // The shared buckets first, all or nothing, while Redis answers.
         let mut local_share = None;
         if let Some(shared) = &self.shared {
-            match shared.acquire(&asks, max_wait, deadline).instrument(waiting_span()).await {
+            match shared.acquire(&asks, max_wait, deadline).await {
                 Ok((shared_wait, taken)) => {
                     waited += shared_wait;
                     reservation.shared = Some(taken);
@@ -158,7 +159,7 @@ impl RateLimits {
                     // Dropping the reservation gives back what it took so far.
                     return Err(Refusal::RateLimited { scope, retry_after: wait });
                 }
-                tokio::time::sleep(wait).instrument(waiting_span()).await;
+                tokio::time::sleep(wait).await;
                 waited += wait;
             }
             let taken = (scope, key.to_owned(), amount);

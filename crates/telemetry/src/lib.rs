@@ -12,6 +12,7 @@ mod price;
 mod record;
 mod recorder;
 mod report;
+mod span;
 mod store;
 
 pub use anomaly::{Alert, AlertSettings, AnomalyDetector, Watched};
@@ -24,4 +25,5 @@ pub use record::{
 };
 pub use recorder::{Recorder, RecorderSettings};
 pub use report::{Figures, Minute, Report, percentile};
+pub use span::{AttributeValue, FinishedSpan, ParentSpan, SpanId, SpanKind, SpanSink, W3cTraceId};
 pub use store::TelemetryStore;

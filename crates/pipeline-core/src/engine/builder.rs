@@ -12,7 +12,7 @@ use providers::{
 };
 use resilience::{GuardSettings, Guards, RetryPolicy, SharedGuards};
 use semantic_cache::{Embedder, ExactCache, SemanticCache};
-use telemetry::{Recorder, RecorderSettings, TelemetryStore};
+use telemetry::{Recorder, RecorderSettings, SpanSink, TelemetryStore};
 
 use super::budget::Budgets;
 use super::route::Latencies;
@@ -30,11 +30,19 @@ pub struct EngineBuilder {
     recorder: Option<Recorder>,
     embedder: Option<Arc<Embedder>>,
     clock: Arc<dyn Clock>,
+    spans: Option<Arc<dyn SpanSink>>,
 }
 
 impl EngineBuilder {
     pub(super) fn new(config: Config) -> Self {
-        Self { config, providers: Vec::new(), recorder: None, embedder: None, clock: Arc::new(SystemClock) }
+        Self {
+            config,
+            providers: Vec::new(),
+            recorder: None,
+            embedder: None,
+            clock: Arc::new(SystemClock),
+            spans: None,
+        }
     }
 
     /// Shares an already loaded embedding model (tests, several engines in one process).
@@ -62,6 +70,12 @@ impl EngineBuilder {
 
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Where each call's spans go, to be exported as a trace (none: calls keep no spans).
+    pub fn spans(mut self, sink: Arc<dyn SpanSink>) -> Self {
+        self.spans = Some(sink);
         self
     }
 
@@ -127,6 +141,7 @@ impl EngineBuilder {
                 latencies,
                 budgets,
                 rng,
+                spans: self.spans,
             }),
         })
     }

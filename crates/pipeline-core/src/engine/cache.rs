@@ -6,9 +6,9 @@ use std::time::SystemTime;
 use providers::{ChatMessage, FinishReason, Role, ToolCall};
 use semantic_cache::{CacheKey, ExactCache, Lookup, Query, ServeBar};
 use serde_json::Value;
-use tracing::Instrument;
 
 use super::served::{Served, Spend};
+use super::spans::{Stage, staged};
 use super::{Call, Engine};
 use crate::prompt::{ChatOptions, Sampling, semantic_text};
 use crate::{CachePolicy, CallContext, StepSpec, StepType};
@@ -44,14 +44,14 @@ impl Engine {
             max_age.is_none_or(|max_age| at.duration_since(stored_at).unwrap_or_default() <= max_age)
         };
         {
-            let _span = tracing::info_span!("cache.lookup").entered();
+            let _stage = Stage::open("cache.lookup");
             if let Some(entry) = cache.get(key, at) {
                 return young_enough(entry.stored_at).then(|| Served::exact_hit(entry.value.clone()));
             }
         }
         // Another replica may have stored it; its answer warms this replica's cache.
         let shared = self.inner.shared.as_ref()?;
-        let (answer, stored_at) = shared.answer(key).instrument(tracing::info_span!("cache.shared_lookup")).await?;
+        let (answer, stored_at) = staged("cache.shared_lookup", shared.answer(key)).await?;
         cache.insert(*key, answer.clone(), stored_at);
         young_enough(stored_at).then(|| Served::exact_hit(answer))
     }
@@ -83,9 +83,8 @@ impl Engine {
             return Some(SemanticRequest { namespace, query, bar });
         }
         let cache = cache.clone();
-        let span = tracing::info_span!("cache.embed");
         // Embedding is a few milliseconds of CPU: off the async workers.
-        let prepared = tokio::task::spawn_blocking(move || span.in_scope(|| cache.prepare(&text)))
+        let prepared = staged("cache.embed", tokio::task::spawn_blocking(move || cache.prepare(&text)))
             .await
             .map_err(|err| err.to_string())
             .and_then(|prepared| prepared.map_err(|err| err.to_string()));
@@ -106,7 +105,7 @@ impl Engine {
     ) -> Option<Served> {
         let cache = self.inner.semantic.as_ref()?;
         let max_age = policy.readable_age()?;
-        let _span = tracing::info_span!("cache.semantic").entered();
+        let _stage = Stage::open("cache.semantic");
         match cache.lookup(&similar.namespace, &similar.query, Some(similar.bar), max_age, at) {
             Lookup::Hit(hit) => {
                 tracing::debug!(
@@ -154,7 +153,7 @@ impl Engine {
             let shared_similar =
                 similar.as_ref().zip(model).map(|(similar, model)| (similar.namespace.as_str(), &similar.query, model));
             let ttl = self.inner.cache.as_ref().map(ExactCache::ttl);
-            shared.store(key, &answer, shared_similar, at, ttl).instrument(tracing::info_span!("cache.share")).await;
+            staged("cache.share", shared.store(key, &answer, shared_similar, at, ttl)).await;
         }
         if let (Some(cache), Some(similar)) = (&self.inner.semantic, similar) {
             cache.insert(&similar.namespace, similar.query, answer.clone(), at);

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use resilience::Deadline;
 use semantic_cache::CacheKey;
 use tokio::sync::watch;
-use tracing::Instrument;
 
 use super::served::{Served, Spend};
+use super::spans::staged;
 use crate::{CallOptions, PipelineError};
 
 /// Identical calls share a flight only if they also agree on stand-ins: a call that refuses
@@ -83,8 +83,7 @@ pub(super) async fn follow(
     mut receiver: watch::Receiver<Option<Flight>>,
     deadline: &Deadline,
 ) -> Option<Result<Served, PipelineError>> {
-    let waited =
-        deadline.run(receiver.wait_for(Option::is_some)).instrument(tracing::info_span!("coalesce.wait")).await;
+    let waited = staged("coalesce.wait", deadline.run(receiver.wait_for(Option::is_some))).await;
     match waited {
         Err(exceeded) => Some(Err(PipelineError::DeadlineExceeded { budget: exceeded.budget, attempts: 0 })),
         Ok(Err(_leader_gone)) => None,

@@ -12,6 +12,7 @@
 //!   output contract with one repair;
 //! - `stand_in`: the answers that stand in when no model could give one;
 //! - `record`: the one telemetry record of every call;
+//! - `spans`: the spans of a call and its stages, when traces are exported;
 //! - `shared`: what the replicas share through Redis (the exact cache, the semantic feed);
 //! - `served`: what a call comes to, and what it spent;
 //! - `builder`: putting an engine together; `state`: what an engine shows of itself, and its
@@ -28,6 +29,7 @@ mod record;
 pub mod route;
 mod served;
 mod shared;
+mod spans;
 mod stand_in;
 mod state;
 mod upstream;
@@ -42,7 +44,7 @@ use providers::{ChatMessage, ProviderService};
 use resilience::{Deadline, Guards, RetryPolicy};
 use semantic_cache::{CacheKey, ExactCache, SemanticCache};
 use serde_json::Value;
-use telemetry::Recorder;
+use telemetry::{Recorder, SpanSink};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -85,6 +87,8 @@ struct Inner {
     budgets: Budgets,
     /// The random choices of routes, seeded so that tests and replays repeat them.
     rng: Mutex<rand::rngs::StdRng>,
+    /// Where calls' spans go, when traces are exported.
+    spans: Option<Arc<dyn SpanSink>>,
 }
 
 /// One call, as the stages see it.
@@ -120,27 +124,21 @@ impl Engine {
         options: CallOptions,
     ) -> Result<PipelineResult, PipelineError> {
         let trace_id = context.trace_id.clone().unwrap_or_else(TraceId::random);
-        // Named after OpenTelemetry's GenAI conventions where one applies, aipipe's own
-        // otherwise: an OTLP exporter (`aipipe serve` with `telemetry.otlp_endpoint`) sends
-        // them as the span's attributes.
+        // The log's context for whatever the call logs; the exported trace is `spans`'.
         let span = tracing::info_span!(
             "aipipe.call",
             "aipipe.step" = %step,
             "aipipe.workspace" = %context.workspace,
             "aipipe.component" = %context.component,
             "aipipe.trace_id" = %trace_id,
-            "aipipe.source" = tracing::field::Empty,
-            "aipipe.confidence" = tracing::field::Empty,
-            "aipipe.status" = tracing::field::Empty,
-            "gen_ai.operation.name" = "chat",
-            "gen_ai.request.model" = tracing::field::Empty,
-            "gen_ai.response.model" = tracing::field::Empty,
-            "gen_ai.usage.input_tokens" = tracing::field::Empty,
-            "gen_ai.usage.output_tokens" = tracing::field::Empty,
-            "gen_ai.response.finish_reasons" = tracing::field::Empty,
         );
+        let recording = self
+            .inner
+            .spans
+            .as_deref()
+            .and_then(|sink| spans::Recording::start(sink, trace_id.as_str(), context.trace_parent));
         let call = Call { step: &step, input: &input, context: &context, options: &options, trace_id: &trace_id };
-        async {
+        let running = async {
             let started = Instant::now();
             let at = self.inner.clock.now();
             let mut spent = Spent::default();
@@ -182,8 +180,8 @@ impl Engine {
                     .and(time_to_first_token),
             })
         }
-        .instrument(span)
-        .await
+        .instrument(span);
+        spans::Recording::scope(recording, running).await
     }
 
     /// The stages of a call, in their fixed order; the rest of them in `Engine::answer`.
@@ -203,7 +201,9 @@ impl Engine {
         let deadline = Deadline::after(call.options.deadline.unwrap_or(config.engine.default_deadline));
         let route = self.plan(spec, call)?;
         spent.model = Some(route.candidates[0].upstream.clone());
-        tracing::Span::current().record("gen_ai.request.model", route.candidates[0].upstream.as_str());
+        spans::annotate_call(|attributes| {
+            attributes.push(("gen_ai.request.model", route.candidates[0].upstream.clone().into()));
+        });
 
         // 2. The prompt, from the step's templates (or the caller's messages).
         let Rendered { messages, sampling, request } = config.prompts.render(spec, call.input, call.context)?;
@@ -296,8 +296,11 @@ impl Engine {
             // 8. No model could answer, or not in the step's shape: a stand-in, if the caller
             //    takes one.
             Err(err) if err.stand_in_may_answer() && call.options.allow_stand_in => {
-                let stand_in = tracing::info_span!("stand_in", "error.type" = err.metric_label());
-                match stand_in.in_scope(|| self.stand_in(spec, similar.as_ref(), &err, at)) {
+                let mut stand_in = spans::Stage::open("stand_in");
+                stand_in.annotate(|attributes| attributes.push(("error.type", err.metric_label().into())));
+                let answered = self.stand_in(spec, similar.as_ref(), &err, at);
+                drop(stand_in);
+                match answered {
                     Some(served) => {
                         tracing::warn!(error = %err, source = served.source.label(), "the upstream could not answer; a fallback did");
                         Ok(served)

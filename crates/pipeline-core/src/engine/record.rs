@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use telemetry::{BreakerState, CallRecord, CallStatus, ErrorClass, Source};
 
 use super::served::{Served, Spent};
+use super::spans;
 use super::{Call, Engine};
 use crate::{CallContext, PipelineError, StepType, TraceId};
 
@@ -26,7 +27,6 @@ impl Engine {
         spent: &Spent,
         outcome: &Result<Served, PipelineError>,
     ) {
-        let span = tracing::Span::current();
         let served = outcome.as_ref().ok();
         let (model, provider, source, confidence) = match served {
             Some(served) => (served.model.clone(), served.provider.clone(), served.source.into(), served.confidence),
@@ -37,14 +37,6 @@ impl Engine {
                 0.0,
             ),
         };
-        span.record("aipipe.source", telemetry::Source::label(source));
-        span.record("aipipe.confidence", confidence);
-        span.record("gen_ai.response.model", model.as_str());
-        span.record("gen_ai.usage.input_tokens", spent.usage.input_tokens);
-        span.record("gen_ai.usage.output_tokens", spent.usage.output_tokens);
-        if let Some(served) = served {
-            span.record("gen_ai.response.finish_reasons", served.finish_reason.as_str());
-        }
         let (status, error_class, error_message) = match outcome {
             Ok(served) => (CallStatus::Ok, served.degraded_by, None),
             Err(err) => {
@@ -53,8 +45,7 @@ impl Engine {
                 (CallStatus::Error, Some(err.class()), Some(message))
             }
         };
-        span.record("aipipe.status", status.label());
-        self.inner.recorder.record(CallRecord {
+        let record = CallRecord {
             ts_ms: unix_ms(at),
             step: self.step_label(Some(call.step)),
             component: component(call.context),
@@ -81,7 +72,10 @@ impl Engine {
             route: spent.route.clone(),
             streamed: call.options.stream.is_some(),
             ttft_ms: time_to_first_token.map(|ttft| ttft.as_secs_f64() * 1000.0),
-        });
+        };
+        let finish_reason = served.map(|served| served.finish_reason.as_str());
+        spans::end_call(self.inner.spans.as_deref(), &record, finish_reason);
+        self.inner.recorder.record(record);
     }
 }
 

@@ -24,6 +24,12 @@ impl Engine {
         &self.inner.recorder
     }
 
+    /// Where calls' spans go, when traces are exported: a caller in front of the engine (the
+    /// gateway) adds its own spans to the same traces.
+    pub fn span_sink(&self) -> Option<&std::sync::Arc<dyn telemetry::SpanSink>> {
+        self.inner.spans.as_ref()
+    }
+
     /// The Prometheus metrics of this engine's calls.
     pub fn metrics(&self) -> &telemetry::Metrics {
         self.inner.recorder.metrics()

@@ -10,9 +10,9 @@ use serde_json::Value;
 use telemetry::PricedTokens;
 use tokio::time::Instant;
 use tower::ServiceExt;
-use tracing::Instrument;
 
 use super::served::{Answer, Spent};
+use super::spans::{self, Stage, staged};
 use super::{Call, Engine};
 use crate::contract::OutputContract;
 use crate::prompt::{ChatOptions, Sampling};
@@ -76,10 +76,8 @@ impl Engine {
             "That reply does not satisfy the required JSON schema: {violations}. \
              Reply again with only a JSON object that satisfies the schema."
         )));
-        let repaired = self
-            .ask_with_retries(ask, answered.candidate, &repair, spent)
-            .instrument(tracing::info_span!("contract.repair"))
-            .await?;
+        let repaired =
+            staged("contract.repair", self.ask_with_retries(ask, answered.candidate, &repair, spent)).await?;
         let output = validate(ask.spec, &repaired.content).map_err(|violations| PipelineError::ContractViolation {
             step: ask.spec.step.clone(),
             attempts: spent.attempts,
@@ -185,30 +183,27 @@ impl Engine {
             },
             |settings| settings.kind.label(),
         );
-        let span = tracing::info_span!(
-            "upstream.attempt",
-            attempt = spent.attempts + 1,
-            key = %self.guard_key(candidate),
-            "gen_ai.system" = system,
-            "gen_ai.operation.name" = "chat",
-            "gen_ai.request.model" = candidate.upstream.as_str(),
-            "gen_ai.response.model" = tracing::field::Empty,
-            "gen_ai.usage.input_tokens" = tracing::field::Empty,
-            "gen_ai.usage.output_tokens" = tracing::field::Empty,
-            "gen_ai.response.finish_reasons" = tracing::field::Empty,
-            "error.type" = tracing::field::Empty,
-        );
-        let result = self.attempt_in_span(ask, candidate, messages, spent).instrument(span.clone()).await;
+        // A request to the model's provider: a client span, as GenAI's conventions have it.
+        let mut stage = Stage::open_as("upstream.attempt", telemetry::SpanKind::Client);
+        stage.annotate(|attributes| {
+            attributes.extend([
+                ("aipipe.attempt", (spent.attempts + 1).into()),
+                ("gen_ai.system", system.to_owned().into()),
+                ("gen_ai.operation.name", "chat".into()),
+                ("gen_ai.request.model", candidate.upstream.clone().into()),
+            ]);
+        });
+        let result = self.attempt_in_span(ask, candidate, messages, spent).await;
         match &result {
-            Ok(reply) => {
-                span.record("gen_ai.response.model", reply.model.as_str());
-                span.record("gen_ai.usage.input_tokens", reply.usage.input_tokens);
-                span.record("gen_ai.usage.output_tokens", reply.usage.output_tokens);
-                span.record("gen_ai.response.finish_reasons", reply.finish_reason.as_str());
-            }
-            Err(err) => {
-                span.record("error.type", err.metric_label());
-            }
+            Ok(reply) => stage.annotate(|attributes| {
+                attributes.extend([
+                    ("gen_ai.response.model", reply.model.clone().into()),
+                    ("gen_ai.usage.input_tokens", reply.usage.input_tokens.into()),
+                    ("gen_ai.usage.output_tokens", reply.usage.output_tokens.into()),
+                    ("gen_ai.response.finish_reasons", reply.finish_reason.as_str().into()),
+                ]);
+            }),
+            Err(err) => stage.fail(err.metric_label()),
         }
         result
     }
@@ -226,6 +221,10 @@ impl Engine {
         let key = self.guard_key(candidate);
         let provider_name = self.provider_of(candidate);
         let admitted = inner.guards.admit(&ask.call.context.workspace, &key, ask.estimated_tokens, ask.deadline).await;
+        spans::guard_waits(match &admitted {
+            Ok(admission) => admission.waits(),
+            Err(refused) => &refused.waits,
+        });
         let admission = match admitted {
             Ok(admission) => admission,
             Err(refused) => {
@@ -375,7 +374,8 @@ fn declared_limits(declared: providers::DeclaredLimits) -> resilience::Declared 
     resilience::Declared { requests: declared.requests.map(window), tokens: declared.tokens.map(window) }
 }
 
+/// No span of its own: a check takes microseconds, and one that fails shows as the
+/// `contract.repair` that follows.
 fn validate(spec: &StepSpec, reply: &str) -> Result<Value, String> {
-    let _span = tracing::info_span!("validate").entered();
     spec.contract.check(reply)
 }
