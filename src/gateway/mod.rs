@@ -209,7 +209,7 @@ async fn chat_completions(
     let mut span = trace::RequestSpan::start(gateway.engine.span_sink(), &headers, "/v1/chat/completions");
     let response = match complete(&gateway, &headers, body, &mut span).await {
         Ok(response) => response,
-        Err(error) => gateway.refuse(&headers, error),
+        Err(error) => gateway.refuse_in(&headers, error, Some(&mut span)),
     };
     span.end(response.status());
     response
@@ -329,11 +329,19 @@ impl Gateway {
     /// Answers a request that failed; one refused before the engine leaves its own row (the
     /// engine records the failures of the calls it made).
     fn refuse(&self, headers: &HeaderMap, error: ApiError) -> Response {
+        self.refuse_in(headers, error, None)
+    }
+
+    /// The same, the row in the trace of the request's span (when traces are exported).
+    fn refuse_in(&self, headers: &HeaderMap, error: ApiError, span: Option<&mut trace::RequestSpan>) -> Response {
         if let Some(class) = error.refused {
             let workspace = self.keys.workspace(headers).unwrap_or_else(|_| "unknown".to_owned());
             let context = self.context(headers).unwrap_or_else(|_| CallContext::new("", &self.default_component));
             let step = self.step(headers).ok();
-            let context = CallContext { workspace, ..context };
+            let mut context = CallContext { workspace, ..context };
+            if let Some(span) = span {
+                span.adopt(&mut context);
+            }
             self.engine.record_refused(step.as_ref(), &context, class, error.message());
         }
         error.into_response()

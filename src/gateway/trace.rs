@@ -52,6 +52,9 @@ struct Open {
     start: SystemTime,
     /// The trace and whether it is exported, once known (from the call's id, or at the end).
     trace: Option<(W3cTraceId, bool)>,
+    /// The call's id once it is given or made, so that a row recorded later (a request refused
+    /// after its call's context was made) carries the same.
+    call_id: Option<TraceId>,
 }
 
 impl RequestSpan {
@@ -63,6 +66,7 @@ impl RequestSpan {
             route,
             start: SystemTime::now(),
             trace: None,
+            call_id: None,
         }))
     }
 
@@ -70,7 +74,8 @@ impl RequestSpan {
     /// this span as its parent.
     pub(super) fn adopt(&mut self, context: &mut CallContext) {
         let Some(open) = &mut self.0 else { return };
-        let call_id = context.trace_id.get_or_insert_with(TraceId::random);
+        let call_id = context.trace_id.get_or_insert_with(|| open.call_id.clone().unwrap_or_else(TraceId::random));
+        open.call_id = Some(call_id.clone());
         let (trace_id, sampled) = open.decide(Some(call_id));
         context.trace_parent = Some(TraceParent { trace_id, span: ParentSpan { id: open.id, remote: false }, sampled });
     }

@@ -224,11 +224,28 @@ async fn a_call_exports_its_span_tree_in_the_callers_trace_with_the_rows_trace_i
     let waited_ns = pause.end_time_unix_nano - pause.start_time_unix_nano;
     assert!(waited_ns > 100_000_000, "the pause span lasted {waited_ns} ns");
 
+    // 6. A request refused before the engine: its row and its request span share a trace.
+    let refused = http
+        .post(format!("{}/chat/completions", gateway.base_url))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+
     gateway.terminate().unwrap();
     assert!(gateway.wait().unwrap().success());
     let store = TelemetryStore::connect(&format!("sqlite://{}", database.display())).await.unwrap();
-    let rows: Vec<String> = store.records().await.unwrap().into_iter().map(|record| record.trace_id).collect();
-    assert_eq!(rows.len(), 7);
+    let records = store.records().await.unwrap();
+    let refused_trace = records.last().unwrap().trace_id.clone();
+    let spans = received.trace(&refused_trace).await;
+    let request = attributes(named(&spans, "gateway.request"));
+    assert_eq!(request["http.response.status_code"], "400");
+    assert!(spans.iter().all(|span| span.name == "gateway.request"), "no call was made");
+    let rows: Vec<String> = records.into_iter().map(|record| record.trace_id).collect();
+    assert_eq!(rows.len(), 8);
     assert_eq!(rows[..2], [CALLER_TRACE.to_owned(), trace_id]);
     assert!(rows.contains(&paused_trace));
 }
