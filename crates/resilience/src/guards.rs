@@ -308,10 +308,14 @@ mod tests {
         let deadline = Deadline::after(Duration::from_secs(10));
         let fault = Outcome::Fault { retry_after: Some(Duration::from_secs(2)) };
         let admitted = guards.admit("ws", "p/m", 1000, &deadline).await.unwrap();
+        assert!(admitted.waits().is_empty(), "let through at once: no wait to show");
         assert_eq!(admitted.finish(fault, Some(0)), Some(BreakerState::Closed));
         // The pause holds the next request back for the Retry-After...
+        let asked = Instant::now();
         let admitted = guards.admit("ws", "p/m", 1000, &deadline).await.unwrap();
         assert_eq!(admitted.waited(), Duration::from_secs(2));
+        let pause = GuardWait { guard: WaitedOn::Pause, started: asked, took: Duration::from_secs(2) };
+        assert_eq!(admitted.waits(), [pause]);
         // ...and the second fault in a row opens the breaker.
         assert_eq!(admitted.finish(fault, Some(0)), Some(BreakerState::Open));
         tokio::time::advance(Duration::from_secs(2)).await;
@@ -331,6 +335,8 @@ mod tests {
         let refused = guards.admit("ws", "p/m", 1000, &deadline).await.unwrap_err();
         assert!(matches!(refused.refusal, Refusal::RateLimited { .. }), "{refused:?}");
         assert_eq!(refused.breaker_state, None);
+        let guards_waited: Vec<WaitedOn> = refused.waits.iter().map(|wait| wait.guard).collect();
+        assert_eq!(guards_waited, [WaitedOn::Limit], "a refusal always shows its guard");
         let _ = admitted.finish(Outcome::Success, Some(1000));
     }
 
