@@ -28,7 +28,7 @@ fn caller(headers: &HeaderMap) -> Option<Caller> {
         return None;
     }
     Some(Caller {
-        trace_id: W3cTraceId::of(&span.trace_id().to_string()),
+        trace_id: W3cTraceId::from_bytes(span.trace_id().to_bytes())?,
         span: SpanId::from_bytes(span.span_id().to_bytes())?,
         sampled: span.is_sampled(),
     })

@@ -34,6 +34,11 @@ impl W3cTraceId {
         Self(bytes)
     }
 
+    /// `None` for the invalid all-zero id.
+    pub fn from_bytes(bytes: [u8; 16]) -> Option<Self> {
+        (bytes != [0; 16]).then_some(Self(bytes))
+    }
+
     /// The id `id` spells in 32 hex digits, if it does and is not the invalid all-zero id.
     pub fn parse_hex(id: &str) -> Option<Self> {
         // Digits only: `from_str_radix` would take a sign.
@@ -44,7 +49,7 @@ impl W3cTraceId {
         for (byte, pair) in bytes.iter_mut().zip(id.as_bytes().chunks_exact(2)) {
             *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
         }
-        (bytes != [0; 16]).then_some(Self(bytes))
+        Self::from_bytes(bytes)
     }
 
     pub fn to_bytes(self) -> [u8; 16] {

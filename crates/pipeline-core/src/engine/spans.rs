@@ -53,15 +53,17 @@ impl Recording {
                 (trace_id, sink.samples(trace_id, None))
             }
         };
-        let call = SpanId::random();
-        sampled.then(|| Self {
-            trace_id,
-            call,
-            parent: parent.map(|parent| parent.span),
-            started: SystemTime::now(),
-            call_attributes: Vec::with_capacity(16),
-            finished: Vec::with_capacity(8),
-            open: vec![call],
+        sampled.then(|| {
+            let call = SpanId::random();
+            Self {
+                trace_id,
+                call,
+                parent: parent.map(|parent| parent.span),
+                started: SystemTime::now(),
+                call_attributes: Vec::with_capacity(16),
+                finished: Vec::with_capacity(8),
+                open: vec![call],
+            }
         })
     }
 
