@@ -77,14 +77,9 @@ impl Recording {
     }
 
     fn close(&mut self, open: OpenStage) {
-        match self.open.iter().rposition(|id| *id == open.id) {
-            Some(last) if last + 1 == self.open.len() => {
-                self.open.pop();
-            }
-            Some(at) => {
-                self.open.remove(at);
-            }
-            None => {}
+        // The innermost one, unless a stage outlived one opened after it.
+        if let Some(at) = self.open.iter().rposition(|id| *id == open.id) {
+            self.open.remove(at);
         }
         let trace_id = self.trace_id;
         self.finished.push(FinishedSpan {
@@ -210,7 +205,7 @@ impl Drop for Stage {
     }
 }
 
-/// `stage` around `work`.
+/// A stage's span around `work`.
 pub(super) async fn staged<F: Future>(name: &'static str, work: F) -> F::Output {
     let _stage = Stage::open(name);
     work.await
