@@ -11,11 +11,15 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
 
+use pipeline_core::CallContext;
+
 use super::Gateway;
 use super::error::ApiError;
 
-/// More texts than this in one request are refused: each is a model run on this machine.
-const MAX_INPUTS: usize = 2048;
+/// More texts than this in one request are refused: each is a model run on this machine, on
+/// the sessions every semantic cache miss embeds on (OpenAI takes 2,048; a local model's CPU is
+/// not a fleet's).
+const MAX_INPUTS: usize = 256;
 
 #[derive(Debug, Deserialize)]
 struct EmbeddingRequest {
@@ -46,7 +50,7 @@ async fn embed(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    gateway.keys.workspace(headers)?;
+    let workspace = gateway.keys.workspace(headers)?;
     let body = body.map_err(|rejection| ApiError::unreadable_body(rejection.status(), rejection.body_text()))?;
     let request: EmbeddingRequest = serde_json::from_slice(&body)
         .map_err(|err| ApiError::invalid(None, format!("the body is not an embeddings request: {err}")))?;
@@ -76,7 +80,8 @@ async fn embed(
         }
     };
     let texts = texts(&request.input)?;
-    let embedded = gateway.engine.embed(texts).await.map_err(ApiError::from)?;
+    let context = CallContext { workspace, ..gateway.context(headers)? };
+    let embedded = gateway.engine.embed(texts, &context).await.map_err(ApiError::from)?;
     let dimensions = embedded.vectors.first().map_or(0, Vec::len);
     if let Some(asked) = request.dimensions.filter(|asked| *asked != dimensions) {
         return Err(ApiError::invalid(

@@ -40,6 +40,14 @@ impl ApiError {
         }
     }
 
+    /// A path or method the gateway does not serve (404, 405).
+    pub(super) fn refused_route(status: StatusCode, code: &'static str, message: String) -> Self {
+        Self {
+            refused: Some(telemetry::ErrorClass::InvalidRequest),
+            ..Self::new(status, "invalid_request_error", code, message)
+        }
+    }
+
     pub(super) fn unauthorized(message: &str) -> Self {
         Self {
             refused: Some(telemetry::ErrorClass::Unauthenticated),
@@ -102,6 +110,10 @@ impl From<PipelineError> for ApiError {
                 (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", "budget_exhausted", None)
             }
             PipelineError::NoRoute { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error", "no_route", None),
+            // As OpenAI answers a model it does not have.
+            PipelineError::UnlistedModel { .. } => {
+                (StatusCode::NOT_FOUND, "invalid_request_error", "model_not_found", None)
+            }
             // Our limits, or the upstream's Retry-After outlasting what a caller may wait: the
             // caller should come back after Retry-After, as from the upstream itself.
             PipelineError::Refused {

@@ -7,6 +7,7 @@
 //! answers with its output object as the message text (`response`). Failures answer in
 //! OpenAI's error shape (`error`). Every answer says how it was served in `x-aipipe-source`.
 
+mod admin;
 mod auth;
 mod embeddings;
 mod error;
@@ -22,10 +23,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
+use axum::Extension;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -62,7 +64,7 @@ struct Gateway {
     /// The models `/v1/models` lists: every model the config names.
     models: Vec<String>,
     draining: AtomicBool,
-    status_access: status::StatusAccess,
+    admin: admin::AdminAccess,
 }
 
 pub async fn serve(mut config: Config, settings: GatewaySettings, options: ServeOptions) -> anyhow::Result<()> {
@@ -70,7 +72,13 @@ pub async fn serve(mut config: Config, settings: GatewaySettings, options: Serve
         config.provider.base_url = base_url;
     }
     let keys = ApiKeys::from_env(&settings.api_keys)?;
-    let status_access = status::StatusAccess::from_env(settings.status_admin_key_env.as_deref())?;
+    let admin = admin::AdminAccess::from_env(settings.admin_key_env.as_deref(), settings.trust_loopback)?;
+    if settings.admin_listen.is_none() && admin.closed_on_api() {
+        tracing::info!(
+            "/metrics and /status are closed: set gateway.admin_key_env, gateway.admin_listen or \
+             gateway.trust_loopback to read them"
+        );
+    }
     let models = listed_models(&config);
     let mut engine = Engine::builder(config);
     if let Some(spans) = options.spans {
@@ -84,27 +92,56 @@ pub async fn serve(mut config: Config, settings: GatewaySettings, options: Serve
         default_component: settings.default_component,
         models,
         draining: AtomicBool::new(false),
-        status_access,
+        admin,
     });
-    let app = router(gateway.clone(), settings.max_body_bytes);
+    let own_admin_listener = settings.admin_listen.is_some();
+    let app = router(gateway.clone(), settings.max_body_bytes, !own_admin_listener);
     let listener = TcpListener::bind(options.listen)
         .await
         .with_context(|| format!("cannot listen on {}: is the address free?", options.listen))?;
     let address = listener.local_addr().context("the listener has no address")?;
+    let admin_listener = match settings.admin_listen {
+        Some(admin_address) => Some(
+            TcpListener::bind(admin_address)
+                .await
+                .with_context(|| format!("gateway.admin_listen: cannot listen on {admin_address}: is it free?"))?,
+        ),
+        None => None,
+    };
     // The first line on stdout says where to connect: scripts and tests read it (`--listen
-    // 127.0.0.1:0` picks a free port).
+    // 127.0.0.1:0` picks a free port); the second, where the admin surfaces are, if apart.
+    // One write: a reader may stop reading after what it needs.
+    let mut greeting = format!("aipipe serve: listening on http://{address}/v1");
+    if let Some(admin_address) = admin_listener.as_ref().and_then(|listener| listener.local_addr().ok()) {
+        greeting.push_str(&format!("\naipipe serve: admin on http://{admin_address}"));
+    }
     #[allow(clippy::print_stdout)]
     {
-        println!("aipipe serve: listening on http://{address}/v1");
+        println!("{greeting}");
     }
 
     let (stop, stopped) = tokio::sync::watch::channel(());
-    // The status page reads who asks: loopback clients only, without an admin key.
+    let until_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.changed().await;
+        }
+    };
+    if let Some(admin_listener) = admin_listener {
+        let admin_app = admin_routes(Router::new(), admin::Listener::Admin)
+            .fallback(|| async { StatusCode::NOT_FOUND })
+            .with_state(gateway.clone())
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let admin_server = axum::serve(admin_listener, admin_app).with_graceful_shutdown(until_stopped());
+        tokio::spawn(async move {
+            if let Err(err) = admin_server.await {
+                tracing::error!(error = %err, "the admin listener failed");
+            }
+        });
+    }
+    // The admin surfaces read who asks (loopback clients, when trusted).
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let mut stopped = stopped;
-        let _ = stopped.changed().await;
-    });
+    let server = axum::serve(listener, app).with_graceful_shutdown(until_stopped());
     let mut server = tokio::spawn(server.into_future());
     tokio::select! {
         result = &mut server => {
@@ -137,23 +174,42 @@ fn listed_models(config: &Config) -> Vec<String> {
     models
 }
 
-fn router(gateway: Arc<Gateway>, max_body_bytes: usize) -> Router {
-    Router::new()
+/// The API's routes, and the admin surfaces too unless they have a listener of their own.
+fn router(gateway: Arc<Gateway>, max_body_bytes: usize, with_admin: bool) -> Router {
+    let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions).fallback(post_only))
         .route("/v1/embeddings", post(embeddings::embeddings).fallback(post_only))
-        .route("/v1/models", get(list_models))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .route("/status", get(status::status))
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such route")
-        })
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(gateway)
+        .route("/v1/models", get(list_models).fallback(get_only));
+    let api = if with_admin {
+        admin_routes(api, admin::Listener::Api)
+    } else {
+        // Load balancers still probe the API's own port.
+        api.route("/healthz", get(|| async { "ok" }).fallback(get_only))
+            .route("/readyz", get(ready).fallback(get_only))
+            .layer(Extension(admin::Listener::Api))
+    };
+    api.fallback(no_such_route).layer(DefaultBodyLimit::max(max_body_bytes)).with_state(gateway)
 }
 
-async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+/// `/metrics`, `/status`, `/readyz` and `/healthz`, which know the listener they are on.
+fn admin_routes(routes: Router<Arc<Gateway>>, listener: admin::Listener) -> Router<Arc<Gateway>> {
+    routes
+        .route("/metrics", get(metrics).fallback(get_only))
+        .route("/healthz", get(|| async { "ok" }).fallback(get_only))
+        .route("/readyz", get(ready).fallback(get_only))
+        .route("/status", get(status::status).fallback(get_only))
+        .layer(Extension(listener))
+}
+
+async fn metrics(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(listener): Extension<admin::Listener>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(denied) = gateway.admin.allows(listener, peer, &headers) {
+        return denied.into_response();
+    }
     let metrics = gateway.engine.metrics();
     for part in gateway.engine.shared_state() {
         metrics.set_shared_state_up(part.part, part.up);
@@ -169,12 +225,21 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
 }
 
 /// Ready while not draining. A shared part that is down does not make a replica unready (it
-/// answers on its own), but it is named, so that an operator sees the degradation.
-async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
+/// answers on its own), but it is named, with where it is and why, to whoever may read the
+/// admin surfaces, so that an operator sees the degradation; anyone else gets the bare answer.
+async fn ready(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(listener): Extension<admin::Listener>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     if gateway.draining.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
     }
     let mut body = String::from("ready");
+    if gateway.admin.allows(listener, peer, &headers).is_err() {
+        return body.into_response();
+    }
     for part in gateway.engine.shared_state().into_iter().filter(|part| !part.up) {
         let since = part.down_since.and_then(|since| since.elapsed().ok()).unwrap_or_default();
         body.push_str(&format!(
@@ -243,9 +308,16 @@ async fn complete(
         (output, _) => output.to_string(),
     };
     if !request.stream {
-        // On a task of its own, so that a client that hangs up does not cancel the call half-way:
-        // it still leaves its row, and its answer is kept for the next caller.
-        let result = gateway.engine.execute(step, input, context, options).await.map_err(ApiError::from)?;
+        // On a task of its own, so that a client that hangs up does not cancel the call half-way
+        // (axum drops the handler): the answer the upstream is already writing is still paid
+        // for, so the call still leaves its row and its charge, and its answer is kept for the
+        // next caller.
+        let engine = gateway.engine.clone();
+        let call = tokio::spawn(async move { engine.execute(step, input, context, options).await }.in_current_span());
+        let result = call
+            .await
+            .map_err(|join| ApiError::internal(&format!("the call's task failed: {join}")))?
+            .map_err(ApiError::from)?;
         let mut response = axum::Json(completion(&result, &content_of(&result))).into_response();
         describe_source(response.headers_mut(), &result);
         return Ok(response);
@@ -295,13 +367,30 @@ fn whole(
     Ok(whole_stream(writer, &result, &content_of(&result)))
 }
 
-/// Any method but POST on the chat endpoint: OpenAI's error shape, with the method allowed.
-async fn post_only() -> Response {
-    let mut response =
-        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_allowed", "use POST")
-            .into_response();
-    response.headers_mut().insert(header::ALLOW, axum::http::HeaderValue::from_static("POST"));
+/// Any method but POST on a POST endpoint: OpenAI's error shape, with the method allowed.
+async fn post_only(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    method_not_allowed(&gateway, &headers, "POST")
+}
+
+/// Any method but GET (and HEAD) on a GET endpoint.
+async fn get_only(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    method_not_allowed(&gateway, &headers, "GET")
+}
+
+/// A wrong method leaves its row like any request refused before the engine.
+fn method_not_allowed(gateway: &Gateway, headers: &HeaderMap, allowed: &'static str) -> Response {
+    let error = ApiError::refused_route(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("use {allowed}"));
+    let mut response = gateway.refuse(headers, error);
+    response.headers_mut().insert(header::ALLOW, axum::http::HeaderValue::from_static(allowed));
     response
+}
+
+async fn no_such_route(State(gateway): State<Arc<Gateway>>, uri: axum::http::Uri, headers: HeaderMap) -> Response {
+    let message = format!(
+        "no route {}: the gateway serves /v1/chat/completions, /v1/embeddings and /v1/models",
+        uri.path().chars().take(200).collect::<String>()
+    );
+    gateway.refuse(&headers, ApiError::refused_route(StatusCode::NOT_FOUND, "not_found", message))
 }
 
 impl Gateway {
@@ -333,9 +422,16 @@ impl Gateway {
     }
 
     /// The same, the row in the trace of the request's span (when traces are exported).
+    ///
+    /// Only a request whose key names a workspace leaves a row: one without is counted
+    /// (`aipipe_requests_unauthenticated_total`), so that a flood of bad keys can neither crowd
+    /// real rows out of the recorder's queue nor grow the database.
     fn refuse_in(&self, headers: &HeaderMap, error: ApiError, span: Option<&mut trace::RequestSpan>) -> Response {
         if let Some(class) = error.refused {
-            let workspace = self.keys.workspace(headers).unwrap_or_else(|_| "unknown".to_owned());
+            let Ok(workspace) = self.keys.workspace(headers) else {
+                self.engine.metrics().count_unauthenticated();
+                return error.into_response();
+            };
             let context = self.context(headers).unwrap_or_else(|_| CallContext::new("", &self.default_component));
             let step = self.step(headers).ok();
             let mut context = CallContext { workspace, ..context };

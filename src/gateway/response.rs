@@ -23,11 +23,14 @@ fn unix_seconds() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_secs()).unwrap_or_default()
 }
 
+/// The answer's usage as its model counted it, whether this call paid for it or a cache did
+/// (what this call cost is `x-aipipe-cost-usd`, 0 for a cache hit), streamed or not.
 fn usage(result: &PipelineResult) -> Value {
+    let usage = result.answer_usage;
     json!({
-        "prompt_tokens": result.input_tokens,
-        "completion_tokens": result.output_tokens,
-        "total_tokens": result.input_tokens + result.output_tokens,
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
     })
 }
 

@@ -16,7 +16,12 @@ pub struct RawGateway {
     default_component: String,
     max_body_bytes: usize,
     drain_timeout_ms: u64,
-    status_admin_key_env: String,
+    admin_key_env: String,
+    /// The earlier name of `admin_key_env`, when it opened `/status` only.
+    #[serde(default)]
+    status_admin_key_env: Option<String>,
+    admin_listen: String,
+    trust_loopback: bool,
     #[serde(default)]
     api_keys: BTreeMap<String, String>,
 }
@@ -32,9 +37,15 @@ pub struct GatewaySettings {
     pub drain_timeout: Duration,
     /// Workspace -> the environment variable that holds its API key.
     pub api_keys: BTreeMap<String, String>,
-    /// The environment variable that holds the key opening `/status` to any client; `None`:
-    /// loopback clients only.
-    pub status_admin_key_env: Option<String>,
+    /// The environment variable that holds the admin key, which opens `/status`, `/metrics`
+    /// and the detail of `/readyz` to a client that sends it.
+    pub admin_key_env: Option<String>,
+    /// A listener of their own for `/metrics`, `/status`, `/readyz` and `/healthz`; `None`:
+    /// the API's listener serves them.
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// Without an admin key, whether the API's listener serves the admin surfaces to loopback
+    /// clients.
+    pub trust_loopback: bool,
 }
 
 impl RawGateway {
@@ -67,13 +78,30 @@ impl RawGateway {
                 return Err(invalid(&format!("api_keys.{workspace}"), "must not be empty".into()));
             }
         }
+        let named = |variable: String| Some(variable).filter(|variable| !variable.trim().is_empty());
+        let admin_key_env = match (named(self.admin_key_env), self.status_admin_key_env.and_then(named)) {
+            (Some(variable), _) => Some(variable),
+            (None, Some(variable)) => {
+                tracing::warn!("gateway.status_admin_key_env is now gateway.admin_key_env (it opens /metrics too)");
+                Some(variable)
+            }
+            (None, None) => None,
+        };
+        let admin_listen = match self.admin_listen.trim() {
+            "" => None,
+            address => Some(address.parse().map_err(|err| {
+                invalid("admin_listen", format!("`{address}` is not an address to listen on (HOST:PORT): {err}"))
+            })?),
+        };
         Ok(GatewaySettings {
             default_step,
             default_component: self.default_component,
             max_body_bytes: self.max_body_bytes,
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             api_keys: self.api_keys,
-            status_admin_key_env: Some(self.status_admin_key_env).filter(|variable| !variable.trim().is_empty()),
+            admin_key_env,
+            admin_listen,
+            trust_loopback: self.trust_loopback,
         })
     }
 }
@@ -101,5 +129,11 @@ mod tests {
         assert!(typo.contains("gateway") && typo.contains("max_body"), "{typo}");
         let zero = settings("[gateway]\ndrain_timeout_ms = 0").unwrap_err().to_string();
         assert!(zero.contains("gateway.drain_timeout_ms"), "{zero}");
+        let listen = settings("[gateway]\nadmin_listen = 'localhost'").unwrap_err().to_string();
+        assert!(listen.contains("gateway.admin_listen"), "{listen}");
+        assert_eq!(settings("[gateway]\nadmin_listen = '127.0.0.1:9464'").unwrap().admin_listen.unwrap().port(), 9464);
+        let renamed = settings("[gateway]\nstatus_admin_key_env = 'ADMIN'").unwrap();
+        assert_eq!(renamed.admin_key_env.as_deref(), Some("ADMIN"));
+        assert!(!defaults.trust_loopback);
     }
 }

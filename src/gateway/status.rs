@@ -1,25 +1,23 @@
 //! `GET /status`: how the gateway is doing now, for a person with a browser. The figures of
-//! the last hour come from the telemetry store (the same `report` the CLI prints), breakers,
+//! the last hour come from the telemetry store (its aggregates, the figures the CLI reports), breakers,
 //! limits, shared state and alerts from the engine. One HTML page, SVG for the chart, no
-//! scripts: it reloads itself while open. Served to loopback clients only, unless
-//! `gateway.status_admin_key_env` names an admin key, which any client may then send
-//! (HTTP Basic password, or a bearer token).
+//! scripts: it reloads itself while open. Behind the admin key, like `/metrics` (`admin`).
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
+use axum::Extension;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use base64::Engine as _;
 use minijinja::value::Serde;
 use minijinja::{Environment, context};
 use pipeline_core::telemetry::{Minute, Source};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
 use super::Gateway;
+use super::admin::Listener;
 
 const TEMPLATE: &str = include_str!("status.html");
 const WINDOW: Duration = Duration::from_secs(60 * 60);
@@ -28,84 +26,13 @@ const CHART_WIDTH: f64 = 960.0;
 const CHART_HEIGHT: f64 = 200.0;
 const CHART_LEFT: f64 = 40.0;
 
-/// Who may see the page.
-#[derive(Debug)]
-pub(super) struct StatusAccess {
-    /// SHA-256 of the admin key, if one is configured; else loopback clients only.
-    admin_key: Option<[u8; 32]>,
-}
-
-impl StatusAccess {
-    /// The admin key from the environment variable `variable` names (`None`: loopback only).
-    pub(super) fn from_env(variable: Option<&str>) -> anyhow::Result<Self> {
-        let Some(variable) = variable else { return Ok(Self { admin_key: None }) };
-        let key = std::env::var(variable).ok().filter(|key| !key.trim().is_empty()).ok_or_else(|| {
-            anyhow::anyhow!(
-                "gateway.status_admin_key_env: the environment variable `{variable}` is not set: set it to the key \
-                 that opens /status, or leave the setting empty to serve /status on loopback only"
-            )
-        })?;
-        Ok(Self { admin_key: Some(Sha256::digest(key.as_bytes()).into()) })
-    }
-
-    fn allows(&self, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Denied> {
-        let Some(admin_key) = self.admin_key else {
-            return if peer.ip().is_loopback() { Ok(()) } else { Err(Denied::NotLoopback) };
-        };
-        let sent = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()).and_then(credential);
-        if sent.is_some_and(|key| <[u8; 32]>::from(Sha256::digest(key.as_bytes())) == admin_key) {
-            return Ok(());
-        }
-        Err(Denied::NeedsKey)
-    }
-}
-
-/// Why a client may not see the page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Denied {
-    NotLoopback,
-    NeedsKey,
-}
-
-impl IntoResponse for Denied {
-    fn into_response(self) -> Response {
-        match self {
-            Self::NotLoopback => {
-                let refusal = "/status is served to loopback clients only: set gateway.status_admin_key_env to open \
-                               it with an admin key";
-                (StatusCode::FORBIDDEN, refusal).into_response()
-            }
-            Self::NeedsKey => {
-                let mut refusal = (StatusCode::UNAUTHORIZED, "/status needs the admin key").into_response();
-                refusal
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"aipipe status\""));
-                refusal
-            }
-        }
-    }
-}
-
-/// The key in `Basic base64(user:KEY)` (any user) or `Bearer KEY`.
-fn credential(value: &str) -> Option<String> {
-    let (scheme, rest) = value.trim().split_once(' ')?;
-    if scheme.eq_ignore_ascii_case("bearer") {
-        return Some(rest.trim().to_owned());
-    }
-    if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
-        let decoded = String::from_utf8(decoded).ok()?;
-        return decoded.split_once(':').map(|(_, key)| key.to_owned());
-    }
-    None
-}
-
 pub(super) async fn status(
     State(gateway): State<Arc<Gateway>>,
+    Extension(listener): Extension<Listener>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(denied) = gateway.status_access.allows(peer, &headers) {
+    if let Err(denied) = gateway.admin.allows(listener, peer, &headers) {
         return denied.into_response();
     }
     match render(&gateway).await {
@@ -145,9 +72,10 @@ async fn render(gateway: &Gateway) -> anyhow::Result<String> {
     let to_ms = epoch_ms(now);
     let from_ms = to_ms - WINDOW.as_millis() as i64;
     let store = engine.recorder().store();
-    let report = store.report(from_ms, to_ms).await?;
+    // Aggregates the database computes: an hour of rows never leaves it for a page that
+    // reloads every few seconds.
+    let overall = &store.overview(from_ms, to_ms).await?;
     let minutes = store.calls_per_minute(from_ms, to_ms).await?;
-    let overall = &report.overall;
     let figure = |id, label, value| Figure { id, label, value };
     let figures = [
         figure("calls", "calls", overall.calls.to_string()),
@@ -315,34 +243,4 @@ fn epoch_ms(at: SystemTime) -> i64 {
 /// `HH:MM:SS` in UTC.
 fn clock_time(at: SystemTime) -> String {
     jiff::Timestamp::try_from(at).map_or_else(|_| "-".to_owned(), |at| at.strftime("%H:%M:%S").to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_admin_key_comes_as_a_basic_password_or_a_bearer_token() {
-        let basic = base64::engine::general_purpose::STANDARD.encode("admin:s3cret");
-        assert_eq!(credential(&format!("Basic {basic}")).as_deref(), Some("s3cret"));
-        assert_eq!(credential("bearer s3cret").as_deref(), Some("s3cret"));
-        assert_eq!(credential("Digest x"), None);
-    }
-
-    #[test]
-    fn without_an_admin_key_only_loopback_clients_see_it() {
-        let access = StatusAccess { admin_key: None };
-        let headers = HeaderMap::new();
-        assert!(access.allows("127.0.0.1:5000".parse().unwrap(), &headers).is_ok());
-        assert!(access.allows("[::1]:5000".parse().unwrap(), &headers).is_ok());
-        let refused = access.allows("10.0.0.7:5000".parse().unwrap(), &headers).unwrap_err();
-        assert_eq!(refused.into_response().status(), StatusCode::FORBIDDEN);
-
-        let access = StatusAccess { admin_key: Some(Sha256::digest(b"s3cret").into()) };
-        let refused = access.allows("127.0.0.1:5000".parse().unwrap(), &headers).unwrap_err();
-        assert_eq!(refused.into_response().status(), StatusCode::UNAUTHORIZED);
-        let mut headers = HeaderMap::new();
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer s3cret"));
-        assert!(access.allows("10.0.0.7:5000".parse().unwrap(), &headers).is_ok());
-    }
 }

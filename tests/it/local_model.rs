@@ -10,7 +10,8 @@ const KEY: &str = "sk-aipipe-local-model";
 /// `aipipe serve` in front of the local model, its telemetry in `dir`.
 fn gateway_to(llama: &LlamaServer, dir: &Path) -> GatewayProcess {
     let config = format!(
-        "[semantic]\nenabled = false\n[telemetry]\ndatabase_url = \"sqlite://{}\"\n[gateway.api_keys]\nlocal = \"LOCAL_KEY\"\n",
+        "[semantic]\nenabled = false\n[telemetry]\ndatabase_url = \"sqlite://{}\"\n[gateway.api_keys]\nlocal = \"LOCAL_KEY\"\n\
+         [models.smollm2]\ninput_per_million_usd = 0.0\noutput_per_million_usd = 0.0\ncontext_window = 8192\n",
         dir.join("telemetry.db").display()
     );
     GatewayProcess::start(

@@ -102,7 +102,7 @@ async fn a_real_prometheus_scrapes_the_gateway_and_the_dashboard_queries_run() {
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         "[semantic]\nenabled = false\n[telemetry]\ndatabase_url = \"sqlite://{}\"\n\
-         [gateway.api_keys]\nteam-a = \"PROMETHEUS_TEST_KEY\"\n",
+         [gateway]\nadmin_listen = \"127.0.0.1:0\"\n[gateway.api_keys]\nteam-a = \"PROMETHEUS_TEST_KEY\"\n",
         dir.path().join("telemetry.db").display()
     );
     let env = [("PROMETHEUS_TEST_KEY", KEY), ("OPENAI_API_KEY", "sk-upstream")];
@@ -119,7 +119,10 @@ async fn a_real_prometheus_scrapes_the_gateway_and_the_dashboard_queries_run() {
         assert_eq!(response.status(), 200);
         response.text().await.unwrap();
     }
-    let root = gateway.base_url.trim_end_matches("/v1").to_owned();
+    // On the admin listener, as a Prometheus scrape config names it; not on the API's.
+    let root = gateway.admin_url.clone().expect("an admin listener");
+    let api_root = gateway.base_url.trim_end_matches("/v1");
+    assert_eq!(http.get(format!("{api_root}/metrics")).send().await.unwrap().status(), 404);
 
     // promtool's lint: names, units, help texts, histogram buckets.
     let metrics = http.get(format!("{root}/metrics")).send().await.unwrap().text().await.unwrap();

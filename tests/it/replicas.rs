@@ -33,7 +33,7 @@ impl Replica {
              [telemetry]\ndatabase_url = \"{postgres}\"\n\
              [limits]\nmax_wait_ms = 0\nworkspace_requests_per_minute = {per_minute}\nworkspace_request_burst = 3\n\
              [steps.chat]\nsemantic_field = \"messages\"\n\
-             [gateway.api_keys]\nteam-a = \"REPLICA_TEST_KEY\"\n"
+             [gateway]\ntrust_loopback = true\n[gateway.api_keys]\nteam-a = \"REPLICA_TEST_KEY\"\n"
         );
         let log = dir.join("serve.log");
         let env = [("REPLICA_TEST_KEY", KEY), ("OPENAI_API_KEY", "sk-upstream"), ("RUST_LOG", "warn")];

@@ -178,7 +178,9 @@ async fn streaming_through(dialect: Dialect) {
     assert_eq!(again["source"], "exact", "{again}");
     assert_eq!(again["content"], ANSWER.concat());
     assert!(again["content_chunks"].as_u64().unwrap() >= 2, "{again}");
-    assert_eq!(again["usage"]["total_tokens"], 0, "a cached answer costs nothing");
+    // The answer's usage as its model counted it; what this call cost is the cost header's.
+    assert_eq!(again["usage"], seen["usage"], "{again}");
+    assert_eq!(again["cost_usd"], "0.00000000", "a cached answer costs nothing");
     assert_eq!(upstream.requests(), upstream_calls);
 
     // A tool call round trip: the call streamed as deltas, the tool's result sent back, the
@@ -297,12 +299,14 @@ async fn the_openai_sdk_gets_embeddings_from_the_local_model() {
     }
     let upstream = ScriptedUpstream::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
+    // Two requests a minute for the workspace: embeddings are held to its limits like calls.
     let config = format!(
-        "[telemetry]\ndatabase_url = \"sqlite://{}\"\n[gateway.api_keys]\nteam-a = \"SDK_TEST_KEY\"\n",
+        "[telemetry]\ndatabase_url = \"sqlite://{}\"\n[limits]\nmax_wait_ms = 0\nworkspace_requests_per_minute = 2\n\
+         workspace_request_burst = 2\n[gateway.api_keys]\nteam-a = \"SDK_TEST_KEY\"\n",
         dir.path().join("telemetry.db").display()
     );
     let env = [("SDK_TEST_KEY", KEY), ("OPENAI_API_KEY", "sk-upstream")];
-    let gateway =
+    let mut gateway =
         GatewayProcess::start(Path::new(env!("CARGO_BIN_EXE_aipipe")), dir.path(), &upstream.base_url(), &config, &env)
             .unwrap();
     let texts = ["How do I reset my password?", "I forgot my password, how can I change it?", "The invoice is wrong."];
@@ -320,4 +324,27 @@ async fn the_openai_sdk_gets_embeddings_from_the_local_model() {
     assert!(cosine(&vectors[0], &vectors[1]) > cosine(&vectors[0], &vectors[2]) + 0.2);
     assert!(seen["usage"]["prompt_tokens"].as_u64().unwrap() >= 20, "{}", seen["usage"]);
     assert_eq!(upstream.requests(), 0, "no text left the machine");
+
+    // The SDK's two requests took the workspace's two a minute; the next waits its turn.
+    let http = reqwest::Client::new();
+    let embed = |input: Value| {
+        http.post(format!("{}/embeddings", gateway.base_url))
+            .header("authorization", format!("Bearer {KEY}"))
+            .json(&json!({"model": pipeline_core::semantic_cache::DEFAULT_MODEL, "input": input}))
+            .send()
+    };
+    let limited = embed(json!("one more")).await.unwrap();
+    assert_eq!(limited.status(), 429);
+    assert!(limited.headers().contains_key("retry-after"));
+    // More texts than a request may carry are refused before any is embedded.
+    let too_many = embed(json!(vec!["a text"; 257])).await.unwrap();
+    assert_eq!(too_many.status(), 400);
+    gateway.terminate().unwrap();
+    assert!(gateway.wait().unwrap().success());
+    let store = TelemetryStore::connect(dir.path().join("telemetry.db").to_str().unwrap()).await.unwrap();
+    let rows = store.records().await.unwrap();
+    let embeddings: Vec<_> = rows.iter().filter(|row| row.step == "embeddings").collect();
+    assert_eq!(embeddings.len(), 3, "a row per embeddings request the engine saw: {rows:#?}");
+    assert!(embeddings[..2].iter().all(|row| row.input_tokens >= 10 && row.provider == "local"));
+    assert_eq!(embeddings[2].error_class, Some(ErrorClass::RateLimitedLocally));
 }

@@ -10,6 +10,7 @@ use testkit::{GatewayProcess, Reply, ScriptedUpstream};
 
 const KEY_A: &str = "sk-aipipe-test-workspace-a";
 const KEY_B: &str = "sk-aipipe-test-workspace-b";
+const ADMIN: &str = "sk-aipipe-test-admin";
 
 /// `aipipe serve` for two workspaces, with an HTTP client.
 struct Gateway {
@@ -25,12 +26,24 @@ impl Gateway {
              [gateway.api_keys]\nteam-a = \"GATEWAY_TEST_KEY_A\"\nteam-b = \"GATEWAY_TEST_KEY_B\"\n{extra_config}",
             dir.join("telemetry.db").display()
         );
-        let env = [("GATEWAY_TEST_KEY_A", KEY_A), ("GATEWAY_TEST_KEY_B", KEY_B), ("OPENAI_API_KEY", "sk-upstream")];
+        let env = [
+            ("GATEWAY_TEST_KEY_A", KEY_A),
+            ("GATEWAY_TEST_KEY_B", KEY_B),
+            ("OPENAI_API_KEY", "sk-upstream"),
+            ("AIPIPE_GATEWAY__ADMIN_KEY_ENV", "GATEWAY_TEST_ADMIN"),
+            ("GATEWAY_TEST_ADMIN", ADMIN),
+        ];
         let process =
             GatewayProcess::start(Path::new(env!("CARGO_BIN_EXE_aipipe")), dir, &upstream.base_url(), &config, &env)
                 .unwrap();
         let base_url = process.base_url.clone();
         Self { process, base_url, http: reqwest::Client::new() }
+    }
+
+    /// An admin surface (`/metrics`, `/status`, `/readyz`), with the admin key.
+    async fn admin_get(&self, path: &str) -> reqwest::Response {
+        let root = self.base_url.trim_end_matches("/v1");
+        self.http.get(format!("{root}{path}")).header(AUTHORIZATION, format!("Bearer {ADMIN}")).send().await.unwrap()
     }
 
     async fn post(&self, key: Option<&str>, headers: &[(&str, &str)], body: &Value) -> reqwest::Response {
@@ -103,7 +116,9 @@ async fn openai_clients_get_openai_answers() {
     // The same question again: the exact cache, for that workspace only.
     let again = gateway.post(Some(KEY_A), &[], &chat("Capital of France?")).await;
     assert_eq!(again.headers()["x-aipipe-source"], "exact");
-    assert_eq!(json_body(again).await["usage"]["total_tokens"], 0);
+    // The answer's usage as its model counted it; this call itself cost nothing.
+    assert_eq!(again.headers()["x-aipipe-cost-usd"], "0.00000000");
+    assert_eq!(json_body(again).await["usage"]["total_tokens"], 15);
     let other_workspace = gateway.post(Some(KEY_B), &[], &chat("Capital of France?")).await;
     assert_eq!(other_workspace.headers()["x-aipipe-source"], "upstream");
     assert_eq!(upstream.requests(), 2);
@@ -126,6 +141,10 @@ async fn openai_clients_get_openai_answers() {
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert!(chunks.iter().any(|chunk| chunk["choices"][0]["finish_reason"] == "stop"));
     assert_eq!(chunks.last().unwrap()["usage"]["total_tokens"], 15);
+    // The same, streamed from the cache: the same usage, not zeros.
+    let cached = gateway.post(Some(KEY_A), &[], &streaming).await.text().await.unwrap();
+    let last_chunk = cached.lines().filter_map(|line| line.strip_prefix("data: ")).rev().nth(1).unwrap();
+    assert_eq!(serde_json::from_str::<Value>(last_chunk).unwrap()["usage"]["total_tokens"], 15, "{cached}");
 
     // A structured step through the same endpoint: its input in the last user message.
     upstream.respond_with(|_| Reply::completion(r#"{"label": "billing", "confidence": 0.9}"#));
@@ -151,7 +170,10 @@ async fn openai_clients_get_openai_answers() {
     for path in ["/healthz", "/readyz"] {
         assert_eq!(gateway.http.get(format!("{root}{path}")).send().await.unwrap().status(), 200, "{path}");
     }
-    let metrics = gateway.http.get(format!("{root}/metrics")).send().await.unwrap();
+    // Metrics are the operator's: without the admin key, refused.
+    let refused = gateway.http.get(format!("{root}/metrics")).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    let metrics = gateway.admin_get("/metrics").await;
     let content_type = metrics.headers()["content-type"].to_str().unwrap().to_owned();
     assert!(content_type.starts_with("text/plain; version=0.0.4"), "{content_type}");
     let metrics = metrics.text().await.unwrap();
@@ -246,6 +268,47 @@ async fn shutdown_drains_calls_in_flight_and_flushes_telemetry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_mid_call_still_leaves_its_row_its_charge_and_its_answer() {
+    let upstream = ScriptedUpstream::start().await.unwrap();
+    // 5,000 output tokens of gpt-4o-mini cost $0.003: the whole of team-a's daily budget.
+    upstream.respond_with(|_| Reply::slow(Duration::from_millis(600), Reply::completion_with_usage("Paris", 20, 5000)));
+    let dir = tempfile::tempdir().unwrap();
+    let budget = "[budgets]\non_budget = \"reject\"\n[budgets.workspaces]\nteam-a = 0.003\n";
+    let gateway = Gateway::start(dir.path(), &upstream, budget);
+
+    // The client gives up while the upstream is still writing the answer.
+    let hung_up = gateway
+        .http
+        .post(format!("{}/chat/completions", gateway.base_url))
+        .header(AUTHORIZATION, format!("Bearer {KEY_A}"))
+        .header(CONTENT_TYPE, "application/json")
+        .body(chat("Capital of France?").to_string())
+        .timeout(Duration::from_millis(150))
+        .send()
+        .await;
+    assert!(hung_up.is_err_and(|err| err.is_timeout()));
+    // The answer it paid for is kept: the next caller gets it from the cache.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let again = gateway.post(Some(KEY_A), &[], &chat("Capital of France?")).await;
+    assert_eq!(again.headers()["x-aipipe-source"], "exact");
+    // And it was charged: the workspace's budget is spent.
+    let spent = gateway.post(Some(KEY_A), &[], &chat("Capital of Spain?")).await;
+    assert_eq!(spent.status(), 429);
+    assert_openai_error(&json_body(spent).await, "budget_exhausted");
+    assert_eq!(upstream.requests(), 1);
+    gateway.terminate();
+    let mut gateway = gateway;
+    assert!(gateway.process.wait().unwrap().success());
+    let store = TelemetryStore::connect(dir.path().join("telemetry.db").to_str().unwrap()).await.unwrap();
+    let rows = store.records().await.unwrap();
+    assert_eq!(rows.len(), 3, "{rows:#?}");
+    // The abandoned call's row, with what it cost.
+    assert_eq!(rows[0].source, pipeline_core::telemetry::Source::Upstream);
+    assert_eq!((rows[0].input_tokens, rows[0].output_tokens), (20, 5000));
+    assert!(rows[0].cost_usd > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_cut_off_at_max_tokens_says_so_and_is_not_served_again() {
     let upstream = ScriptedUpstream::start().await.unwrap();
     upstream.respond_with(|_| Reply::Truncated("The capital of France is".into()));
@@ -305,11 +368,30 @@ async fn requests_refused_before_the_engine_leave_a_trace_and_labels_stay_bounde
     // Refused by the engine: a step no config declares.
     assert_eq!(gateway.post(Some(KEY_A), &[("x-aipipe-step", "nope")], &chat("hi")).await.status(), 400);
 
-    // GET on the chat endpoint says what to use, in OpenAI's shape.
+    // A wrong method or path says what to use, in OpenAI's shape, whatever the route.
     let get = gateway.http.get(format!("{}/chat/completions", gateway.base_url)).send().await.unwrap();
     assert_eq!(get.status(), 405);
     assert_eq!(get.headers()["allow"], "POST");
     assert_openai_error(&json_body(get).await, "method_not_allowed");
+    let delete = gateway
+        .http
+        .delete(format!("{}/models", gateway.base_url))
+        .header(AUTHORIZATION, format!("Bearer {KEY_A}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), 405);
+    assert_eq!(delete.headers()["allow"], "GET");
+    assert_openai_error(&json_body(delete).await, "method_not_allowed");
+    let nowhere = gateway
+        .http
+        .post(format!("{}/completions", gateway.base_url))
+        .header(AUTHORIZATION, format!("Bearer {KEY_A}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(nowhere.status(), 404);
+    assert_openai_error(&json_body(nowhere).await, "not_found");
 
     // /v1/models lists what the gateway can reach, not every priced model.
     let models = gateway
@@ -323,16 +405,19 @@ async fn requests_refused_before_the_engine_leave_a_trace_and_labels_stay_bounde
     let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["gpt-4o-mini"], "{models}");
 
-    let root = gateway.base_url.trim_end_matches("/v1");
-    let metrics = gateway.http.get(format!("{root}/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = gateway.admin_get("/metrics").await.text().await.unwrap();
     assert!(!metrics.contains("nope"), "a caller's step name is no label: {metrics}");
     assert!(metrics.contains(r#"step="unknown""#), "{metrics}");
+    // Requests without a workspace's key are counted, never written: a flood of bad keys
+    // must not crowd out real rows.
+    assert!(metrics.contains("aipipe_requests_unauthenticated_total 3"), "{metrics}");
     gateway.terminate();
     let mut gateway = gateway;
     assert!(gateway.process.wait().unwrap().success());
     let rows = rows_as_text(dir.path()).await;
-    assert_eq!(rows.len(), 7, "one row per chat request, refused or not: {rows:#?}");
-    for (class, count) in [("Unauthenticated", 2), ("InvalidRequest", 2), ("RequestTooLarge", 1), ("UnknownStep", 1)] {
+    assert_eq!(rows.len(), 7, "one row per request with a workspace's key, refused or not: {rows:#?}");
+    assert!(rows.iter().all(|row| row.contains("workspace: \"team-a\"")), "{rows:#?}");
+    for (class, count) in [("Unauthenticated", 0), ("InvalidRequest", 4), ("RequestTooLarge", 1), ("UnknownStep", 1)] {
         assert_eq!(
             rows.iter().filter(|row| row.contains(&format!("error_class: Some({class})"))).count(),
             count,
@@ -378,8 +463,7 @@ async fn an_upstream_that_echoes_its_key_leaks_it_nowhere() {
         let head = format!("{} {:?}", response.status(), response.headers());
         bodies.push(format!("{head} {}", response.text().await.unwrap()));
     }
-    let root = gateway.base_url.trim_end_matches("/v1");
-    let metrics = gateway.http.get(format!("{root}/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = gateway.admin_get("/metrics").await.text().await.unwrap();
     assert!(upstream.received().len() >= 3, "the upstream was asked");
     gateway.terminate();
     let mut gateway = gateway;

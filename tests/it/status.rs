@@ -75,7 +75,7 @@ async fn the_status_page_in_a_browser_shows_what_the_telemetry_store_reports() {
     let database = dir.path().join("telemetry.db");
     let config = format!(
         "[semantic]\nenabled = false\n[telemetry]\ndatabase_url = \"sqlite://{}\"\n\
-         [gateway.api_keys]\nteam-a = \"STATUS_TEST_KEY\"\n",
+         [gateway]\ntrust_loopback = true\n[gateway.api_keys]\nteam-a = \"STATUS_TEST_KEY\"\n",
         database.display()
     );
     let env = [("STATUS_TEST_KEY", KEY), ("OPENAI_API_KEY", "sk-upstream")];

@@ -41,7 +41,7 @@ def stream(client, request):
             entry["id"] = call["id"] or entry["id"]
             entry["name"] = call["name"] or entry["name"]
             entry["arguments"] += call["arguments"] or ""
-    return {"source": source, "chunks": chunks, "content": content,
+    return {"source": source, "cost_usd": raw.headers.get("x-aipipe-cost-usd"), "chunks": chunks, "content": content,
             "tool_calls": [arguments[index] for index in sorted(arguments)],
             "content_chunks": sum(1 for chunk in chunks if chunk["content"]),
             "finish": next((chunk["finish"] for chunk in chunks if chunk["finish"]), None),

@@ -1,8 +1,9 @@
 //! `cargo xtask bench gateway`: what `aipipe serve` adds to a call, against a loopback
 //! upstream that answers at once (and declares generous rate limits, as OpenAI does). The same
 //! load generator calls the upstream directly, the gateway on the shipped defaults, and the
-//! same gateway with its limits off, and the same gateway exporting traces over OTLP to a
-//! local collector, in the same run, on this machine (load generator,
+//! same gateway with its limits off, the same gateway exporting traces over OTLP to a local
+//! collector, and the same gateway with the chat step's semantic cache on (every request a
+//! miss: embedded, looked up and stored), in the same run, on this machine (load generator,
 //! upstream and gateways share its cores).
 
 use std::path::Path;
@@ -32,6 +33,8 @@ const STREAM_ROUND: usize = 100;
 /// The streaming upstream sends its first piece at once and the rest after this pause, so that
 /// the first token and the whole answer are far apart, as they are with a real model.
 const STREAM_TAIL: Duration = Duration::from_millis(10);
+/// The one default `gateway_semantic` changes: the chat step compares its opening question.
+const SEMANTIC_CHAT: &str = "[steps.chat]\nsemantic_field = \"messages\"\n";
 const API_KEY_VARIABLE: &str = "GATEWAY_BENCH_KEY";
 const API_KEY: &str = "sk-aipipe-bench";
 
@@ -57,6 +60,10 @@ struct GatewayFigure {
     /// without, measured in the same run.
     #[serde(skip_serializing_if = "Option::is_none")]
     share_of_export_off: Option<f64>,
+    /// Requests per second of the chat step with the semantic cache on (every request a miss)
+    /// over the shipped gateway, measured in the same run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    share_of_semantic_off: Option<f64>,
     /// The gateway process's CPU time (all its threads) per request over its closed-loop
     /// windows: steadier than requests per second on a shared machine, and what sets them
     /// when the cores are the bound. Linux only.
@@ -85,6 +92,13 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
             &format!("otlp_endpoint = \"http://{collector}\"\n"),
             "",
         )?;
+        // The chat step with the semantic cache on (it ships off for chat: a default changed,
+        // to measure what a semantic step adds). Every request is a question no earlier one
+        // asked, whose number the guards tell apart: each misses, so each is embedded, looked
+        // up and stored on the request path.
+        let semantic_dir = tempfile::tempdir()?;
+        let semantic = start_gateway(&aipipe, semantic_dir.path(), &upstream_url, SEMANTIC_CHAT)?;
+        let semantic_url = format!("{}/chat/completions", semantic.base_url);
         let exporting_url = format!("{}/chat/completions", exporting.base_url);
         let direct_url = format!("http://{upstream}/v1/chat/completions");
         let gateway_url = format!("{}/chat/completions", gateway.base_url);
@@ -92,14 +106,15 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
         let client = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build()?;
         let counter = Arc::new(AtomicUsize::new(0));
 
-        for url in [&direct_url, &gateway_url, &unlimited_url, &exporting_url] {
+        for url in [&direct_url, &gateway_url, &unlimited_url, &exporting_url, &semantic_url] {
             sequential(&client, url, LATENCY_ROUND, &counter).await?;
         }
-        let (mut direct, mut through, mut exported) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut direct, mut through, mut exported, mut embedded) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..LATENCY_ROUNDS {
             direct.extend(sequential(&client, &direct_url, LATENCY_ROUND, &counter).await?);
             through.extend(sequential(&client, &gateway_url, LATENCY_ROUND, &counter).await?);
             exported.extend(sequential(&client, &exporting_url, LATENCY_ROUND, &counter).await?);
+            embedded.extend(sequential(&client, &semantic_url, LATENCY_ROUND, &counter).await?);
         }
         // Time to first token of streamed answers: through the gateway minus direct.
         let (mut direct_ttft, mut gateway_ttft) = (Vec::new(), Vec::new());
@@ -110,32 +125,38 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
         direct_ttft.sort();
         gateway_ttft.sort();
         let direct_rps = closed_loop(&client, std::slice::from_ref(&direct_url), &counter).await?;
-        let cpu_before = [process_cpu(gateway.pid()), process_cpu(exporting.pid())];
-        let [gateway_rps, unlimited_rps, exporting_rps] = closed_loop_rounds(
+        let cpu_before = [process_cpu(gateway.pid()), process_cpu(exporting.pid()), process_cpu(semantic.pid())];
+        let [gateway_rps, unlimited_rps, exporting_rps, semantic_rps] = closed_loop_rounds(
             &client,
             [
                 std::slice::from_ref(&gateway_url),
                 std::slice::from_ref(&unlimited_url),
                 std::slice::from_ref(&exporting_url),
+                std::slice::from_ref(&semantic_url),
             ],
             &counter,
         )
         .await?;
-        let cpu_after = [process_cpu(gateway.pid()), process_cpu(exporting.pid())];
+        let cpu_after = [process_cpu(gateway.pid()), process_cpu(exporting.pid()), process_cpu(semantic.pid())];
         let per_request = |index: usize, rps: &[f64]| {
             let requests: f64 = rps.iter().map(|rps| rps * THROUGHPUT_WINDOW.as_secs_f64()).sum();
             let spent = cpu_after[index]?.checked_sub(cpu_before[index]?)?;
             Some(spent.as_secs_f64() * 1e6 / requests)
         };
         let (gateway_cpu, exporting_cpu) = (per_request(0, &gateway_rps), per_request(1, &exporting_rps));
+        let semantic_cpu = per_request(2, &semantic_rps);
         let share_of_limits_off = median_ratio(&gateway_rps, &unlimited_rps);
         let share_of_export_off = median_ratio(&exporting_rps, &gateway_rps);
-        let (gateway_rps, exporting_rps) = (median(gateway_rps), median(exporting_rps));
-        drop((gateway, unlimited, exporting));
+        let share_of_semantic_off = median_ratio(&semantic_rps, &gateway_rps);
+        let (gateway_rps, exporting_rps, semantic_rps) =
+            (median(gateway_rps), median(exporting_rps), median(semantic_rps));
+        drop((gateway, unlimited, exporting, semantic));
         direct.sort();
         through.sort();
         exported.sort();
+        embedded.sort();
         let (exported_p50, exported_p99) = (percentile_us(&exported, 0.50), percentile_us(&exported, 0.99));
+        let (embedded_p50, embedded_p99) = (percentile_us(&embedded, 0.50), percentile_us(&embedded, 0.99));
         let (direct_p50, direct_p99) = (percentile_us(&direct, 0.50), percentile_us(&direct, 0.99));
         let (gateway_p50, gateway_p99) = (percentile_us(&through, 0.50), percentile_us(&through, 0.99));
         anyhow::Ok(vec![
@@ -148,6 +169,7 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
                 added_p99_us: None,
                 share_of_limits_off: None,
                 share_of_export_off: None,
+                share_of_semantic_off: None,
                 cpu_us_per_request: None,
             },
             GatewayFigure {
@@ -159,6 +181,7 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
                 added_p99_us: Some(gateway_p99 - direct_p99),
                 share_of_limits_off: Some(share_of_limits_off),
                 share_of_export_off: None,
+                share_of_semantic_off: None,
                 cpu_us_per_request: gateway_cpu,
             },
             GatewayFigure {
@@ -170,7 +193,20 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
                 added_p99_us: Some(exported_p99 - direct_p99),
                 share_of_limits_off: None,
                 share_of_export_off: Some(share_of_export_off),
+                share_of_semantic_off: None,
                 cpu_us_per_request: exporting_cpu,
+            },
+            GatewayFigure {
+                name: "gateway_semantic",
+                requests_per_second: Some(semantic_rps),
+                p50_us: embedded_p50,
+                p99_us: embedded_p99,
+                added_p50_us: Some(embedded_p50 - direct_p50),
+                added_p99_us: Some(embedded_p99 - direct_p99),
+                share_of_limits_off: None,
+                share_of_export_off: None,
+                share_of_semantic_off: Some(share_of_semantic_off),
+                cpu_us_per_request: semantic_cpu,
             },
             GatewayFigure {
                 name: "stream_ttft_added_us",
@@ -181,6 +217,7 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
                 added_p99_us: None,
                 share_of_limits_off: None,
                 share_of_export_off: None,
+                share_of_semantic_off: None,
                 cpu_us_per_request: None,
             },
         ])
@@ -202,6 +239,10 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
                             .map(|share| format!("; {:.0}% of export off", share * 100.0))
                             .unwrap_or_default()
                         + &figure
+                            .share_of_semantic_off
+                            .map(|share| format!("; {:.0}% of the semantic cache off", share * 100.0))
+                            .unwrap_or_default()
+                        + &figure
                             .cpu_us_per_request
                             .map(|cpu| format!("; {cpu:.0} us of CPU per request"))
                             .unwrap_or_default()
@@ -210,7 +251,7 @@ pub fn bench_gateway(json: bool, root: &Path) -> anyhow::Result<()> {
             };
             match figure.requests_per_second {
                 Some(rps) => println!(
-                    "{:<8} {:>7.0} requests/s   p50 {:>6.0} us   p99 {:>6.0} us{added}",
+                    "{:<16} {:>7.0} requests/s   p50 {:>6.0} us   p99 {:>6.0} us{added}",
                     figure.name, rps, figure.p50_us, figure.p99_us
                 ),
                 None => println!(

@@ -59,6 +59,32 @@ struct SweepRow {
     scores: Scores,
 }
 
+/// The served decision per lookup, as a cache meets it: an index holding every pair's first
+/// sentence, each second sentence asked once. A lookup tries up to 8 candidates and serves the
+/// first that passes, so it may serve another question than the pair's, which a per-pair
+/// figure never counts.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LookupScores {
+    pub lookups: usize,
+    /// Lookups that served an answer.
+    pub hit_rate: f64,
+    /// Of the answers served, those whose question the file says is the same as the one asked.
+    pub precision: f64,
+    /// 1 - precision: the share of served answers that answer another question.
+    pub wrong_rate: f64,
+    /// The same among the hits that were not the very text asked: what the semantic cache adds
+    /// to an exact one.
+    pub wrong_rate_paraphrases: f64,
+    /// Of the lookups whose pair is the same question, those served that pair's answer.
+    pub recall: f64,
+    /// Served answers to a question other than the pair's first (wrong unless the file says
+    /// that one is the same too, or it is the very text asked).
+    pub served_another: usize,
+    /// Served answers stored for the very text asked (it is also another pair's first
+    /// sentence): right by definition, and what an exact cache would have served.
+    pub served_identical: usize,
+}
+
 #[derive(Debug, Serialize)]
 struct FileReport {
     file: String,
@@ -69,6 +95,9 @@ struct FileReport {
     min_confidence: f32,
     #[serde(flatten)]
     shipped: Scores,
+    /// 1 - precision, per pair, beside `per_lookup.wrong_rate`.
+    wrong_rate: f64,
+    per_lookup: LookupScores,
     /// Cosine alone, at thresholds 0.80 to 0.98.
     cosine_sweep: Vec<SweepRow>,
     /// The shipped decision with its bar moved: probability cuts for the learned verifier,
@@ -86,7 +115,7 @@ pub struct EvalOptions {
 }
 
 pub fn eval_cache(options: &EvalOptions) -> anyhow::Result<()> {
-    let embedder = Embedder::load(&ModelPaths::installed(), 0)?;
+    let embedder = std::sync::Arc::new(Embedder::load(&ModelPaths::installed(), 0)?);
     let normalizer = ConceptNormalizer::default();
     let verifier = Verifier::for_model(embedder.model_id());
     if verifier.is_none() {
@@ -129,13 +158,16 @@ pub fn eval_cache(options: &EvalOptions) -> anyhow::Result<()> {
                 SweepRow { at, scores: Scores::of(shipped(moved)) }
             })
             .collect();
+        let shipped_scores = Scores::of(shipped(bar));
         let report = FileReport {
             file: file.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default(),
             pairs: pairs.len(),
             decision: if verifier.is_some() { "learned" } else { "cosine" },
             threshold: bar.threshold,
             min_confidence: bar.min_confidence,
-            shipped: Scores::of(shipped(bar)),
+            shipped: shipped_scores,
+            wrong_rate: 1.0 - shipped_scores.precision,
+            per_lookup: per_lookup(&scored, embedder.clone(), bar)?,
             cosine_sweep,
             shipped_sweep,
         };
@@ -146,6 +178,58 @@ pub fn eval_cache(options: &EvalOptions) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Every pair's first sentence in one index (the served cache, at `bar`), each second sentence
+/// looked up in it once.
+fn per_lookup(
+    scored: &[Scored<'_>],
+    embedder: std::sync::Arc<Embedder>,
+    bar: ServeBar,
+) -> anyhow::Result<LookupScores> {
+    use semantic_cache::{Lookup, SemanticCache};
+    let settings = crate::bench::shipped_settings(2 * scored.len() as u64 + 16)?;
+    let cache: SemanticCache<String> = SemanticCache::new(embedder, ConceptNormalizer::default(), settings);
+    let now = std::time::SystemTime::now();
+    let mut stored = std::collections::HashSet::new();
+    for pair in scored {
+        if stored.insert(pair.pair.a.as_str()) {
+            let query = cache.prepare_embedded(&pair.pair.a, pair.a_vector.to_vec());
+            cache.insert("eval", query, pair.pair.a.clone(), now);
+        }
+    }
+    // Which (first, second) sentences the file says are the same question.
+    let same: std::collections::HashSet<(&str, &str)> =
+        scored.iter().filter(|pair| pair.pair.same).map(|pair| (pair.pair.a.as_str(), pair.pair.b.as_str())).collect();
+    let (mut hits, mut right, mut found, mut another, mut identical) = (0_usize, 0_usize, 0_usize, 0_usize, 0_usize);
+    for pair in scored {
+        let query = cache.prepare_embedded(&pair.pair.b, pair.b_vector.to_vec());
+        let Lookup::Hit(hit) = cache.lookup("eval", &query, Some(bar), None, now) else { continue };
+        hits += 1;
+        if hit.value == pair.pair.b {
+            identical += 1;
+            right += 1;
+        } else if same.contains(&(hit.value.as_str(), pair.pair.b.as_str())) {
+            right += 1;
+        }
+        if hit.value == pair.pair.a {
+            found += usize::from(pair.pair.same);
+        } else {
+            another += 1;
+        }
+    }
+    let ratio = |num: usize, den: usize| if den == 0 { 0.0 } else { num as f64 / den as f64 };
+    let precision = ratio(right, hits);
+    Ok(LookupScores {
+        lookups: scored.len(),
+        hit_rate: ratio(hits, scored.len()),
+        precision,
+        wrong_rate: if hits == 0 { 0.0 } else { 1.0 - precision },
+        wrong_rate_paraphrases: ratio(hits - right, hits - identical),
+        recall: ratio(found, scored.iter().filter(|pair| pair.pair.same).count()),
+        served_another: another,
+        served_identical: identical,
+    })
 }
 
 fn table(report: &FileReport, seconds: f64) -> String {
@@ -163,6 +247,21 @@ fn table(report: &FileReport, seconds: f64) -> String {
         s.precision,
         s.recall,
         s.fpr
+    );
+    let l = &report.per_lookup;
+    let _ = writeln!(
+        out,
+        "  per lookup (every first sentence in one index, each second asked): hit {:.1}%  precision {:.3}  \
+         recall {:.3}  wrong answers {:.1}% of hits (per pair {:.1}%; {:.1}% of the hits that were not the very \
+         text asked), {} served another question ({} the very text asked)",
+        l.hit_rate * 100.0,
+        l.precision,
+        l.recall,
+        l.wrong_rate * 100.0,
+        report.wrong_rate * 100.0,
+        l.wrong_rate_paraphrases * 100.0,
+        l.served_another,
+        l.served_identical
     );
     let heading = if report.decision == "learned" { "min_confidence" } else { "threshold" };
     let _ = writeln!(

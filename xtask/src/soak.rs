@@ -1,8 +1,13 @@
 //! `cargo xtask soak`: `aipipe serve` under a steady load while its upstream goes through every
-//! fault it meets in production, for minutes, on the shipped defaults. What it reports is what
-//! a user would ask of a gateway left running: was every request answered or refused in words
-//! a client can act on, did every one leave a telemetry row, and did memory and open files stay
-//! flat.
+//! fault it meets in production, for minutes, on the shipped defaults (but for the Redis it
+//! shares state through, and an admin key to read its readiness). On top of the steady load,
+//! three episodes of a hostile or unlucky day, each at a fixed share of the run: a flood of
+//! requests with bad keys (100 a second), 10,000 calls that each open a semantic namespace of
+//! their own (a classifier asked with a label set no call used before), and Redis stopped, then
+//! started again empty. What it reports is what a user would ask of a gateway left running: was
+//! every request answered or refused in words a client can act on, did every authenticated
+//! one leave a telemetry row (and no bad key one), did memory and open files stay flat after
+//! the first minute, and did the gateway use Redis again once it was back.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,11 +23,26 @@ use testkit::GatewayProcess;
 
 const API_KEY_VARIABLE: &str = "GATEWAY_SOAK_KEY";
 const API_KEY: &str = "sk-aipipe-soak";
+const ADMIN_KEY_VARIABLE: &str = "GATEWAY_SOAK_ADMIN";
+const ADMIN_KEY: &str = "sk-aipipe-soak-admin";
+/// Requests a second with keys no workspace has, during their episode.
+const BAD_KEYS_PER_SECOND: u32 = 100;
+/// Calls that each open a semantic namespace of their own, per episode.
+const NAMESPACES: u64 = 10_000;
+/// The first 90 s fill what is bounded: the semantic cache (10,000 entries) twice over, each
+/// answer in the exact cache (10,000) too, and the embedder's memory of recent texts (20,000
+/// vectors, 32 MB), so that memory is compared once all of them are full.
+const WARM_UP: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(90));
+const WARM_UP_NAMESPACES: u64 = semantic_cache::RECENT_EMBEDDINGS;
+/// Each later episode's share of the run, start to end: bad keys, then as many namespaces again
+/// (each evicting one of the first), then Redis down.
+const BAD_KEYS_WINDOW: (f64, f64) = (0.15, 0.35);
+const NAMESPACES_WINDOW: (f64, f64) = (0.35, 0.65);
+const REDIS_DOWN_WINDOW: (f64, f64) = (0.70, 0.80);
+/// Memory is compared from this far into the run (the caches, pools and arenas fill first).
+const SETTLED: Duration = Duration::from_secs(60);
 /// How long each phase of the upstream's cycle lasts.
 const PHASE: Duration = Duration::from_secs(20);
-/// Let the gateway warm up before its memory and open files are first read, when the run is
-/// too short for a whole cycle.
-const WARM_UP: Duration = Duration::from_secs(5);
 
 pub struct SoakOptions {
     pub minutes: f64,
@@ -43,15 +63,39 @@ struct SoakFigure {
     /// Anything else: a connection dropped, a body that is not an error object.
     untyped: u64,
     telemetry_rows: i64,
+    /// Requests with the workspace's key (chat and classifier calls): each must leave a row.
+    authenticated_requests: u64,
+    /// Requests with keys no workspace has: counted in a metric, never written.
+    bad_key_requests: u64,
+    /// `aipipe_requests_unauthenticated_total` at the end.
+    bad_keys_counted: u64,
+    /// Rows lost to a full queue or a failed write (`aipipe_telemetry_rows_dropped_total`).
+    rows_dropped: u64,
+    /// Every authenticated request left exactly one row, and no other request did.
+    rows_match: bool,
+    /// Classifier calls with a label set of their own (each a semantic namespace), in the
+    /// warm-up and in their episode.
+    namespaces_sent: u64,
+    /// Semantic entries (`aipipe_cache_entries{cache="semantic"}`) at the end: at most
+    /// `semantic.max_entries`.
+    semantic_entries_end: u64,
     /// Memory and open files are read at the end of every cycle of the upstream's phases, where
     /// the connection pools hold what the same phases left (a stall fills them, idle
-    /// connections close 90 s later): start is the end of the first cycle, end the last.
+    /// connections close 90 s later): start is the first reading at least a minute in, end the
+    /// last.
     rss_start_kib: u64,
     rss_end_kib: u64,
+    /// `rss_end_kib / rss_start_kib - 1`.
+    rss_growth: f64,
     fds_start: u64,
     fds_end: u64,
-    /// Readings taken, one per cycle.
+    /// Readings taken, one per cycle, and the RSS of each (KiB).
     readings: usize,
+    rss_readings_kib: String,
+    /// From Redis started again to the gateway's readiness naming no part down; `None`: never.
+    redis_back_after_s: Option<f64>,
+    /// A shared part still down at the end of the run.
+    degraded_at_end: bool,
     /// Responses by status, e.g. `200: 9000, 429: 400`.
     statuses: String,
 }
@@ -79,7 +123,9 @@ pub fn soak(root: &Path, options: &SoakOptions) -> anyhow::Result<()> {
     } else {
         println!(
             "{} requests in {} min at {}/s: {} answered, {} refused with a typed error, {} untyped; {} telemetry \
-             rows; RSS {} -> {} KiB, open files {} -> {} ({})",
+             rows for {} authenticated requests ({}), {} bad keys counted of {} sent; {} namespaces sent, {} \
+             semantic entries at the end; RSS {} -> {} KiB ({:+.1}%), open files {} -> {}; Redis back in use {} \
+             after it restarted{} ({})",
             figure.requests_sent,
             figure.minutes,
             figure.rate_per_second,
@@ -87,10 +133,19 @@ pub fn soak(root: &Path, options: &SoakOptions) -> anyhow::Result<()> {
             figure.refused_typed,
             figure.untyped,
             figure.telemetry_rows,
+            figure.authenticated_requests,
+            if figure.rows_match { "one each" } else { "NOT one each" },
+            figure.bad_keys_counted,
+            figure.bad_key_requests,
+            figure.namespaces_sent,
+            figure.semantic_entries_end,
             figure.rss_start_kib,
             figure.rss_end_kib,
+            figure.rss_growth * 100.0,
             figure.fds_start,
             figure.fds_end,
+            figure.redis_back_after_s.map_or_else(|| "never".to_owned(), |secs| format!("{secs:.1} s")),
+            if figure.degraded_at_end { "; STILL DEGRADED at the end" } else { "" },
             figure.statuses
         );
     }
@@ -99,45 +154,103 @@ pub fn soak(root: &Path, options: &SoakOptions) -> anyhow::Result<()> {
 
 async fn run(aipipe: &Path, options: &SoakOptions) -> anyhow::Result<SoakFigure> {
     let upstream = start_upstream().await?;
+    let mut redis = testkit::RedisServer::start().context("the soak needs Debian's redis-server")?;
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("telemetry.db");
-    // The shipped defaults, but for the telemetry file's place and the one workspace's key.
+    // The shipped defaults, but for the telemetry file's place, the one workspace's key, the
+    // Redis replicas share state through, the admin key that reads readiness and metrics, and
+    // the classifier on a model of its own: its answers are stored as the namespaces need,
+    // not refused by the breaker the chat traffic's outages open for theirs.
     let config = format!(
-        "[telemetry]\ndatabase_url = \"sqlite://{}\"\n[gateway.api_keys]\nsoak = \"{API_KEY_VARIABLE}\"\n",
-        db.display()
+        "[telemetry]\ndatabase_url = \"sqlite://{}\"\n[state]\nredis_url = \"{}\"\n\
+         [steps.classifier]\nmodel = \"gpt-4.1-nano\"\n\
+         [gateway]\nadmin_key_env = \"{ADMIN_KEY_VARIABLE}\"\n[gateway.api_keys]\nsoak = \"{API_KEY_VARIABLE}\"\n",
+        db.display(),
+        redis.url()
     );
-    let env = [(API_KEY_VARIABLE, API_KEY), ("OPENAI_API_KEY", "sk-soak-upstream")];
+    let env = [(API_KEY_VARIABLE, API_KEY), (ADMIN_KEY_VARIABLE, ADMIN_KEY), ("OPENAI_API_KEY", "sk-soak-upstream")];
     let mut gateway = GatewayProcess::start(aipipe, dir.path(), &format!("http://{upstream}/v1"), &config, &env)
         .context("cannot start aipipe serve")?;
-    let url = format!("{}/chat/completions", gateway.base_url);
+    let root = gateway.base_url.trim_end_matches("/v1").to_owned();
     let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
-    let counter = Arc::new(AtomicU64::new(0));
-    let outcomes: Arc<std::sync::Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let load = Load {
+        client: client.clone(),
+        url: Arc::from(format!("{}/chat/completions", gateway.base_url)),
+        sent: Arc::default(),
+        authenticated: Arc::default(),
+        bad_keys: Arc::default(),
+        namespaces: Arc::default(),
+        outcomes: Arc::default(),
+    };
     let total = Duration::from_secs_f64(options.minutes * 60.0);
-    let interval = Duration::from_secs_f64(1.0 / f64::from(options.rate));
+    let window = |(from, to): (f64, f64)| (total.mul_f64(from), total.mul_f64(to));
+    let (bad_keys_window, namespaces_window, redis_window) =
+        (window(BAD_KEYS_WINDOW), window(NAMESPACES_WINDOW), window(REDIS_DOWN_WINDOW));
+    let warm_up = (WARM_UP.0, WARM_UP.1.min(total.mul_f64(BAD_KEYS_WINDOW.0)));
+    let every = |window: (Duration, Duration), count: u64| (window.1 - window.0).div_f64(count as f64);
     let started = Instant::now();
-    let mut ticker = tokio::time::interval(interval);
+    let episodes = {
+        let load = load.clone();
+        tokio::spawn(async move {
+            let (opening, bad_keys, namespaces) = (load.clone(), load.clone(), load);
+            tokio::join!(
+                paced(started, warm_up, every(warm_up, WARM_UP_NAMESPACES), Some(WARM_UP_NAMESPACES), move |n| {
+                    opening.clone().classify(n)
+                }),
+                paced(
+                    started,
+                    bad_keys_window,
+                    Duration::from_secs_f64(1.0 / f64::from(BAD_KEYS_PER_SECOND)),
+                    None,
+                    move |_| bad_keys.clone().chat(false)
+                ),
+                paced(started, namespaces_window, every(namespaces_window, NAMESPACES), Some(NAMESPACES), move |n| {
+                    namespaces.clone().classify(WARM_UP_NAMESPACES + n)
+                }),
+            );
+        })
+    };
+    // The steady load, at its rate.
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(options.rate)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tasks = tokio::task::JoinSet::new();
     let cycle = PHASE * CYCLE.len() as u32;
-    let mut warm_reading = None;
-    let mut cycle_readings = Vec::new();
+    let mut cycle_readings: Vec<(Duration, (u64, u64))> = Vec::new();
+    let (mut redis_stopped, mut redis_restarted) = (false, None);
+    let (mut redis_back, mut last_asked) = (None, None);
     while started.elapsed() < total {
         ticker.tick().await;
-        if warm_reading.is_none() && started.elapsed() >= WARM_UP {
-            warm_reading = Some(process_reading(gateway.pid()));
+        let now = started.elapsed();
+        if now >= cycle * (cycle_readings.len() as u32 + 1) {
+            cycle_readings.push((now, process_reading(gateway.pid())));
         }
-        if started.elapsed() >= cycle * (cycle_readings.len() as u32 + 1) {
-            cycle_readings.push(process_reading(gateway.pid()));
+        if !redis_stopped && now >= redis_window.0 {
+            redis.stop();
+            redis_stopped = true;
         }
-        let (client, url, counter, outcomes) = (client.clone(), url.clone(), counter.clone(), outcomes.clone());
-        tasks.spawn(async move {
-            let outcome = call(&client, &url, counter.fetch_add(1, Ordering::Relaxed)).await;
-            *outcomes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(outcome).or_default() += 1;
-        });
+        if redis_stopped && redis_restarted.is_none() && now >= redis_window.1 {
+            redis.restart();
+            redis_restarted = Some(Instant::now());
+        }
+        // Readiness asked a few times a second once Redis is back, not on every tick.
+        if let (Some(restarted), None) = (redis_restarted, redis_back)
+            && last_asked.is_none_or(|asked: Instant| asked.elapsed() >= Duration::from_millis(250))
+        {
+            last_asked = Some(Instant::now());
+            if ready_and_whole(&client, &root).await {
+                redis_back = Some(restarted.elapsed());
+            }
+        }
+        tasks.spawn(load.clone().chat(true));
     }
+    episodes.await?;
     while tasks.join_next().await.is_some() {}
     let end_reading = process_reading(gateway.pid());
+    if redis_back.is_none() && ready_and_whole(&client, &root).await {
+        redis_back = redis_restarted.map(|restarted| restarted.elapsed());
+    }
+    let degraded_at_end = !ready_and_whole(&client, &root).await;
+    let metrics = admin_get(&client, &root, "/metrics").await.unwrap_or_default();
     gateway.terminate()?;
     let status = tokio::task::spawn_blocking(move || gateway.wait()).await??;
     anyhow::ensure!(status.success(), "aipipe serve exited with {status}");
@@ -145,38 +258,157 @@ async fn run(aipipe: &Path, options: &SoakOptions) -> anyhow::Result<SoakFigure>
         let store = pipeline_core::telemetry::TelemetryStore::connect(&db.display().to_string()).await?;
         store.count().await?
     };
-    let outcomes = outcomes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let outcomes = load.outcomes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let count = |prefix: &str| outcomes.iter().filter(|(key, _)| key.starts_with(prefix)).map(|(_, n)| n).sum();
-    let ((rss_start_kib, fds_start), (rss_end_kib, fds_end)) = match cycle_readings.as_slice() {
+    let settled: Vec<(u64, u64)> =
+        cycle_readings.iter().filter(|(at, _)| *at >= SETTLED).map(|(_, reading)| *reading).collect();
+    let ((rss_start_kib, fds_start), (rss_end_kib, fds_end)) = match settled.as_slice() {
         [first, .., last] => (*first, *last),
-        _ => (warm_reading.unwrap_or(end_reading), end_reading),
+        [only] => (*only, end_reading),
+        [] => (cycle_readings.first().map_or(end_reading, |(_, reading)| *reading), end_reading),
     };
+    let authenticated_requests = load.authenticated.load(Ordering::Relaxed);
+    let rows_dropped = metric(&metrics, "aipipe_telemetry_rows_dropped_total").unwrap_or(0);
     Ok(SoakFigure {
         name: "soak",
         minutes: options.minutes,
         rate_per_second: options.rate,
-        requests_sent: counter.load(Ordering::Relaxed),
+        requests_sent: load.sent.load(Ordering::Relaxed),
         answered: count("answered"),
         refused_typed: count("typed"),
         untyped: count("untyped"),
         telemetry_rows: rows,
+        authenticated_requests,
+        bad_key_requests: load.bad_keys.load(Ordering::Relaxed),
+        bad_keys_counted: metric(&metrics, "aipipe_requests_unauthenticated_total").unwrap_or(0),
+        rows_dropped,
+        rows_match: u64::try_from(rows).is_ok_and(|rows| rows == authenticated_requests),
+        namespaces_sent: load.namespaces.load(Ordering::Relaxed),
+        semantic_entries_end: metric(&metrics, "aipipe_cache_entries{cache=\"semantic\"}").unwrap_or(0),
         rss_start_kib,
         rss_end_kib,
+        rss_growth: rss_end_kib as f64 / rss_start_kib.max(1) as f64 - 1.0,
         fds_start,
         fds_end,
         readings: cycle_readings.len(),
+        rss_readings_kib: cycle_readings
+            .iter()
+            .map(|(at, (rss, _))| format!("{:.0} s: {rss}", at.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        redis_back_after_s: redis_back.map(|back| back.as_secs_f64()),
+        degraded_at_end,
         statuses: outcomes.iter().map(|(key, n)| format!("{key}: {n}")).collect::<Vec<_>>().join(", "),
     })
 }
 
-/// One chat completion with a question no earlier request asked, and how it ended: `answered
-/// 200`, `typed 429` (an OpenAI error object), or `untyped ...`.
-async fn call(client: &reqwest::Client, url: &str, n: u64) -> String {
+/// The requests sent, and what came of them.
+#[derive(Clone)]
+struct Load {
+    client: reqwest::Client,
+    url: Arc<str>,
+    sent: Arc<AtomicU64>,
+    authenticated: Arc<AtomicU64>,
+    bad_keys: Arc<AtomicU64>,
+    namespaces: Arc<AtomicU64>,
+    outcomes: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+}
+
+impl Load {
+    /// A chat request with a question no earlier one asked, with the workspace's key or a key
+    /// no workspace has.
+    async fn chat(self, authenticated: bool) {
+        let n = self.sent.fetch_add(1, Ordering::Relaxed);
+        let key = if authenticated { API_KEY.to_owned() } else { format!("sk-not-a-key-{n}") };
+        let counter = if authenticated { &self.authenticated } else { &self.bad_keys };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let outcome = call(&self.client, &self.url, n, &key).await;
+        self.tally(outcome);
+    }
+
+    /// A classifier call with label set `n`, a namespace of its own.
+    async fn classify(self, n: u64) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        self.authenticated.fetch_add(1, Ordering::Relaxed);
+        self.namespaces.fetch_add(1, Ordering::Relaxed);
+        let outcome = classify(&self.client, &self.url, n).await;
+        self.tally(outcome);
+    }
+
+    fn tally(&self, outcome: String) {
+        *self.outcomes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(outcome).or_default() += 1;
+    }
+}
+
+/// Runs `send(n)` every `interval` within `window` of the run (at most `limit` times), each on
+/// a task of its own, and waits for them all.
+async fn paced<F, Fut>(started: Instant, window: (Duration, Duration), interval: Duration, limit: Option<u64>, send: F)
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::time::sleep(window.0.saturating_sub(started.elapsed())).await;
+    let mut ticker = tokio::time::interval(interval.max(Duration::from_micros(100)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent = tokio::task::JoinSet::new();
+    let mut n = 0;
+    while started.elapsed() < window.1 && limit.is_none_or(|limit| n < limit) {
+        ticker.tick().await;
+        sent.spawn(send(n));
+        n += 1;
+    }
+    while sent.join_next().await.is_some() {}
+}
+
+/// An admin surface's body, with the admin key.
+async fn admin_get(client: &reqwest::Client, root: &str, path: &str) -> Option<String> {
+    let response =
+        client.get(format!("{root}{path}")).header("authorization", format!("Bearer {ADMIN_KEY}")).send().await.ok()?;
+    response.text().await.ok()
+}
+
+/// Ready, with no shared part named down (the admin's view of `/readyz`).
+async fn ready_and_whole(client: &reqwest::Client, root: &str) -> bool {
+    admin_get(client, root, "/readyz").await.is_some_and(|body| body.starts_with("ready") && !body.contains("degraded"))
+}
+
+/// A sample's value in Prometheus text (`name` with its labels, if any, as written).
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map(|value| value as u64)
+}
+
+/// A classifier call whose label set no other call has: the semantic cache keys its
+/// namespace by the input's other fields, so each opens one. The upstream always answers
+/// these (a structured request), so that each is stored.
+async fn classify(client: &reqwest::Client, url: &str, n: u64) -> String {
+    let input = serde_json::json!({"text": format!("Ticket {n}: I was charged twice"), "labels": ["billing", format!("other-{n}")]});
+    let body =
+        serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": input.to_string()}]});
+    let sent = client
+        .post(url)
+        .header("authorization", format!("Bearer {API_KEY}"))
+        .header("x-aipipe-step", "classifier")
+        .json(&body)
+        .send()
+        .await;
+    outcome(sent).await
+}
+
+/// One chat completion with a question no earlier request asked, with `key`, and how it
+/// ended: `answered 200`, `typed 429` (an OpenAI error object), or `untyped ...`.
+async fn call(client: &reqwest::Client, url: &str, n: u64, key: &str) -> String {
     let body = serde_json::json!({
         "model": "gpt-4o-mini",
         "messages": [{"role": "user", "content": format!("Question {n}: what changed in release {n}?")}],
     });
-    let sent = client.post(url).header("authorization", format!("Bearer {API_KEY}")).json(&body).send().await;
+    let sent = client.post(url).header("authorization", format!("Bearer {key}")).json(&body).send().await;
+    outcome(sent).await
+}
+
+async fn outcome(sent: Result<reqwest::Response, reqwest::Error>) -> String {
     let response = match sent {
         Ok(response) => response,
         Err(err) => return format!("untyped {}", if err.is_timeout() { "timeout" } else { "connection" }),
@@ -213,8 +445,16 @@ async fn start_upstream() -> anyhow::Result<std::net::SocketAddr> {
     let started = Instant::now();
     let app = axum::Router::new().route(
         "/v1/chat/completions",
-        axum::routing::post(move || async move {
-            let phase = CYCLE[(started.elapsed().as_secs() / PHASE.as_secs()) as usize % CYCLE.len()];
+        axum::routing::post(move |body: axum::body::Bytes| async move {
+            // A structured step's request (asked for a JSON schema) is always answered: the
+            // namespaces episode needs its answers stored.
+            let structured = serde_json::from_slice::<serde_json::Value>(&body)
+                .is_ok_and(|request| request.get("response_format").is_some());
+            let phase = if structured {
+                Phase::Answers
+            } else {
+                CYCLE[(started.elapsed().as_secs() / PHASE.as_secs()) as usize % CYCLE.len()]
+            };
             answer(phase).await
         }),
     );
@@ -232,7 +472,8 @@ async fn answer(phase: Phase) -> Response {
     let json = |status: StatusCode, body: String| (status, [(header::CONTENT_TYPE, "application/json")], body);
     match phase {
         Phase::Answers => {
-            let body = r#"{"id":"chatcmpl-soak","object":"chat.completion","created":0,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"It got faster."},"finish_reason":"stop"}],"usage":{"prompt_tokens":20,"completion_tokens":4,"total_tokens":24}}"#;
+            // A classifier's answer, which a chat step passes on as text.
+            let body = r#"{"id":"chatcmpl-soak","object":"chat.completion","created":0,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"{\"label\": \"billing\", \"confidence\": 0.9}"},"finish_reason":"stop"}],"usage":{"prompt_tokens":20,"completion_tokens":4,"total_tokens":24}}"#;
             let mut response = json(StatusCode::OK, body.to_owned()).into_response();
             for (name, value) in [
                 ("x-ratelimit-limit-requests", "30000"),

@@ -21,6 +21,7 @@ fn answered(output: Value) -> Result<PipelineResult, PipelineError> {
         provider: "openai".into(),
         input_tokens: 10,
         output_tokens: 5,
+        answer_usage: pipeline_core::providers::Usage::new(10, 5),
         cost_usd: 0.0,
         saved_cost_usd: 0.0,
         latency: Duration::from_millis(5),

@@ -1,3 +1,4 @@
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use providers::ResponseFormat;
@@ -29,19 +30,59 @@ impl ReplyContract {
         }
     }
 
-    /// The reply as the call's output, or what is wrong with it.
-    pub(crate) fn check(&self, reply: &str) -> Result<Value, String> {
+    /// The reply as the call's output, or what is wrong with it; `input` is the call's, whose
+    /// lists bound the reply's choices (`Value::Null`: no call, as for a fallback answer).
+    pub(crate) fn check(&self, reply: &str, input: &Value) -> Result<Value, String> {
         match self {
-            Self::Json(contract) => contract.check(reply),
+            Self::Json(contract) => {
+                let mut output = contract.check(reply)?;
+                contract.check_choices(input, &mut output)?;
+                Ok(output)
+            }
             Self::Text => Ok(Value::String(reply.to_owned())),
         }
     }
+
+    /// The step's reply format for one call: its schema, each bound property an `enum` of the
+    /// call's own list, so that a provider with structured outputs cannot answer outside it.
+    pub(crate) fn response_format_for<'a>(&self, format: &'a ResponseFormat, input: &Value) -> Cow<'a, ResponseFormat> {
+        let Self::Json(contract) = self else { return Cow::Borrowed(format) };
+        let ResponseFormat::JsonSchema { name, schema, strict } = format else { return Cow::Borrowed(format) };
+        let mut bound = schema.clone();
+        let mut changed = false;
+        for (property, field) in &contract.choices {
+            let (Some(choices), Some(slot)) =
+                (choices_in(input, field), bound.pointer_mut(&format!("/properties/{property}")))
+            else {
+                continue;
+            };
+            if let Some(slot) = slot.as_object_mut() {
+                slot.insert("enum".into(), Value::from(choices));
+                changed = true;
+            }
+        }
+        if !changed {
+            return Cow::Borrowed(format);
+        }
+        Cow::Owned(ResponseFormat::JsonSchema { name: name.clone(), schema: bound, strict: *strict })
+    }
 }
 
-/// A step's output contract: the reply must be one JSON object valid against the schema.
+/// The strings of `input[field]`, if it is a list of them.
+fn choices_in<'a>(input: &'a Value, field: &str) -> Option<Vec<&'a str>> {
+    let items = input.get(field)?.as_array()?;
+    let choices: Option<Vec<&str>> = items.iter().map(Value::as_str).collect();
+    choices.filter(|choices| !choices.is_empty())
+}
+
+/// A step's output contract: the reply must be one JSON object valid against the schema, and
+/// each bound property one of the values the call's input lists for it.
 #[derive(Clone)]
 pub(crate) struct OutputContract {
     validator: Arc<jsonschema::Validator>,
+    /// Reply property -> the input field that lists its allowed values (a classifier's
+    /// `label` is one of `input.labels`).
+    choices: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for OutputContract {
@@ -58,7 +99,34 @@ impl OutputContract {
             return Err("the schema must describe an object (`\"type\": \"object\"`)".into());
         }
         let validator = jsonschema::validator_for(schema).map_err(|err| format!("not a valid JSON schema: {err}"))?;
-        Ok(Self { validator: Arc::new(validator) })
+        Ok(Self { validator: Arc::new(validator), choices: Vec::new() })
+    }
+
+    /// The same, each property in `choices` bound to the list an input field gives.
+    pub(crate) fn with_choices(self, choices: Vec<(String, String)>) -> Self {
+        Self { choices, ..self }
+    }
+
+    /// Each bound property of a valid reply is one of the input's values for it; a value that
+    /// differs from one only in case or surrounding spaces is that value (`Billing` for
+    /// `billing`). An input without the list binds nothing.
+    fn check_choices(&self, input: &Value, output: &mut Value) -> Result<(), String> {
+        for (property, field) in &self.choices {
+            let Some(choices) = choices_in(input, field) else { continue };
+            let Some(given) = output.get(property).and_then(Value::as_str) else { continue };
+            if choices.contains(&given) {
+                continue;
+            }
+            let Some(meant) = choices.iter().find(|choice| choice.trim().eq_ignore_ascii_case(given.trim())) else {
+                return Err(format!(
+                    "at /{property}: `{}` is not one of the given {field}: answer with exactly one of {}",
+                    given.chars().take(80).collect::<String>(),
+                    choices.iter().map(|choice| format!("`{choice}`")).collect::<Vec<_>>().join(", ")
+                ));
+            };
+            output[property.as_str()] = Value::from(*meant);
+        }
+        Ok(())
     }
 
     /// The reply parsed and validated, or what is wrong with it, in words a model can act on.
@@ -176,9 +244,30 @@ mod tests {
 
     #[test]
     fn text_replies_pass_as_they_are() {
-        assert_eq!(ReplyContract::Text.check(" not JSON ").unwrap(), json!(" not JSON "));
+        assert_eq!(ReplyContract::Text.check(" not JSON ", &Value::Null).unwrap(), json!(" not JSON "));
         assert_eq!(ReplyContract::Text.response_format("chat", &Value::Null), ResponseFormat::Text);
-        assert!(ReplyContract::Json(contract()).check("prose").is_err());
+        assert!(ReplyContract::Json(contract()).check("prose", &Value::Null).is_err());
+    }
+
+    #[test]
+    fn a_bound_property_is_one_of_the_inputs_values() {
+        let bound = ReplyContract::Json(contract().with_choices(vec![("label".into(), "labels".into())]));
+        let input = json!({"text": "I was charged twice", "labels": ["billing", "bug", "feature_request"]});
+        assert_eq!(bound.check(r#"{"label":"billing","confidence":0.9}"#, &input).unwrap()["label"], "billing");
+        assert_eq!(bound.check(r#"{"label":" Billing ","confidence":0.9}"#, &input).unwrap()["label"], "billing");
+        let outside = bound.check(r#"{"label":"ok","confidence":1}"#, &input).unwrap_err();
+        assert!(outside.contains("/label") && outside.contains("`feature_request`"), "{outside}");
+        let listed = bound.check(r#"{"label":"Billing, bug, feature_request","confidence":1}"#, &input);
+        assert!(listed.is_err());
+        // Without the list in the input (a fallback answer checked at load), nothing is bound.
+        assert!(bound.check(r#"{"label":"unclassified","confidence":0}"#, &Value::Null).is_ok());
+        // The format asked of the provider names the call's labels.
+        let format = bound
+            .response_format("classifier", &json!({"type": "object", "properties": {"label": {"type": "string"}}}));
+        let ResponseFormat::JsonSchema { schema, .. } = bound.response_format_for(&format, &input).into_owned() else {
+            panic!("a schema")
+        };
+        assert_eq!(schema["properties"]["label"]["enum"], json!(["billing", "bug", "feature_request"]));
     }
 
     #[test]

@@ -73,6 +73,12 @@ pub enum PipelineError {
     BudgetExhausted { scope: String, limit_usd: f64, spent_usd: f64 },
     #[error("no model on the `{step}` route can take this call ({excluded}): {hint}")]
     NoRoute { step: StepType, excluded: String, hint: String },
+    #[error(
+        "model `{model}` is not in the model registry (listed: {known}): add [models.\"{model}\"] to the config with \
+         its provider and prices (0 for a free local model), or [models.\"*\"] to price every model it does not \
+         list, or leave `model` out to take the step's route"
+    )]
+    UnlistedModel { model: String, known: String },
     #[error("upstream call for `{step}` failed after {attempts} attempt(s): {source}")]
     Upstream {
         step: StepType,
@@ -130,6 +136,7 @@ impl PipelineError {
             Self::InvalidOptions { .. } => ErrorClass::InvalidRequest,
             Self::BudgetExhausted { .. } => ErrorClass::BudgetExhausted,
             Self::NoRoute { .. } => ErrorClass::NoRoute,
+            Self::UnlistedModel { .. } => ErrorClass::InvalidRequest,
             Self::Upstream { source, .. } => upstream_class(source.class()),
             Self::Refused { source, .. } => refusal_class(source),
             Self::ContractViolation { .. } => ErrorClass::ContractViolation,

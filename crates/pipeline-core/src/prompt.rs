@@ -306,15 +306,30 @@ pub(crate) fn semantic_text(spec: &StepSpec, input: &Value) -> Option<(String, V
             if input.get("tools").and_then(Value::as_array).is_some_and(|tools| !tools.is_empty()) {
                 return None;
             }
+            // Only a conversation's opening question is matched by meaning: a later turn's
+            // answer depends on the whole conversation, which a paraphrase does not share, so
+            // only an identical conversation may answer it (and each would make a namespace of
+            // its own, which memory would pay for and no hit would repay).
             let messages = rest.get_mut(CHAT_SEMANTIC_FIELD)?.as_array_mut()?;
-            if messages.last().is_some_and(|message| message["role"] == "tool") {
+            let (last, before) = messages.split_last_mut()?;
+            if last["role"] != "user" || before.iter().any(|message| !is_instruction(message)) {
                 return None;
             }
-            let last_user = messages.iter_mut().rev().find(|message| message["role"] == "user")?;
-            let text = last_user.get_mut("content")?.take();
+            let text = last.get_mut("content")?.take();
+            // Who asks and the caller's own labels shape no answer: they must not split the
+            // namespace either.
+            if let Some(fields) = rest.as_object_mut() {
+                fields.remove("user");
+                fields.remove("metadata");
+            }
             Some((text.as_str()?.to_owned(), rest))
         }
     }
+}
+
+/// A system (or developer) message: instructions, not a turn of the conversation.
+fn is_instruction(message: &Value) -> bool {
+    matches!(message["role"].as_str(), Some("system" | "developer"))
 }
 
 fn template_name(step: &str, part: &str) -> String {
@@ -443,14 +458,19 @@ mod tests {
     }
 
     #[test]
-    fn a_chat_step_compares_its_last_user_message() {
+    fn a_chat_step_compares_the_opening_question_only() {
         let config = Config::from_toml("[steps.chat]\nsemantic_field = 'messages'").unwrap();
         let spec = config.step(&StepType::CHAT).unwrap();
-        let input = json!({"messages": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "a"},
+        let opening = json!({"messages": [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "first"}], "user": "u-17", "metadata": {"ticket": "42"}});
+        let (text, rest) = super::semantic_text(spec, &opening).unwrap();
+        assert_eq!(text, "first");
+        assert_eq!(rest["messages"][0]["content"], "Be brief.");
+        assert!(rest["messages"][1]["content"].is_null());
+        assert!(rest.get("user").is_none() && rest.get("metadata").is_none(), "{rest}");
+        // A later turn depends on the conversation: exact matches only.
+        let later = json!({"messages": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "a"},
             {"role": "user", "content": "second"}]});
-        let (text, rest) = super::semantic_text(spec, &input).unwrap();
-        assert_eq!(text, "second");
-        assert_eq!(rest["messages"][0]["content"], "first");
-        assert!(rest["messages"][2]["content"].is_null());
+        assert!(super::semantic_text(spec, &later).is_none());
     }
 }

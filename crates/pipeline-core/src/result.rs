@@ -3,7 +3,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
-use providers::{FinishReason, ToolCall};
+use providers::{FinishReason, ToolCall, Usage};
 use telemetry::ErrorClass;
 
 use crate::TraceId;
@@ -79,6 +79,11 @@ pub struct PipelineResult {
     /// Tokens spent by this call (zero when a cache served it), repair attempt included.
     pub input_tokens: u32,
     pub output_tokens: u32,
+    /// The answer's tokens as its model counted them when it wrote it: this call's own for an
+    /// upstream answer, the first call's for one served from a cache or an identical call in
+    /// flight (which spend none), none for a rule-based stand-in. What an OpenAI client reads
+    /// as `usage`: the size of the answer and of the prompt it answered, whatever paid for it.
+    pub answer_usage: Usage,
     pub cost_usd: f64,
     /// What the served answer cost when it was first made, if a cache served it.
     pub saved_cost_usd: f64,

@@ -61,17 +61,21 @@ pub(crate) fn transport_failure(err: &reqwest::Error, timeout: Duration) -> Prov
     if err.is_timeout() {
         ProviderError::Timeout { after: timeout }
     } else if err.is_decode() || err.is_body() {
-        ProviderError::MalformedReply { message: err.to_string() }
+        ProviderError::MalformedReply { message: error_chain(err) }
     } else {
         ProviderError::Connection { message: error_chain(err) }
     }
 }
 
 /// reqwest's top-level message ("error sending request") hides the cause that tells a person
-/// what is wrong ("connection refused").
-fn error_chain(err: &dyn std::error::Error) -> String {
+/// what is wrong ("connection refused"). The URL it names is left out: an upstream's address
+/// (often an internal one) is the operator's to know, not a caller's.
+fn error_chain(err: &reqwest::Error) -> String {
     let mut message = err.to_string();
-    let mut source = err.source();
+    if let Some(url) = err.url() {
+        message = message.replace(&format!(" for url ({url})"), "").replace(url.as_str(), "the upstream");
+    }
+    let mut source = std::error::Error::source(err);
     while let Some(cause) = source {
         message.push_str(": ");
         message.push_str(&cause.to_string());

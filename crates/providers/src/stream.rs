@@ -228,6 +228,22 @@ where
     })
 }
 
+/// The events up to and including the last one a reply has (`Stop`, or an error), without
+/// reading the body any further: a server may keep the connection open after it.
+pub(crate) fn until_last<S>(events: S) -> impl Stream<Item = Result<StreamEvent, ProviderError>> + Send + 'static
+where
+    S: Stream<Item = Result<StreamEvent, ProviderError>> + Send + 'static,
+{
+    futures::stream::unfold((Box::pin(events), false), |(mut events, ended)| async move {
+        if ended {
+            return None;
+        }
+        let event = events.next().await?;
+        let last = matches!(event, Ok(StreamEvent::Stop) | Err(_));
+        Some((event, (events, last)))
+    })
+}
+
 /// Reads a provider's events to their end, forwarding every piece to `sink`, and answers with
 /// the whole reply. Stops reading, and fails with [`ProviderError::ClientClosed`], as soon as
 /// the caller has gone: the upstream request is dropped with the stream.
@@ -254,6 +270,12 @@ where
             Some(Ok(event)) => {
                 if let Some(delta) = reply.push(&event) {
                     sink.send(delta).await?;
+                }
+                // The reply is whole at its last event (`[DONE]`, `message_stop`): a server
+                // that keeps the connection open after it must not hold the call until its
+                // timeout.
+                if event == StreamEvent::Stop {
+                    break;
                 }
             }
         }

@@ -178,6 +178,22 @@ async fn an_unreachable_upstream_is_a_connection_error(subject: Subject) {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let err = provider.oneshot(request()).await.unwrap_err();
     assert_eq!(err.class(), ErrorClass::Connection, "{err}");
+    // The upstream's address is the operator's, never a caller's to read.
+    assert!(!err.to_string().contains("127.0.0.1") && !err.to_string().contains("http://"), "{err}");
+}
+
+async fn a_stream_ends_at_its_last_event_on_a_connection_left_open(subject: Subject) {
+    let upstream = ScriptedUpstream::start().await.unwrap();
+    upstream.push(Reply::Streamed(testkit::Streamed::text(&["Hello", " world"], Duration::ZERO).held_open()));
+    let (sink, mut pieces) = providers::StreamSink::channel(16);
+    let reading = tokio::spawn(async move { while pieces.recv().await.is_some() {} });
+    let asked = ChatRequest { stream: Some(sink), ..request() };
+    // Within its request timeout: a call that waited for the connection to close would time
+    // out here, the whole answer already received.
+    let reply = (subject.make)(&upstream, Duration::from_secs(3)).oneshot(asked).await.unwrap();
+    assert_eq!(reply.content, "Hello world");
+    assert_eq!(reply.finish_reason, FinishReason::Stop);
+    reading.await.unwrap();
 }
 
 /// Every case, once per provider.
@@ -200,6 +216,7 @@ macro_rules! conformance {
                 a_stall_and_a_slow_answer_time_out,
                 declared_limits_are_read,
                 an_unreachable_upstream_is_a_connection_error,
+                a_stream_ends_at_its_last_event_on_a_connection_left_open,
             );
         }
     )+};

@@ -23,6 +23,8 @@ pub use exact::{CachedEntry, ExactCache};
 pub use forest::{Forest, Node, Tree};
 pub use key::{CacheKey, CacheKeyBuilder, canonical_json};
 pub use learned::{ServeBar, Verifier};
-pub use model::{DEFAULT_MODEL, Embedder, EmbeddingWork, ModelPaths, ONNXRUNTIME_LIBRARY, normalise};
+pub use model::{
+    DEFAULT_MODEL, Embedder, EmbeddingWork, ModelPaths, ONNXRUNTIME_LIBRARY, RECENT_EMBEDDINGS, normalise,
+};
 pub use normalize::{ConceptNormalizer, DEFAULT_EQUIVALENCES, tokens};
-pub use semantic::{Lookup, MIN_EF_SEARCH, Query, SemanticCache, SemanticHit, SemanticSettings};
+pub use semantic::{IndexStats, Lookup, MIN_EF_SEARCH, Query, SemanticCache, SemanticHit, SemanticSettings};

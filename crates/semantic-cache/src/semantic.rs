@@ -2,7 +2,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufWriter, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use hnsw_rs::prelude::{DistDot, Hnsw};
@@ -23,9 +23,9 @@ const CANDIDATES: usize = 8;
 /// skipped after it), and HNSW returns at most `ef` of them.
 pub const MIN_EF_SEARCH: usize = 2 * CANDIDATES;
 const MAX_LAYERS: usize = 16;
-/// A namespace's graph is rebuilt from its live entries once dead points outnumber them
-/// (hnsw_rs cannot delete) and there are enough to be worth it.
-const REBUILD_MIN_DEAD: usize = 1024;
+/// What a new namespace's graph reserves: most namespaces stay small, and there may be as many
+/// of them as entries.
+const NEW_GRAPH_CAPACITY: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SemanticSettings {
@@ -46,7 +46,7 @@ pub struct SemanticSettings {
 pub struct Query {
     text: String,
     prepared: Prepared,
-    vector: Vec<f32>,
+    vector: Arc<[f32]>,
 }
 
 impl Query {
@@ -85,29 +85,70 @@ pub enum Lookup<V> {
     Miss { best: Option<(f32, Rejection)> },
 }
 
+/// How big the index is, beyond its live entries: what memory it holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexStats {
+    /// Namespaces with a graph (each has at least one live entry).
+    pub namespaces: usize,
+    /// Points in the graphs, live and dead (hnsw_rs cannot delete a point: an evicted entry
+    /// stays in its graph until the graph is rebuilt).
+    pub points: usize,
+    /// Graphs rebuilt from their live entries so far.
+    pub rebuilds: u64,
+    /// Graphs queued for a rebuild or being rebuilt now.
+    pub rebuilding: usize,
+}
+
 struct Entry<V> {
     namespace: Arc<str>,
     text: String,
     prepared: Prepared,
-    vector: Vec<f32>,
+    vector: Arc<[f32]>,
     value: V,
     stored_at: SystemTime,
 }
 
+type Graph = Hnsw<'static, f32, DistDot>;
+
+/// One namespace's index. Its live entries' vectors are kept here by id, so that its graph can
+/// be rebuilt without the entries' cache, and so that it is known when the last one has gone.
 struct Space {
-    graph: RwLock<Hnsw<'static, f32, DistDot>>,
+    graph: RwLock<Graph>,
+    /// Live entries, by id.
+    members: Mutex<HashMap<u64, Arc<[f32]>>>,
+    /// Points in the current graph, live and dead.
     points: AtomicUsize,
-    dead: AtomicUsize,
+    /// While the graph is rebuilt off the request path: the ids inserted meanwhile, which the
+    /// new graph takes too before it replaces the old one.
+    rebuilding: Mutex<Option<Vec<u64>>>,
 }
 
 impl Space {
-    fn new(capacity: usize) -> Self {
-        Self { graph: RwLock::new(new_graph(capacity)), points: AtomicUsize::new(0), dead: AtomicUsize::new(0) }
+    fn new() -> Self {
+        Self {
+            graph: RwLock::new(new_graph(NEW_GRAPH_CAPACITY)),
+            members: Mutex::default(),
+            points: AtomicUsize::new(0),
+            rebuilding: Mutex::new(None),
+        }
+    }
+
+    fn live(&self) -> usize {
+        lock(&self.members).len()
+    }
+
+    /// Once dead points outnumber the live ones. A graph of `n` live points is rebuilt after
+    /// at least `n` evictions, so rebuilding costs at most one more graph insert per eviction,
+    /// and a namespace's graph never holds more than twice its live entries (plus one).
+    fn mostly_dead(&self) -> bool {
+        let points = self.points.load(Ordering::Relaxed);
+        let live = self.live();
+        points > 2 * live
     }
 }
 
-fn new_graph(capacity: usize) -> Hnsw<'static, f32, DistDot> {
-    Hnsw::new(MAX_CONNECTIONS, capacity.max(1024), MAX_LAYERS, EF_CONSTRUCTION, DistDot {})
+fn new_graph(capacity: usize) -> Graph {
+    Hnsw::new(MAX_CONNECTIONS, capacity.max(1), MAX_LAYERS, EF_CONSTRUCTION, DistDot {})
 }
 
 type Spaces = Arc<RwLock<HashMap<Arc<str>, Arc<Space>>>>;
@@ -115,6 +156,10 @@ type Spaces = Arc<RwLock<HashMap<Arc<str>, Arc<Space>>>>;
 /// A cache of answers found by meaning. Each namespace (for the engine: workspace, step,
 /// model and the input's other fields) has its own index, so a hit can only ever come from
 /// the same namespace.
+///
+/// Memory is bounded by `max_entries`: a namespace's index goes with its last entry, and a
+/// graph whose evicted points outnumber its live ones is rebuilt from them on a thread of its
+/// own (hnsw_rs cannot delete), while lookups go on in the old one.
 pub struct SemanticCache<V: Clone + Send + Sync + 'static> {
     embedder: Arc<Embedder>,
     normalizer: ConceptNormalizer,
@@ -125,6 +170,8 @@ pub struct SemanticCache<V: Clone + Send + Sync + 'static> {
     spaces: Spaces,
     next_id: AtomicU64,
     ef_search: AtomicUsize,
+    /// Graphs to rebuild, for the maintenance thread.
+    rebuilds: Rebuilds,
 }
 
 impl<V: Clone + Send + Sync + 'static> std::fmt::Debug for SemanticCache<V> {
@@ -139,18 +186,16 @@ impl<V: Clone + Send + Sync + 'static> std::fmt::Debug for SemanticCache<V> {
 impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
     pub fn new(embedder: Arc<Embedder>, normalizer: ConceptNormalizer, settings: SemanticSettings) -> Self {
         let spaces: Spaces = Arc::default();
-        let tombstones = spaces.clone();
+        let rebuilds = Rebuilds::start();
+        let (departed, queue) = (spaces.clone(), rebuilds.clone());
         let entries = moka::sync::Cache::builder()
             .max_capacity(settings.max_entries)
             .eviction_policy(EvictionPolicy::lru())
             .time_to_live(settings.ttl)
-            .eviction_listener(move |_id, entry: Arc<Entry<V>>, cause| {
-                // A replaced entry keeps no graph point of its own; everything else leaves a
-                // dead point behind in its namespace's graph.
-                if cause != RemovalCause::Replaced
-                    && let Some(space) = read(&tombstones).get(&entry.namespace)
-                {
-                    space.dead.fetch_add(1, Ordering::Relaxed);
+            .eviction_listener(move |id, entry: Arc<Entry<V>>, cause| {
+                // Ids are never reused, so nothing is ever replaced; anything else leaves.
+                if cause != RemovalCause::Replaced {
+                    depart(&departed, &queue, &entry.namespace, *id);
                 }
             })
             .build();
@@ -164,7 +209,17 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
                  threshold and guards alone"
             );
         }
-        Self { embedder, normalizer, settings, verifier, entries, spaces, next_id: AtomicU64::new(0), ef_search }
+        Self {
+            embedder,
+            normalizer,
+            settings,
+            verifier,
+            entries,
+            spaces,
+            next_id: AtomicU64::new(0),
+            ef_search,
+            rebuilds,
+        }
     }
 
     /// Changes the search breadth of later lookups (at least [`MIN_EF_SEARCH`]): a recall
@@ -185,7 +240,7 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
     pub fn prepare(&self, text: &str) -> Result<Query, CacheError> {
         let prepared = Prepared::new(text, &self.normalizer);
         let vector = self.embedder.embed_one(&prepared.normalized)?;
-        Ok(Query { text: text.to_owned(), prepared, vector })
+        Ok(Query { text: text.to_owned(), prepared, vector: vector.into() })
     }
 
     /// [`SemanticCache::prepare`] for a text embedded lately: no model run, so callers on an
@@ -193,7 +248,7 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
     pub fn prepare_remembered(&self, text: &str) -> Option<Query> {
         let prepared = Prepared::new(text, &self.normalizer);
         let vector = self.embedder.remembered(&prepared.normalized)?;
-        Some(Query { text: text.to_owned(), prepared, vector })
+        Some(Query { text: text.to_owned(), prepared, vector: vector.into() })
     }
 
     /// Embeds texts ahead of the calls that will ask for them, over all of the embedder's
@@ -209,7 +264,7 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
     /// A text whose embedding is already known (snapshots, benchmarks): normalised, not
     /// embedded again. The vector must come from the same model, unit length.
     pub fn prepare_embedded(&self, text: &str, vector: Vec<f32>) -> Query {
-        Query { text: text.to_owned(), prepared: Prepared::new(text, &self.normalizer), vector }
+        Query { text: text.to_owned(), prepared: Prepared::new(text, &self.normalizer), vector: vector.into() }
     }
 
     /// The served decision: the most similar live entry of `namespace`, younger than the TTL
@@ -259,22 +314,27 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
 
     pub fn insert(&self, namespace: &str, query: Query, value: V, now: SystemTime) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let space = self.space(namespace);
+        let space = self.join(namespace, id, &query.vector);
+        {
+            // Noted as inserted meanwhile in the same read section that inserts it: a rebuild
+            // swaps graphs under the write lock, so this point is either in the graph it
+            // replaces and in its list, or goes into the new graph.
+            let graph = read(&space.graph);
+            graph.insert_slice((&query.vector[..], id as usize));
+            space.points.fetch_add(1, Ordering::Relaxed);
+            if let Some(meanwhile) = lock(&space.rebuilding).as_mut() {
+                meanwhile.push(id);
+            }
+        }
         let entry = Arc::new(Entry {
-            namespace: Arc::from(namespace),
+            namespace: space_name(&self.spaces, namespace),
             text: query.text,
             prepared: query.prepared,
             vector: query.vector,
             value,
             stored_at: now,
         });
-        {
-            let graph = read(&space.graph);
-            graph.insert_slice((&entry.vector, id as usize));
-        }
-        space.points.fetch_add(1, Ordering::Relaxed);
         self.entries.insert(id, entry);
-        self.rebuild_if_mostly_dead(namespace, &space);
     }
 
     /// Live entries (approximate: evictions are applied in batches).
@@ -285,6 +345,41 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The size of the index beyond its entries, once pending evictions are applied.
+    pub fn index_stats(&self) -> IndexStats {
+        self.entries.run_pending_tasks();
+        let spaces = read(&self.spaces);
+        IndexStats {
+            namespaces: spaces.len(),
+            points: spaces.values().map(|space| space.points.load(Ordering::Relaxed)).sum(),
+            rebuilds: self.rebuilds.done.load(Ordering::Relaxed),
+            rebuilding: *lock(&self.rebuilds.waiting.0),
+        }
+    }
+
+    /// Waits until the graphs queued for a rebuild are rebuilt (tests and benchmarks).
+    pub fn settle_rebuilds(&self) {
+        self.entries.run_pending_tasks();
+        self.rebuilds.settle();
+    }
+
+    /// Adds an entry's id and vector to its namespace's members, making the namespace if it
+    /// is new, while the namespaces are locked: a namespace whose last entry departs is only
+    /// dropped under the write lock, so it cannot go between finding it and joining it.
+    fn join(&self, namespace: &str, id: u64, vector: &Arc<[f32]>) -> Arc<Space> {
+        {
+            let spaces = read(&self.spaces);
+            if let Some(space) = spaces.get(namespace) {
+                lock(&space.members).insert(id, vector.clone());
+                return space.clone();
+            }
+        }
+        let mut spaces = self.spaces.write().unwrap_or_else(PoisonError::into_inner);
+        let space = spaces.entry(Arc::from(namespace)).or_insert_with(|| Arc::new(Space::new())).clone();
+        lock(&space.members).insert(id, vector.clone());
+        space
     }
 
     fn candidates(
@@ -323,38 +418,122 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
         found.sort_by(|a, b| b.1.total_cmp(&a.1));
         found
     }
+}
 
-    fn space(&self, namespace: &str) -> Arc<Space> {
-        if let Some(space) = read(&self.spaces).get(namespace) {
-            return space.clone();
+/// The namespace's name as the index holds it, so that its entries share one copy.
+fn space_name(spaces: &Spaces, namespace: &str) -> Arc<str> {
+    read(spaces).get_key_value(namespace).map_or_else(|| Arc::from(namespace), |(name, _)| name.clone())
+}
+
+/// An entry has left the cache (evicted, expired, invalidated): out of its namespace's
+/// members; the namespace goes with its last entry, and a graph mostly dead is queued for a
+/// rebuild.
+fn depart(spaces: &Spaces, rebuilds: &Rebuilds, namespace: &Arc<str>, id: u64) {
+    let Some(space) = read(spaces).get(&**namespace).cloned() else { return };
+    let now_empty = {
+        let mut members = lock(&space.members);
+        members.remove(&id);
+        members.is_empty()
+    };
+    if now_empty {
+        let mut spaces = spaces.write().unwrap_or_else(PoisonError::into_inner);
+        // Joined again meanwhile, or already replaced: keep it.
+        if spaces.get(&**namespace).is_some_and(|current| Arc::ptr_eq(current, &space)) && space.live() == 0 {
+            spaces.remove(&**namespace);
         }
-        let mut spaces = self.spaces.write().unwrap_or_else(PoisonError::into_inner);
-        spaces.entry(Arc::from(namespace)).or_insert_with(|| Arc::new(Space::new(1024))).clone()
+        return;
+    }
+    if space.mostly_dead() {
+        rebuilds.queue(&space);
+    }
+}
+
+/// The maintenance thread that rebuilds graphs, and how many it rebuilt.
+#[derive(Clone)]
+struct Rebuilds {
+    queue: std::sync::mpsc::Sender<std::sync::Weak<Space>>,
+    done: Arc<AtomicU64>,
+    /// Graphs queued and not yet rebuilt.
+    waiting: Arc<(Mutex<usize>, std::sync::Condvar)>,
+}
+
+impl Rebuilds {
+    /// The thread ends when the cache (every sender) is gone.
+    fn start() -> Self {
+        let (queue, queued) = std::sync::mpsc::channel::<std::sync::Weak<Space>>();
+        let done = Arc::new(AtomicU64::new(0));
+        let waiting: Arc<(Mutex<usize>, std::sync::Condvar)> = Arc::default();
+        let (counted, left) = (done.clone(), waiting.clone());
+        let spawned = std::thread::Builder::new().name("semantic-index".into()).spawn(move || {
+            for space in queued {
+                if let Some(space) = space.upgrade() {
+                    rebuild(&space);
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+                let (count, changed) = &*left;
+                *lock(count) -= 1;
+                changed.notify_all();
+            }
+        });
+        if let Err(err) = spawned {
+            // Without it, graphs are never rebuilt: dead points stay until their namespace goes.
+            tracing::error!(error = %err, "the semantic index's maintenance thread did not start");
+        }
+        Self { queue, done, waiting }
     }
 
-    fn rebuild_if_mostly_dead(&self, namespace: &str, space: &Space) {
-        let dead = space.dead.load(Ordering::Relaxed);
-        let points = space.points.load(Ordering::Relaxed);
-        if dead < REBUILD_MIN_DEAD || dead * 2 < points {
-            return;
+    /// Queues `space` unless a rebuild of it is under way or queued.
+    fn queue(&self, space: &Arc<Space>) {
+        {
+            let mut rebuilding = lock(&space.rebuilding);
+            if rebuilding.is_some() {
+                return;
+            }
+            *rebuilding = Some(Vec::new());
         }
-        // Held through the rebuild, so that no insert lands in the graph being replaced.
-        let mut current = space.graph.write().unwrap_or_else(PoisonError::into_inner);
-        let live: Vec<(u64, Arc<Entry<V>>)> = self
-            .entries
-            .iter()
-            .filter(|(_, entry)| &*entry.namespace == namespace)
-            .map(|(id, entry)| (*id, entry))
-            .collect();
-        let graph = new_graph(live.len() * 2);
-        for (id, entry) in &live {
-            graph.insert_slice((&entry.vector, *id as usize));
+        *lock(&self.waiting.0) += 1;
+        if self.queue.send(Arc::downgrade(space)).is_err() {
+            *lock(&space.rebuilding) = None;
+            *lock(&self.waiting.0) -= 1;
         }
-        *current = graph;
-        space.points.store(live.len(), Ordering::Relaxed);
-        space.dead.store(0, Ordering::Relaxed);
-        tracing::debug!(namespace, live = live.len(), dead, "rebuilt a semantic index");
     }
+
+    fn settle(&self) {
+        let (count, changed) = &*self.waiting;
+        let mut count = lock(count);
+        while *count > 0 {
+            count = changed.wait(count).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// A new graph of the space's live entries, built while lookups and inserts go on in the old
+/// one; then, under the write lock, the points inserted meanwhile, and the swap.
+fn rebuild(space: &Space) {
+    // Every point inserted from here on is also listed in `rebuilding` (set when queued).
+    let snapshot: HashMap<u64, Arc<[f32]>> = lock(&space.members).clone();
+    let graph = new_graph(snapshot.len() * 2);
+    for (id, vector) in &snapshot {
+        graph.insert_slice((&vector[..], *id as usize));
+    }
+    let mut current = space.graph.write().unwrap_or_else(PoisonError::into_inner);
+    let meanwhile = lock(&space.rebuilding).take().unwrap_or_default();
+    let mut points = snapshot.len();
+    {
+        let members = lock(&space.members);
+        for id in meanwhile.into_iter().filter(|id| !snapshot.contains_key(id)) {
+            if let Some(vector) = members.get(&id) {
+                graph.insert_slice((&vector[..], id as usize));
+                points += 1;
+            }
+        }
+    }
+    let old = std::mem::replace(&mut *current, graph);
+    space.points.store(points, Ordering::Relaxed);
+    drop(current);
+    // Taking a graph apart takes a while (its points hold each other): not under the lock.
+    drop(old);
+    tracing::debug!(live = points, "rebuilt a semantic index");
 }
 
 const SNAPSHOT_FORMAT: &str = "aipipe-semantic-cache";
@@ -408,7 +587,7 @@ impl<V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static> SemanticCa
             write_line(serde_json::to_string(&SnapshotEntry {
                 namespace: entry.namespace.to_string(),
                 text: entry.text.clone(),
-                vector: entry.vector.clone(),
+                vector: entry.vector.to_vec(),
                 value: entry.value.clone(),
                 stored_at_ms,
             }))?;
@@ -491,4 +670,8 @@ fn hit<V: Clone>(entry: &Entry<V>, similarity: f32, confidence: f32) -> Semantic
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

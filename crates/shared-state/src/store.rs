@@ -106,19 +106,19 @@ impl Store {
 
     /// Runs one command.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, SharedError> {
-        self.permit()?;
+        let permit = self.permit()?;
         let mut connection = self.inner.manager.clone();
         let sent = tokio::time::timeout(self.inner.settings.timeout, cmd.query_async::<T>(&mut connection)).await;
-        self.settle(sent)
+        permit.settle(sent)
     }
 
     /// Runs one Lua script (by its hash, loading it once if the server does not know it).
     pub async fn invoke<T: FromRedisValue>(&self, invocation: &ScriptInvocation<'_>) -> Result<T, SharedError> {
-        self.permit()?;
+        let permit = self.permit()?;
         let mut connection = self.inner.manager.clone();
         let sent =
             tokio::time::timeout(self.inner.settings.timeout, invocation.invoke_async::<T>(&mut connection)).await;
-        self.settle(sent)
+        permit.settle(sent)
     }
 
     fn health(&self) -> MutexGuard<'_, Health> {
@@ -126,10 +126,10 @@ impl Store {
     }
 
     /// Up: go. Down: refused until the next probe is due, then one call probes.
-    fn permit(&self) -> Result<(), SharedError> {
+    fn permit(&self) -> Result<Permit<'_>, SharedError> {
         let mut health = self.health();
         match &mut *health {
-            Health::Up => Ok(()),
+            Health::Up => Ok(Permit { store: self, probe: false }),
             Health::Down { next_probe, probing, .. } => {
                 let now = Instant::now();
                 if *probing || now < *next_probe {
@@ -137,7 +137,7 @@ impl Store {
                     return Err(SharedError::Down { part: self.inner.part, retry_in });
                 }
                 *probing = true;
-                Ok(())
+                Ok(Permit { store: self, probe: true })
             }
         }
     }
@@ -188,6 +188,33 @@ impl Store {
     }
 }
 
+/// Leave to send one call. A probe whose call is dropped before it settles (its caller went
+/// away, a deadline or a `select!` cancelled it) gives the probe back on drop: otherwise the
+/// part would stay down for good, every later call refused as "a probe is under way".
+struct Permit<'a> {
+    store: &'a Store,
+    probe: bool,
+}
+
+impl Permit<'_> {
+    fn settle<T>(mut self, sent: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>) -> Result<T, SharedError> {
+        self.probe = false;
+        self.store.settle(sent)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if !self.probe {
+            return;
+        }
+        if let Health::Down { probing, .. } = &mut *self.store.health() {
+            // The probe is still due: the next call makes it.
+            *probing = false;
+        }
+    }
+}
+
 /// A URL without its password.
 fn masked(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -227,6 +254,12 @@ mod tests {
         let second = store.query::<Option<String>>(redis::cmd("GET").arg("k")).await.unwrap_err();
         assert!(matches!(second, SharedError::Down { .. }), "{second:?}");
         assert!(started.elapsed() < Duration::from_millis(50));
+        // The probe, cancelled before it settles, is given back: the next call probes.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let probe = store.permit().unwrap();
+        assert!(matches!(store.permit(), Err(SharedError::Down { .. })), "one probe at a time");
+        drop(probe);
+        assert!(store.permit().is_ok(), "a cancelled probe left the part refusing every call");
         let bad = Store::connect("redis", StoreSettings { url: "http://x".into(), ..store.inner.settings.clone() });
         assert!(matches!(bad, Err(SharedError::BadUrl { key: "redis_url", .. })));
     }

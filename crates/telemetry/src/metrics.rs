@@ -39,6 +39,7 @@ struct Inner {
     cache_entries: IntGaugeVec,
     spans_dropped: IntCounter,
     dropped: IntCounter,
+    unauthenticated: IntCounter,
     alerts: IntCounterVec,
     route_decisions: IntCounterVec,
     models: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -142,6 +143,12 @@ impl Metrics {
             "Telemetry rows lost to a full queue or a failed write.",
         )?;
         registry.register(Box::new(dropped.clone()))?;
+        let unauthenticated = IntCounter::new(
+            "aipipe_requests_unauthenticated_total",
+            "Requests refused for a missing or unknown key: counted here, never written as rows (a flood of bad keys \
+             must not crowd out the rows of real calls).",
+        )?;
+        registry.register(Box::new(unauthenticated.clone()))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 registry,
@@ -160,6 +167,7 @@ impl Metrics {
                 cache_entries,
                 spans_dropped,
                 dropped,
+                unauthenticated,
                 alerts,
                 route_decisions,
                 models: std::sync::Mutex::default(),
@@ -243,6 +251,10 @@ impl Metrics {
     pub fn set_trace_spans_dropped(&self, total: u64) {
         let counted = self.inner.spans_dropped.get();
         self.inner.spans_dropped.inc_by(total.saturating_sub(counted));
+    }
+
+    pub fn count_unauthenticated(&self) {
+        self.inner.unauthenticated.inc();
     }
 
     pub fn count_dropped(&self, rows: u64) {

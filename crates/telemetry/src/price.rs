@@ -73,15 +73,24 @@ impl ModelPrice {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PriceTable {
     prices: BTreeMap<String, ModelPrice>,
+    /// The price of every model the table does not list, when the config sets one.
+    unlisted: Option<ModelPrice>,
 }
 
 impl PriceTable {
     pub fn new(prices: impl IntoIterator<Item = (String, ModelPrice)>) -> Self {
-        Self { prices: prices.into_iter().collect() }
+        Self { prices: prices.into_iter().collect(), unlisted: None }
     }
 
-    /// The price of `model`, or of the longest listed name it extends at a `-` boundary:
-    /// providers answer with dated names (`gpt-4o-mini-2024-07-18`) for listed ones.
+    /// The same, every model it does not list priced at `price`.
+    #[must_use]
+    pub fn with_unlisted(self, price: ModelPrice) -> Self {
+        Self { unlisted: Some(price), ..self }
+    }
+
+    /// The price of `model`, or of the longest listed name it extends at a `-` boundary
+    /// (providers answer with dated names, `gpt-4o-mini-2024-07-18`, for listed ones), or the
+    /// price of unlisted models.
     pub fn price(&self, model: &str) -> Option<ModelPrice> {
         if let Some(price) = self.prices.get(model) {
             return Some(*price);
@@ -91,6 +100,7 @@ impl PriceTable {
             .filter(|(name, _)| model.strip_prefix(name.as_str()).is_some_and(|rest| rest.starts_with('-')))
             .max_by_key(|(name, _)| name.len())
             .map(|(_, price)| *price)
+            .or(self.unlisted)
     }
 
     /// The models with a listed price.

@@ -62,27 +62,112 @@ pub struct Minute {
     pub by_source: BTreeMap<Source, u64>,
 }
 
-const SOURCE_ROWS: &str = "SELECT ts_ms, source FROM calls WHERE ts_ms >= $1 AND ts_ms < $2";
+const MINUTE_MS: i64 = 60_000;
+
+/// Calls per minute and source, counted by the database: a handful of rows out, whatever the
+/// traffic. (`ts_ms` is never negative, so integer division floors.)
+const CALLS_PER_MINUTE: &str = "SELECT ts_ms / 60000 AS minute, source, COUNT(*) AS calls FROM calls \
+     WHERE ts_ms >= $1 AND ts_ms < $2 GROUP BY ts_ms / 60000, source";
+
+/// The window's figures by source and status, summed by the database. PostgreSQL sums a
+/// BIGINT column as NUMERIC, which the Any driver cannot read: the casts keep it an integer.
+const OVERVIEW: &str = "SELECT source, status, COUNT(*) AS calls, CAST(SUM(attempts) AS BIGINT) AS attempts, \
+     SUM(cost_usd) AS cost_usd, SUM(saved_cost_usd) AS saved_cost_usd FROM calls \
+     WHERE ts_ms >= $1 AND ts_ms < $2 GROUP BY source, status";
+
+/// The latency at one rank of the window, ordered by the database.
+const LATENCY_AT_RANK: &str =
+    "SELECT latency_ms FROM calls WHERE ts_ms >= $1 AND ts_ms < $2 ORDER BY latency_ms LIMIT 1 OFFSET $3";
 
 impl TelemetryStore {
     /// Calls of each minute from `from_ms` to `to_ms` by source, every minute present (empty
     /// ones too), oldest first.
     pub async fn calls_per_minute(&self, from_ms: i64, to_ms: i64) -> Result<Vec<Minute>, TelemetryError> {
-        const MINUTE_MS: i64 = 60_000;
         let first = from_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
         let mut minutes: Vec<Minute> = (first..to_ms)
             .step_by(MINUTE_MS as usize)
             .map(|minute_ms| Minute { minute_ms, by_source: BTreeMap::new() })
             .collect();
-        for row in self.rows_in_window(SOURCE_ROWS, from_ms, to_ms).await? {
-            let ts_ms: i64 = row.try_get("ts_ms").map_err(TelemetryError::Query)?;
+        for row in self.rows_in_window(CALLS_PER_MINUTE, from_ms, to_ms).await? {
+            let minute: i64 = row.try_get("minute").map_err(TelemetryError::Query)?;
+            let calls: i64 = row.try_get("calls").map_err(TelemetryError::Query)?;
             let source = word(&row, "source", Source::parse).map_err(TelemetryError::Query)?;
-            let index = usize::try_from((ts_ms - first).div_euclid(MINUTE_MS)).unwrap_or(usize::MAX);
+            let index = usize::try_from((minute * MINUTE_MS - first).div_euclid(MINUTE_MS)).unwrap_or(usize::MAX);
             if let Some(minute) = minutes.get_mut(index) {
-                *minute.by_source.entry(source).or_default() += 1;
+                *minute.by_source.entry(source).or_default() += calls.max(0) as u64;
             }
         }
         Ok(minutes)
+    }
+
+    /// The overall figures of [`TelemetryStore::report`] for the calls with `from_ms <= ts_ms <
+    /// to_ms`, from aggregates the database computes (a live page asks for it every few
+    /// seconds: it must not read an hour of rows), MTTR aside (`None`: it needs the rows in
+    /// order).
+    pub async fn overview(&self, from_ms: i64, to_ms: i64) -> Result<Figures, TelemetryError> {
+        let mut figures = Figures {
+            calls: 0,
+            upstream_requests: 0,
+            saved_calls: 0,
+            cost_usd: 0.0,
+            saved_cost_usd: 0.0,
+            p50_latency_ms: 0.0,
+            p99_latency_ms: 0.0,
+            error_rate: 0.0,
+            cache_hit_rate: 0.0,
+            fallback_rate: 0.0,
+            mttr_secs: None,
+        };
+        let (mut errors, mut hits, mut fallbacks) = (0_u64, 0_u64, 0_u64);
+        for row in self.rows_in_window(OVERVIEW, from_ms, to_ms).await? {
+            let read = || -> Result<(Source, CallStatus, u64, i64, f64, f64), sqlx::Error> {
+                Ok((
+                    word(&row, "source", Source::parse)?,
+                    word(&row, "status", CallStatus::parse)?,
+                    row.try_get::<i64, _>("calls")?.max(0) as u64,
+                    row.try_get::<Option<i64>, _>("attempts")?.unwrap_or(0),
+                    row.try_get::<Option<f64>, _>("cost_usd")?.unwrap_or(0.0),
+                    row.try_get::<Option<f64>, _>("saved_cost_usd")?.unwrap_or(0.0),
+                ))
+            };
+            let (source, status, calls, attempts, cost_usd, saved_cost_usd) = read().map_err(TelemetryError::Query)?;
+            figures.calls += calls;
+            figures.upstream_requests += attempts.max(0) as u64;
+            figures.cost_usd += cost_usd;
+            figures.saved_cost_usd += saved_cost_usd;
+            if source.saved_a_request() {
+                figures.saved_calls += calls;
+            }
+            if status == CallStatus::Error {
+                errors += calls;
+            }
+            if source.is_cache() {
+                hits += calls;
+            }
+            if source.is_fallback() {
+                fallbacks += calls;
+            }
+        }
+        if figures.calls == 0 {
+            return Ok(figures);
+        }
+        let share = |count: u64| count as f64 / figures.calls as f64;
+        figures.error_rate = share(errors);
+        figures.cache_hit_rate = share(hits);
+        figures.fallback_rate = share(fallbacks);
+        // The nearest rank, as `percentile` takes it.
+        for (p, slot) in [(0.50, &mut figures.p50_latency_ms), (0.99, &mut figures.p99_latency_ms)] {
+            let rank = ((p * figures.calls as f64).ceil() as i64).clamp(1, figures.calls as i64);
+            let row = sqlx::query(LATENCY_AT_RANK)
+                .bind(from_ms)
+                .bind(to_ms)
+                .bind(rank - 1)
+                .fetch_one(self.pool())
+                .await
+                .map_err(TelemetryError::Query)?;
+            *slot = row.try_get("latency_ms").map_err(TelemetryError::Query)?;
+        }
+        Ok(figures)
     }
 
     /// The figures of the calls with `from_ms <= ts_ms < to_ms` (Unix milliseconds).

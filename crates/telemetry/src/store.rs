@@ -166,6 +166,52 @@ impl TelemetryStore {
         Ok(deleted)
     }
 
+    /// Deletes the rows older than `before_ms` (Unix milliseconds), a chunk per statement so
+    /// that the writer is never held back long; returns how many went.
+    pub async fn delete_before(&self, before_ms: i64) -> Result<u64, TelemetryError> {
+        const CHUNK: i64 = 5_000;
+        let mut deleted = 0;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM calls WHERE id IN (SELECT id FROM calls WHERE ts_ms < $1 ORDER BY ts_ms LIMIT $2)",
+            )
+            .bind(before_ms)
+            .bind(CHUNK)
+            .execute(&self.pool)
+            .await
+            .map_err(TelemetryError::Write)?;
+            deleted += done.rows_affected();
+            if done.rows_affected() < CHUNK as u64 {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// Keeps the rows of the last `keep` only: deletes older ones now, then every hour, for
+    /// as long as the runtime runs (a failed round is logged and tried again next time).
+    pub fn spawn_retention(&self, keep: Duration) -> tokio::task::JoinHandle<()> {
+        const EVERY: Duration = Duration::from_secs(3600);
+        let store = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| since.as_millis() as i64);
+                let before_ms = now_ms.saturating_sub(keep.as_millis() as i64);
+                match store.delete_before(before_ms).await {
+                    Ok(0) => {}
+                    Ok(deleted) => tracing::info!(deleted, "telemetry rows past their retention deleted"),
+                    Err(err) if store.pool.is_closed() => {
+                        tracing::debug!(error = %err, "telemetry store closed: retention stops");
+                        return;
+                    }
+                    Err(err) => tracing::warn!(error = %err, "telemetry retention failed; trying again in an hour"),
+                }
+                tokio::time::sleep(EVERY).await;
+            }
+        })
+    }
+
     pub async fn count(&self) -> Result<i64, TelemetryError> {
         sqlx::query("SELECT COUNT(*) AS n FROM calls")
             .fetch_one(&self.pool)

@@ -110,6 +110,35 @@ async fn check(store: &TelemetryStore) {
     close(b.fallback_rate, 0.25);
     close(b.mttr_secs.unwrap(), 2.0);
     assert_eq!(report.components.len(), 2);
+
+    // The live page's figures come from the database's aggregates, and agree with the rows'.
+    let overview = store.overview(0, 60_000).await.unwrap();
+    assert_eq!((overview.calls, overview.upstream_requests, overview.saved_calls), (8, 7, 3));
+    for (aggregated, from_rows) in [
+        (overview.cost_usd, all.cost_usd),
+        (overview.saved_cost_usd, all.saved_cost_usd),
+        (overview.p50_latency_ms, all.p50_latency_ms),
+        (overview.p99_latency_ms, all.p99_latency_ms),
+        (overview.error_rate, all.error_rate),
+        (overview.cache_hit_rate, all.cache_hit_rate),
+        (overview.fallback_rate, all.fallback_rate),
+    ] {
+        close(aggregated, from_rows);
+    }
+    assert_eq!(overview.mttr_secs, None);
+    let empty = store.overview(200_000, 260_000).await.unwrap();
+    assert_eq!((empty.calls, empty.p99_latency_ms), (0, 0.0));
+    let minutes = store.calls_per_minute(0, 120_000).await.unwrap();
+    assert_eq!(minutes.len(), 2);
+    assert_eq!(minutes[0].by_source.values().sum::<u64>(), 8);
+    assert_eq!(minutes[0].by_source[&Source::Upstream], 3);
+    assert_eq!(minutes[1].by_source[&Source::None], 1);
+
+    // Retention: what is older than the cut goes, the rest stays.
+    assert_eq!(store.delete_before(5_000).await.unwrap(), 5);
+    let left: Vec<i64> = store.records().await.unwrap().iter().map(|row| row.ts_ms).collect();
+    assert_eq!(left, [5_000, 9_000, 10_000, 100_000]);
+    assert_eq!(store.delete_before(0).await.unwrap(), 0);
 }
 
 #[tokio::test]

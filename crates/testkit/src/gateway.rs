@@ -11,6 +11,9 @@ pub struct GatewayProcess {
     child: Child,
     /// Where its OpenAI-compatible API is, ending in `/v1`.
     pub base_url: String,
+    /// Where its admin surfaces are (`/metrics`, `/status`), when the config gives them a
+    /// listener of their own (`gateway.admin_listen`).
+    pub admin_url: Option<String>,
 }
 
 impl GatewayProcess {
@@ -62,12 +65,18 @@ impl GatewayProcess {
             command.stderr(std::fs::File::create(stderr)?);
         }
         let mut child = command.spawn()?;
-        let mut first_line = String::new();
+        let (mut first_line, mut second_line) = (String::new(), String::new());
         if let Some(stdout) = child.stdout.take() {
-            BufReader::new(stdout).read_line(&mut first_line)?;
+            let mut stdout = BufReader::new(stdout);
+            stdout.read_line(&mut first_line)?;
+            // Printed with the first line, when there is an admin listener.
+            if config.lines().any(|line| line.trim_start().starts_with("admin_listen")) {
+                stdout.read_line(&mut second_line)?;
+            }
         }
+        let admin_url = second_line.trim().strip_prefix("aipipe serve: admin on ").map(str::to_owned);
         match first_line.trim().strip_prefix("aipipe serve: listening on ") {
-            Some(base_url) => Ok(Self { base_url: base_url.to_owned(), child }),
+            Some(base_url) => Ok(Self { base_url: base_url.to_owned(), admin_url, child }),
             None => {
                 let _ = child.kill();
                 let status = child.wait()?;

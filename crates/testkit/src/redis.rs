@@ -49,6 +49,25 @@ impl RedisServer {
         }
     }
 
+    /// Freezes it (SIGSTOP): connections stay open and every command waits unanswered, as
+    /// on a server that hangs.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    #[allow(clippy::expect_used)]
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let sent = Command::new("kill").args([signal, &child.id().to_string()]).status().expect("kill runs");
+            assert!(sent.success(), "kill {signal} failed");
+        }
+    }
+
     /// Starts it (again) on its port, empty, and waits until it answers.
     ///
     /// # Panics

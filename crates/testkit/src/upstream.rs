@@ -16,6 +16,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 
 /// What the upstream answers to one request.
@@ -62,6 +63,9 @@ pub struct Streamed {
     pub truncated: bool,
     /// Input and output tokens; `None` derives them from the text lengths.
     pub usage: Option<(u32, u32)>,
+    /// After its last event (`[DONE]`, `message_stop`) the connection stays open, as HTTP
+    /// keep-alive servers leave it: a client must end at that event, not at the body's end.
+    pub hold_open: bool,
 }
 
 impl Streamed {
@@ -76,6 +80,12 @@ impl Streamed {
     #[must_use]
     pub fn failing_after(mut self, pieces: usize) -> Self {
         self.fail_after = Some(pieces);
+        self
+    }
+
+    #[must_use]
+    pub fn held_open(mut self) -> Self {
+        self.hold_open = true;
         self
     }
 
@@ -766,6 +776,9 @@ fn stream(dialect: Dialect, request: &Value, streamed: &Streamed, sequence: u64)
         }
         Some((Ok::<_, std::convert::Infallible>(Bytes::from(event)), (events, false)))
     });
+    // A held stream never ends after its last event: the connection stays open.
+    let held = streamed.hold_open.then(futures::stream::pending::<Result<Bytes, std::convert::Infallible>>);
+    let body = body.chain(futures::stream::iter(held).flatten());
     ([(header::CONTENT_TYPE, "text/event-stream")], axum::body::Body::from_stream(body)).into_response()
 }
 

@@ -30,6 +30,12 @@ pub struct ModelSpec {
     /// step needs.
     pub json: bool,
     pub tools: bool,
+    /// What the guards (pause, rate limits, breaker) and the latency estimate know it by,
+    /// beside its provider: its name at the provider for a listed model; for a model a call
+    /// names that the registry does not list, the name of the entry that admitted it (the
+    /// listed model a dated name extends, or `*`), so that names a caller makes up never grow
+    /// them.
+    pub guard_model: String,
 }
 
 impl ModelSpec {
@@ -48,7 +54,13 @@ impl ModelSpec {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ModelRegistry {
     models: BTreeMap<String, Arc<ModelSpec>>,
+    /// `[models."*"]`: the provider and price of any model a call names that the registry
+    /// does not list; without it such a call is refused, so that no call is free by accident.
+    unlisted: Option<Arc<ModelSpec>>,
 }
+
+/// The registry entry that prices and guards every model the others do not name.
+pub const UNLISTED_MODELS: &str = "*";
 
 impl ModelRegistry {
     pub(super) fn validate(
@@ -80,11 +92,18 @@ impl ModelRegistry {
             let context_window =
                 raw.context_window.map(|window| positive(&key("context_window"), window)).transpose()?;
             let upstream = match raw.model {
+                Some(_) if name == UNLISTED_MODELS => {
+                    return Err(SetupError::invalid(
+                        key("model"),
+                        "the entry for unlisted models sends each call's own model name: leave `model` out",
+                    ));
+                }
                 Some(model) => non_empty(&key("model"), model)?,
                 None => name.clone(),
             };
             let spec = ModelSpec {
                 provider,
+                guard_model: upstream.clone(),
                 upstream,
                 price,
                 context_window,
@@ -95,11 +114,32 @@ impl ModelRegistry {
             };
             models.insert(name, Arc::new(spec));
         }
-        Ok(Self { models })
+        let unlisted = models.remove(UNLISTED_MODELS);
+        Ok(Self { models, unlisted })
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<ModelSpec>> {
         self.models.get(name)
+    }
+
+    /// A model a call names that the registry does not list: a dated name of a listed model
+    /// (`gpt-4o-mini-2024-07-18`) is that model, asked for by its dated name; any other is
+    /// admitted by `[models."*"]`, if the config has it. `None`: refused.
+    pub fn admit(&self, model: &str) -> Option<ModelSpec> {
+        let extended = self
+            .models
+            .values()
+            .flat_map(|spec| [(spec.name.as_str(), spec), (spec.upstream.as_str(), spec)])
+            .filter(|(listed, _)| model.strip_prefix(*listed).is_some_and(|rest| rest.starts_with('-')))
+            .max_by_key(|(listed, _)| listed.len())
+            .map(|(_, spec)| spec);
+        let entry = extended.or(self.unlisted.as_ref())?;
+        Some(ModelSpec { name: model.to_owned(), upstream: model.to_owned(), ..(**entry).clone() })
+    }
+
+    /// Whether `[models."*"]` admits the models the registry does not list.
+    pub fn admits_unlisted(&self) -> bool {
+        self.unlisted.is_some()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<ModelSpec>> {
@@ -111,7 +151,11 @@ impl ModelRegistry {
     pub fn prices(&self) -> PriceTable {
         let by_upstream = self.models.values().map(|spec| (spec.upstream.clone(), spec.price));
         let by_name = self.models.values().map(|spec| (spec.name.clone(), spec.price));
-        PriceTable::new(by_upstream.chain(by_name))
+        let table = PriceTable::new(by_upstream.chain(by_name));
+        match &self.unlisted {
+            Some(unlisted) => table.with_unlisted(unlisted.price),
+            None => table,
+        }
     }
 }
 
@@ -207,6 +251,12 @@ impl RouteSpec {
 }
 
 fn registered(registry: &ModelRegistry, name: &str, key: &str) -> Result<Arc<ModelSpec>, SetupError> {
+    if name == UNLISTED_MODELS {
+        return Err(SetupError::invalid(
+            key,
+            "`*` prices the models a call names that the registry does not list; a route names listed models",
+        ));
+    }
     registry.get(name).cloned().ok_or_else(|| {
         SetupError::invalid(
             key,

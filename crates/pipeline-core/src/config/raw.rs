@@ -293,6 +293,7 @@ pub(crate) struct RawTelemetry {
     pub(crate) otlp_endpoint: String,
     pub(crate) otlp_queue_capacity: usize,
     pub(crate) otlp_export_delay_ms: u64,
+    pub(crate) retention_days: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -321,6 +322,9 @@ pub(crate) struct RawStep {
     /// Spend per workspace per day on this step, in US dollars.
     pub(crate) daily_budget_usd: Option<f64>,
     pub(crate) fallback_answer: Option<String>,
+    /// Reply property -> the input field that lists its allowed values.
+    #[serde(default)]
+    pub(crate) output_choices: BTreeMap<String, String>,
 }
 
 fn default_max_output_tokens() -> u32 {

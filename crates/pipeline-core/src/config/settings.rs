@@ -348,6 +348,9 @@ pub struct TelemetrySettings {
     /// The longest a finished span waits to be exported: spans go out in batches, when a batch
     /// is full or this long after the last export.
     pub otlp_export_delay: Duration,
+    /// Rows older than this are deleted (hourly) from a database the engine opened itself;
+    /// `None`: kept for ever.
+    pub retention: Option<Duration>,
 }
 
 impl TelemetrySettings {
@@ -365,6 +368,16 @@ impl TelemetrySettings {
             otlp_endpoint,
             otlp_queue_capacity: positive("telemetry.otlp_queue_capacity", raw.otlp_queue_capacity)?,
             otlp_export_delay: positive_millis("telemetry.otlp_export_delay_ms", raw.otlp_export_delay_ms)?,
+            retention: match raw.retention_days {
+                0 => None,
+                days if days > 100 * 365 => {
+                    return Err(SetupError::invalid(
+                        "telemetry.retention_days",
+                        format!("{days} days is not a retention: use at most 36500, or 0 to keep rows for ever"),
+                    ));
+                }
+                days => Some(Duration::from_secs(days * 86_400)),
+            },
         })
     }
 }

@@ -30,7 +30,8 @@ pub struct StepSpec {
     pub max_prompt_chars: usize,
     /// The input field whose text the semantic cache compares; `None` keeps the step to exact
     /// matches only. Every other input field must match exactly. For a chat step it can only
-    /// be `messages`: the last user message is compared, the rest of the conversation must match.
+    /// be `messages`: an opening question (after system messages only) is compared; a later
+    /// turn is matched exactly or not at all.
     pub semantic_field: Option<String>,
     pub semantic_threshold: f32,
     pub semantic_min_confidence: f32,
@@ -41,6 +42,10 @@ pub struct StepSpec {
     /// The rule-based reply when no model can answer; valid against the output schema (a
     /// string for a chat step).
     pub fallback_answer: Option<Value>,
+    /// Reply property -> the input field listing the values it may take (the classifier's
+    /// `label` is one of `input.labels`): the contract, the repair and the reply format the
+    /// provider is asked for all hold it to the call's own list.
+    pub output_choices: BTreeMap<String, String>,
     pub(crate) contract: ReplyContract,
     /// What a provider that supports structured outputs is asked for.
     pub(crate) response_format: ResponseFormat,
@@ -53,7 +58,12 @@ impl StepSpec {
     /// A reply checked against the step's output contract: its output, or what is wrong with
     /// it in words a model can act on.
     pub fn check_reply(&self, reply: &str) -> Result<Value, String> {
-        self.contract.check(reply)
+        self.contract.check(reply, &Value::Null)
+    }
+
+    /// The same for one call: its input's lists bound the reply's choices.
+    pub fn check_reply_for(&self, input: &Value, reply: &str) -> Result<Value, String> {
+        self.contract.check(reply, input)
     }
 
     /// What a similar request must clear for this step's cached answer to serve it.
@@ -88,9 +98,16 @@ impl StepSpec {
                     .map_err(|err| SetupError::invalid(key("output_schema"), format!("not JSON: {err}")))?;
                 let contract =
                     OutputContract::compile(&schema).map_err(|err| SetupError::invalid(key("output_schema"), err))?;
-                (schema, ReplyContract::Json(contract))
+                let choices = output_choices(name, &raw.output_choices, &schema)?;
+                (schema, ReplyContract::Json(contract.with_choices(choices)))
             }
             StepKind::Chat => {
+                if !raw.output_choices.values().all(|field| field.trim().is_empty()) {
+                    return Err(SetupError::invalid(
+                        key("output_choices"),
+                        "a chat step's reply is free text, with no properties to bind: remove it",
+                    ));
+                }
                 for (field, value) in [("prompt", &raw.prompt), ("output_schema", &raw.output_schema)] {
                     if !value.trim().is_empty() {
                         return Err(SetupError::invalid(
@@ -164,7 +181,7 @@ impl StepSpec {
             Some(answer) if answer.trim().is_empty() => None,
             Some(answer) => Some(
                 contract
-                    .check(&answer)
+                    .check(&answer, &Value::Null)
                     .map_err(|violations| SetupError::invalid(key("fallback_answer"), violations))?,
             ),
             None => None,
@@ -178,6 +195,7 @@ impl StepSpec {
                 semantic_cache::canonical_json(&output_schema).as_bytes(),
                 &raw.temperature.to_le_bytes(),
                 &max_output_tokens.to_le_bytes(),
+                format!("{:?}", raw.output_choices).as_bytes(),
             ] {
                 hasher.update((part.len() as u64).to_le_bytes());
                 hasher.update(part);
@@ -202,8 +220,42 @@ impl StepSpec {
             route,
             daily_budget_usd,
             fallback_answer,
+            output_choices: raw.output_choices.into_iter().filter(|(_, field)| !field.trim().is_empty()).collect(),
             contract,
             fingerprint,
         })
     }
+}
+
+/// `steps.NAME.output_choices`: each a property of the reply's schema that may hold a string,
+/// bound to a non-empty input field name (an empty one unbinds a default).
+fn output_choices(
+    step: &str,
+    raw: &BTreeMap<String, String>,
+    schema: &Value,
+) -> Result<Vec<(String, String)>, SetupError> {
+    let mut choices = Vec::new();
+    for (property, field) in raw {
+        let key = format!("steps.{step}.output_choices.{property}");
+        if field.trim().is_empty() {
+            continue;
+        }
+        let Some(declared) = schema.pointer(&format!("/properties/{property}")) else {
+            return Err(SetupError::invalid(key, format!("the output schema has no property `{property}`")));
+        };
+        let takes_text = match declared.get("type") {
+            None => true,
+            Some(Value::String(kind)) => kind == "string",
+            Some(Value::Array(kinds)) => kinds.iter().any(|kind| kind == "string"),
+            Some(_) => false,
+        };
+        if !takes_text {
+            return Err(SetupError::invalid(
+                key,
+                format!("`{property}` is not a string in the output schema: only a text answer is one of a list"),
+            ));
+        }
+        choices.push((property.clone(), field.trim().to_owned()));
+    }
+    Ok(choices)
 }

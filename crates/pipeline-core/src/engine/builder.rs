@@ -86,6 +86,11 @@ impl EngineBuilder {
             Some(recorder) => recorder,
             None => {
                 let store = TelemetryStore::connect(&config.telemetry.database_url).await?;
+                // Only the database the engine opened itself: a recorder handed in (a replay's)
+                // keeps its rows at the log's times, which the wall clock would find old.
+                if let Some(keep) = config.telemetry.retention {
+                    store.spawn_retention(keep);
+                }
                 Recorder::spawn_with_alerts(
                     store,
                     RecorderSettings {
@@ -137,7 +142,6 @@ impl EngineBuilder {
                 flights: Arc::default(),
                 recorder,
                 clock: self.clock,
-                unpriced_models: Default::default(),
                 latencies,
                 budgets,
                 rng,

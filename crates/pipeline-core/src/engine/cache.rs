@@ -3,7 +3,7 @@
 
 use std::time::SystemTime;
 
-use providers::{ChatMessage, FinishReason, Role, ToolCall};
+use providers::{ChatMessage, FinishReason, Role, ToolCall, Usage};
 use semantic_cache::{CacheKey, ExactCache, Lookup, Query, ServeBar};
 use serde_json::Value;
 
@@ -27,6 +27,10 @@ pub(super) struct CachedAnswer {
     pub(super) finish_reason: FinishReason,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) tool_calls: Vec<ToolCall>,
+    /// The answer's tokens as its model counted them (`None` in entries from before they were
+    /// kept): what a caller served from the cache is told the answer took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) usage: Option<Usage>,
 }
 
 /// A call's request as the semantic cache sees it.
@@ -144,7 +148,8 @@ impl Engine {
             model: served.model.clone(),
             provider: served.provider.clone(),
             cost_usd: spend.cost_usd,
-            tokens: spend.tokens,
+            tokens: spend.tokens(),
+            usage: Some(spend.usage),
             finish_reason: served.finish_reason,
             tool_calls: served.tool_calls.clone(),
         };
@@ -223,9 +228,15 @@ pub(super) fn cache_key(
                 .json("message_parts", &serde_json::json!([message.images, message.tool_calls, message.tool_call_id]));
         }
     }
-    // Tools, the reply format and every other parameter change the answer.
+    // Tools, the reply format and every other parameter change the answer; who asks (`user`)
+    // and the caller's labels (`metadata`) do not.
     if *request != ChatOptions::default() {
-        key = key.json("request", &serde_json::to_value(request).unwrap_or_default());
+        let mut shaping = request.clone();
+        shaping.extras.user = None;
+        shaping.extras.metadata.clear();
+        if shaping != ChatOptions::default() {
+            key = key.json("request", &serde_json::to_value(&shaping).unwrap_or_default());
+        }
     }
     key.build()
 }
@@ -283,6 +294,10 @@ mod tests {
         with_tool.tools.push(providers::Tool { name: "f".into(), description: None, parameters: None, strict: None });
         let mut seeded = ChatOptions::default();
         seeded.extras.seed = Some(1);
+        let mut labelled = ChatOptions::default();
+        labelled.extras.user = Some("u-17".into());
+        labelled.extras.metadata.insert("ticket".into(), "42".into());
+        assert_eq!(key(&plain), key(&labelled), "who asks shapes no answer");
         assert_ne!(key(&plain), key(&with_tool));
         assert_ne!(key(&plain), key(&seeded));
         assert_ne!(key(&with_tool), key(&seeded));

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use resilience::Deadline;
 use semantic_cache::CacheKey;
+use telemetry::ErrorClass;
 use tokio::sync::watch;
 
 use super::served::{Served, Spend};
@@ -66,27 +67,54 @@ impl Flights {
 
 impl Leader {
     pub(super) fn publish(self, outcome: &Result<Served, PipelineError>, spend: Spend) {
+        // Out of the flights first: a follower that must ask again (`Followed::Again`) then
+        // finds no finished flight to follow, and takes a turn of its own.
+        self.leave();
         let flight = outcome.as_ref().map(|served| (served.clone(), spend)).map_err(Clone::clone);
         self.sender.send_replace(Some(flight));
+    }
+
+    /// Stops being the flight others wait for, unless another leader already took the key.
+    fn leave(&self) {
+        let mut in_flight = self.flights.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+        if in_flight.get(&self.key).is_some_and(|receiver| receiver.same_channel(&self.sender.subscribe())) {
+            in_flight.remove(&self.key);
+        }
     }
 }
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        self.flights.in_flight.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+        self.leave();
     }
 }
 
-/// Waits, within the deadline, for the identical call in flight. `None` if it was cancelled
-/// before it had an outcome.
-pub(super) async fn follow(
-    mut receiver: watch::Receiver<Option<Flight>>,
-    deadline: &Deadline,
-) -> Option<Result<Served, PipelineError>> {
+/// What a follower comes to.
+pub(super) enum Followed {
+    /// The leader's outcome, which is this call's too.
+    Outcome(Result<Served, PipelineError>),
+    /// The leader was cancelled, or failed for a reason of its own call (its deadline, its
+    /// cost ceiling) that this call may not share: this call takes a turn of its own.
+    Again,
+}
+
+/// Waits, within the deadline, for the identical call in flight.
+pub(super) async fn follow(mut receiver: watch::Receiver<Option<Flight>>, deadline: &Deadline) -> Followed {
     let waited = staged("coalesce.wait", deadline.run(receiver.wait_for(Option::is_some))).await;
-    match waited {
-        Err(exceeded) => Some(Err(PipelineError::DeadlineExceeded { budget: exceeded.budget, attempts: 0 })),
-        Ok(Err(_leader_gone)) => None,
-        Ok(Ok(flight)) => flight.clone().map(|outcome| outcome.map(|(served, spend)| served.for_follower(spend))),
+    let flight = match waited {
+        Err(exceeded) => {
+            return Followed::Outcome(Err(PipelineError::DeadlineExceeded { budget: exceeded.budget, attempts: 0 }));
+        }
+        Ok(Err(_leader_gone)) => return Followed::Again,
+        Ok(Ok(flight)) => flight.clone(),
+    };
+    let leaders_own = |class: ErrorClass| matches!(class, ErrorClass::DeadlineExceeded | ErrorClass::CostLimit);
+    match flight {
+        // The leader's failure, or the stand-in that answered for it, came of its own options.
+        Some(Err(err)) if leaders_own(err.class()) && !deadline.is_past() => Followed::Again,
+        Some(Ok((served, _))) if served.degraded_by.is_some_and(leaders_own) && !deadline.is_past() => Followed::Again,
+        Some(outcome) => Followed::Outcome(outcome.map(|(served, spend)| served.for_follower(spend))),
+        // `wait_for` returned a flight that is set.
+        None => Followed::Again,
     }
 }

@@ -1,7 +1,22 @@
 //! The local embedding model as a service of its own (the gateway's `/v1/embeddings`): the
 //! model the semantic cache already runs, so that no text leaves the machine for a vector.
+//! Each request is held to its workspace's limits, as a call is, and leaves one row.
 
-use crate::{Engine, PipelineError};
+use std::time::Duration;
+
+use resilience::{Deadline, Outcome};
+use telemetry::{CallRecord, CallStatus, Source};
+use tokio::time::Instant;
+
+use super::record::unix_ms;
+use super::upstream::CHARS_PER_TOKEN;
+use crate::{CallContext, Engine, PipelineError, StepType, TraceId};
+
+/// The step word of an embeddings request's row and metrics: a fixed name, no caller's.
+pub const EMBEDDINGS_STEP: &str = "embeddings";
+
+/// The provider word of the local model's rows and guard key.
+const LOCAL_PROVIDER: &str = "local";
 
 /// Unit-length vectors of some texts, in their order.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,9 +36,26 @@ impl Engine {
         Some(directory.to_string_lossy().into_owned())
     }
 
-    /// Embeds `texts` on the semantic cache's model, off the async workers.
-    pub async fn embed(&self, texts: Vec<String>) -> Result<Embeddings, PipelineError> {
-        let (Some(cache), Some(model)) = (self.inner.semantic.clone(), self.embedding_model()) else {
+    /// Embeds `texts` on the semantic cache's model, off the async workers, for `context`'s
+    /// workspace: its request and token limits apply (the tokens estimated from the texts'
+    /// length, settled with the model's count), and the request leaves one row.
+    pub async fn embed(&self, texts: Vec<String>, context: &CallContext) -> Result<Embeddings, PipelineError> {
+        let started = Instant::now();
+        let at = self.inner.clock.now();
+        let model = self.embedding_model();
+        let outcome = self.embed_within_limits(texts, context, model.as_deref()).await;
+        let latency = started.elapsed();
+        self.record_embeddings(context, model.as_deref(), at, latency, &outcome);
+        outcome
+    }
+
+    async fn embed_within_limits(
+        &self,
+        texts: Vec<String>,
+        context: &CallContext,
+        model: Option<&str>,
+    ) -> Result<Embeddings, PipelineError> {
+        let (Some(cache), Some(model)) = (self.inner.semantic.clone(), model) else {
             return Err(PipelineError::Unsupported {
                 param: "model".into(),
                 reason: "no embedding model is loaded: embeddings come from the semantic cache's model; set \
@@ -31,6 +63,18 @@ impl Engine {
                     .into(),
             });
         };
+        let step =
+            StepType::new(EMBEDDINGS_STEP).map_err(|err| PipelineError::InvalidOptions { reason: err.to_string() })?;
+        let chars: usize = texts.iter().map(|text| text.chars().count()).sum();
+        let estimated_tokens = chars.div_ceil(CHARS_PER_TOKEN) as u64;
+        let deadline = Deadline::after(self.inner.config.engine.default_deadline);
+        let key = format!("{LOCAL_PROVIDER}/{model}");
+        let admission = self
+            .inner
+            .guards
+            .admit(&context.workspace, &key, estimated_tokens, &deadline)
+            .await
+            .map_err(|refused| PipelineError::Refused { step, attempts: 0, source: refused.refusal })?;
         let embedded = tokio::task::spawn_blocking(move || {
             let embedder = cache.embedder();
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
@@ -42,8 +86,55 @@ impl Engine {
             Ok::<_, semantic_cache::CacheError>((vectors, input_tokens))
         })
         .await
-        .map_err(|err| PipelineError::Embedding { reason: format!("the embedding task failed: {err}") })?;
-        let (vectors, input_tokens) = embedded.map_err(|err| PipelineError::Embedding { reason: err.to_string() })?;
-        Ok(Embeddings { model, vectors, input_tokens })
+        .map_err(|err| PipelineError::Embedding { reason: format!("the embedding task failed: {err}") })
+        .and_then(|embedded| embedded.map_err(|err| PipelineError::Embedding { reason: err.to_string() }));
+        // A local model's failure is no upstream's: it opens no breaker.
+        let used = embedded.as_ref().ok().map(|(_, tokens)| *tokens);
+        let _ = admission.finish(if used.is_some() { Outcome::Success } else { Outcome::NotCounted }, used);
+        let (vectors, input_tokens) = embedded?;
+        Ok(Embeddings { model: model.to_owned(), vectors, input_tokens })
+    }
+
+    fn record_embeddings(
+        &self,
+        context: &CallContext,
+        model: Option<&str>,
+        at: std::time::SystemTime,
+        latency: Duration,
+        outcome: &Result<Embeddings, PipelineError>,
+    ) {
+        let trace_id = context.trace_id.clone().unwrap_or_else(TraceId::random);
+        let (status, error_class, error_message) = match outcome {
+            Ok(_) => (CallStatus::Ok, None, None),
+            Err(err) => (CallStatus::Error, Some(err.class()), Some(super::record::error_text(err))),
+        };
+        self.inner.recorder.record(CallRecord {
+            ts_ms: unix_ms(at),
+            step: EMBEDDINGS_STEP.to_owned(),
+            component: super::record::component(context),
+            workspace: context.workspace.clone(),
+            trace_id: trace_id.to_string(),
+            model: model.unwrap_or_default().to_owned(),
+            provider: LOCAL_PROVIDER.to_owned(),
+            input_tokens: outcome.as_ref().map_or(0, |embedded| embedded.input_tokens as i64),
+            output_tokens: 0,
+            latency_ms: latency.as_secs_f64() * 1000.0,
+            cost_usd: 0.0,
+            saved_cost_usd: 0.0,
+            saved_tokens: 0,
+            source: if outcome.is_ok() { Source::Upstream } else { Source::None },
+            cache_hit: false,
+            confidence: if outcome.is_ok() { 1.0 } else { 0.0 },
+            similarity: None,
+            status,
+            error_class,
+            error_message,
+            attempts: i64::from(outcome.is_ok()),
+            rate_limit_wait_ms: 0.0,
+            breaker_state: None,
+            route: None,
+            streamed: false,
+            ttft_ms: None,
+        });
     }
 }

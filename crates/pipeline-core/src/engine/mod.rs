@@ -34,7 +34,7 @@ mod stand_in;
 mod state;
 mod upstream;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -50,7 +50,7 @@ use tracing::Instrument;
 
 use self::budget::Budgets;
 use self::cache::{CachedAnswer, cache_key};
-use self::coalesce::{Flights, Turn, follow};
+use self::coalesce::{Flights, Followed, Turn, follow};
 use self::route::Latencies;
 use self::served::{Served, Spent};
 use self::upstream::{Ask, CHARS_PER_TOKEN};
@@ -82,7 +82,6 @@ struct Inner {
     flights: Arc<Flights>,
     recorder: Recorder,
     clock: Arc<dyn Clock>,
-    unpriced_models: Mutex<HashSet<String>>,
     latencies: Latencies,
     budgets: Budgets,
     /// The random choices of routes, seeded so that tests and replays repeat them.
@@ -161,6 +160,7 @@ impl Engine {
                 provider: served.provider,
                 input_tokens: spent.usage.input_tokens,
                 output_tokens: spent.usage.output_tokens,
+                answer_usage: served.answer_usage.unwrap_or(spent.usage),
                 cost_usd: spent.cost_usd,
                 saved_cost_usd: served.saved_cost_usd,
                 latency,
@@ -221,14 +221,15 @@ impl Engine {
         }
 
         // 4. An identical call already on its way upstream answers this one too.
-        let leader = match self.inner.flights.take_turn(prompt.key, call.options) {
-            Turn::Follow(receiver) => match follow(receiver, &deadline).await {
-                Some(outcome) => return outcome,
-                // The leader was cancelled: this call goes on its own.
-                None => None,
-            },
-            Turn::Lead(leader) => Some(leader),
-            Turn::Alone => None,
+        let leader = loop {
+            match self.inner.flights.take_turn(prompt.key, call.options) {
+                Turn::Follow(receiver) => match follow(receiver, &deadline).await {
+                    Followed::Outcome(outcome) => return outcome,
+                    Followed::Again => {}
+                },
+                Turn::Lead(leader) => break Some(leader),
+                Turn::Alone => break None,
+            }
         };
         let outcome = self.answer(spec, &route, call, prompt, &deadline, at, spent).await;
         if let Some(leader) = leader {

@@ -5,7 +5,6 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use providers::{Capabilities, ChatMessage, ChatRequest};
-use telemetry::ModelPrice;
 
 use super::{Call, Engine};
 use crate::prompt::ChatOptions;
@@ -18,9 +17,11 @@ impl Engine {
         if candidate.provider == self.inner.config.provider.name { &self.inner.primary } else { &candidate.provider }
     }
 
-    /// The guards' key of a candidate: its provider and its model there.
+    /// The guards' key of a candidate: its provider and its model there (for a model the
+    /// registry does not list, the entry that admitted it: the keys stay as many as the
+    /// config's entries, whatever names callers send).
     pub(super) fn guard_key(&self, candidate: &ModelSpec) -> String {
-        format!("{}/{}", self.provider_of(candidate), candidate.upstream)
+        format!("{}/{}", self.provider_of(candidate), candidate.guard_model)
     }
 
     /// The route this call takes: the step's, unless the call names a model or a route.
@@ -77,17 +78,7 @@ impl Engine {
         }
         let named = match registry.get(model) {
             Some(spec) => spec.clone(),
-            None => {
-                if call.options.max_cost_usd.is_some() && self.inner.config.prices.price(model).is_none() {
-                    return Err(PipelineError::CostLimitExceeded {
-                        reason: format!(
-                            "the call sets max_cost_usd but model `{model}` has no price: add [models.\"{model}\"] \
-                             to the config"
-                        ),
-                    });
-                }
-                Arc::new(self.unregistered(model))
-            }
+            None => Arc::new(self.unlisted(model)?),
         };
         let candidates = std::iter::once(named).chain(route.candidates.iter().skip(1).cloned()).collect();
         Ok(Cow::Owned(RouteSpec::ordered(candidates, model.to_owned())))
@@ -152,20 +143,13 @@ impl Engine {
         config.providers.get(provider).map_or(config.provider.capabilities, |p| p.capabilities)
     }
 
-    /// A model a call names that the registry does not know: on the primary provider, priced
-    /// by the longest listed prefix of its name if any (else free, with a warning when it
-    /// answers), of unknown window and the lowest tier.
-    fn unregistered(&self, model: &str) -> ModelSpec {
-        let config = &self.inner.config;
-        ModelSpec {
-            name: model.to_owned(),
-            provider: config.provider.name.clone(),
-            upstream: model.to_owned(),
-            price: config.prices.price(model).unwrap_or(ModelPrice::new(0.0, 0.0)),
-            context_window: None,
-            tier: 1,
-            json: true,
-            tools: true,
-        }
+    /// A model a call names that the registry does not list: a dated name of a listed model,
+    /// or one `[models."*"]` admits, at its price; refused otherwise, since a model with no
+    /// price would make its calls free to every budget.
+    fn unlisted(&self, model: &str) -> Result<ModelSpec, PipelineError> {
+        self.inner.config.models.admit(model).ok_or_else(|| PipelineError::UnlistedModel {
+            model: model.chars().take(100).collect(),
+            known: self.inner.config.models.iter().map(|spec| spec.name.as_str()).collect::<Vec<_>>().join(", "),
+        })
     }
 }

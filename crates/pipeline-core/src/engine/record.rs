@@ -41,8 +41,7 @@ impl Engine {
             Ok(served) => (CallStatus::Ok, served.degraded_by, None),
             Err(err) => {
                 tracing::info!(error = %err, class = err.metric_label(), "call failed");
-                let message: String = err.to_string().chars().take(MAX_ERROR_MESSAGE_CHARS).collect();
-                (CallStatus::Error, Some(err.class()), Some(message))
+                (CallStatus::Error, Some(err.class()), Some(error_text(err)))
             }
         };
         let record = CallRecord {
@@ -124,11 +123,16 @@ impl Engine {
     }
 }
 
-fn component(context: &CallContext) -> String {
+/// An error as a row keeps it: its first [`MAX_ERROR_MESSAGE_CHARS`] characters.
+pub(super) fn error_text(err: &PipelineError) -> String {
+    err.to_string().chars().take(MAX_ERROR_MESSAGE_CHARS).collect()
+}
+
+pub(super) fn component(context: &CallContext) -> String {
     if context.component.is_empty() { "unspecified".to_owned() } else { context.component.clone() }
 }
 
-fn unix_ms(at: SystemTime) -> i64 {
+pub(super) fn unix_ms(at: SystemTime) -> i64 {
     at.duration_since(UNIX_EPOCH).map(|since| since.as_millis() as i64).unwrap_or(0)
 }
 

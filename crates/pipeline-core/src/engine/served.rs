@@ -22,7 +22,13 @@ pub(super) struct Answer {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Spend {
     pub(super) cost_usd: f64,
-    pub(super) tokens: u64,
+    pub(super) usage: Usage,
+}
+
+impl Spend {
+    pub(super) fn tokens(&self) -> u64 {
+        u64::from(self.usage.input_tokens) + u64::from(self.usage.output_tokens)
+    }
 }
 
 /// Everything a call consumed, kept up to date while it runs so that a failed or cut-off call
@@ -48,10 +54,7 @@ pub(super) struct Spent {
 
 impl Spent {
     pub(super) fn spend(&self) -> Spend {
-        Spend {
-            cost_usd: self.cost_usd,
-            tokens: u64::from(self.usage.input_tokens) + u64::from(self.usage.output_tokens),
-        }
+        Spend { cost_usd: self.cost_usd, usage: self.usage }
     }
 }
 
@@ -73,6 +76,9 @@ pub(super) struct Served {
     pub(super) finish_reason: FinishReason,
     /// The tools the model called (a chat step's answer may be only these).
     pub(super) tool_calls: Vec<ToolCall>,
+    /// The answer's tokens as its model counted them when it wrote it, for an answer this call
+    /// did not pay for (a cache's, a leader's); `None`: this call's own spend says them.
+    pub(super) answer_usage: Option<Usage>,
 }
 
 impl Served {
@@ -90,11 +96,13 @@ impl Served {
             degraded_by: None,
             finish_reason: answer.finish_reason,
             tool_calls: answer.tool_calls,
+            answer_usage: None,
         }
     }
 
     /// An answer kept by a cache, served again: it costs nothing and saves what it once cost.
     fn cached(answer: CachedAnswer, source: Source, confidence: f64) -> Self {
+        let answer_usage = Some(answer.usage.unwrap_or_default());
         Self {
             output: answer.output,
             source,
@@ -107,6 +115,7 @@ impl Served {
             degraded_by: None,
             finish_reason: answer.finish_reason,
             tool_calls: answer.tool_calls,
+            answer_usage,
         }
     }
 
@@ -151,6 +160,7 @@ impl Served {
             degraded_by: Some(cause),
             finish_reason: FinishReason::Stop,
             tool_calls: Vec::new(),
+            answer_usage: Some(Usage::default()),
         }
     }
 
@@ -160,7 +170,8 @@ impl Served {
         if matches!(self.source, Source::Upstream | Source::FallbackModel) {
             self.source = Source::Coalesced;
             self.saved_cost_usd = leader.cost_usd;
-            self.saved_tokens = leader.tokens;
+            self.saved_tokens = leader.tokens();
+            self.answer_usage = Some(leader.usage);
         }
         self
     }

@@ -2,8 +2,6 @@
 //! caller's strict schema, each candidate asked through the guards with retries, and what
 //! every attempt cost. Which candidates, in which order, is `plan` and `route`'s.
 
-use std::sync::PoisonError;
-
 use providers::{ChatMessage, ChatRequest, ChatResponse, ErrorClass, ProviderError, ResponseFormat, StreamSink};
 use resilience::{Deadline, Outcome};
 use serde_json::Value;
@@ -62,7 +60,7 @@ impl Engine {
         if let Some(schema) = ask.request.strict_schema() {
             return self.check_strict(ask, schema, reply, answered, spent);
         }
-        let violations = match validate(ask.spec, &reply.content) {
+        let violations = match validate(ask, &reply.content) {
             Ok(output) => {
                 let answer = Answer { output, tool_calls: reply.tool_calls, finish_reason: reply.finish_reason };
                 return Ok((answer, answered));
@@ -78,7 +76,7 @@ impl Engine {
         )));
         let repaired =
             staged("contract.repair", self.ask_with_retries(ask, answered.candidate, &repair, spent)).await?;
-        let output = validate(ask.spec, &repaired.content).map_err(|violations| PipelineError::ContractViolation {
+        let output = validate(ask, &repaired.content).map_err(|violations| PipelineError::ContractViolation {
             step: ask.spec.step.clone(),
             attempts: spent.attempts,
             violations,
@@ -266,7 +264,7 @@ impl Engine {
             .map_or(inner.config.provider.request_timeout, |settings| settings.request_timeout);
         let cut_by_deadline = ask.deadline.remaining() < request_timeout;
         let timeout = request_timeout.min(ask.deadline.remaining());
-        let in_flight = inner.latencies.start(&candidate.name);
+        let in_flight = inner.latencies.start(&key);
         let started = Instant::now();
         let result = match tokio::time::timeout(timeout, provider.oneshot(request)).await {
             Ok(result) => result,
@@ -293,13 +291,13 @@ impl Engine {
                 // As the provider reports it: logged for a replay, measured for a live one. A
                 // streamed reply is as fast as its first token, which is what its caller waits
                 // for.
-                inner.latencies.observe(&candidate.name, reply.time_to_first_token.unwrap_or(reply.latency));
+                inner.latencies.observe(&key, reply.time_to_first_token.unwrap_or(reply.latency));
                 if let Some(declared) = reply.declared_limits {
                     inner.guards.declare(&key, declared_limits(declared));
                 }
                 spent.upstream_reported += reply.latency;
                 spent.usage = spent.usage.plus(reply.usage);
-                spent.cost_usd += self.cost_of(candidate, &reply);
+                spent.cost_usd += Self::cost_of(candidate, &reply);
                 spent.model = Some(reply.model.clone());
                 spent.provider = Some(reply.provider.clone());
                 Ok(reply)
@@ -311,7 +309,7 @@ impl Engine {
             Err(source) => {
                 if source.class() == ErrorClass::Timeout {
                     // A candidate that times out is slow, as far as `fastest` can tell.
-                    inner.latencies.observe(&candidate.name, wall);
+                    inner.latencies.observe(&key, wall);
                 }
                 spent.upstream_reported += wall;
                 // Part of the answer is with the caller: another attempt's answer would not
@@ -331,13 +329,17 @@ impl Engine {
     /// The reply shape (the caller's, else the step's) as `provider` can be asked for it (see
     /// [`providers::Capabilities::format_for`]).
     fn response_format(&self, ask: &Ask<'_>, provider: &str) -> ResponseFormat {
-        let wanted = ask.request.response_format.as_ref().unwrap_or(&ask.spec.response_format);
-        self.capabilities(provider).format_for(wanted)
+        let wanted = match &ask.request.response_format {
+            Some(callers) => std::borrow::Cow::Borrowed(callers),
+            None => ask.spec.contract.response_format_for(&ask.spec.response_format, ask.call.input),
+        };
+        self.capabilities(provider).format_for(&wanted)
     }
 
-    /// What a reply cost: every kind of token at the candidate's price for it. A model the
-    /// registry does not know, with no listed price, counts as free, with one warning.
-    fn cost_of(&self, candidate: &ModelSpec, reply: &ChatResponse) -> f64 {
+    /// What a reply cost: every kind of token at the candidate's price for it (every
+    /// candidate has one: a listed model's, or the price of the entry that admitted an
+    /// unlisted one).
+    fn cost_of(candidate: &ModelSpec, reply: &ChatResponse) -> f64 {
         let usage = reply.usage;
         let tokens = PricedTokens {
             input: u64::from(usage.input_tokens),
@@ -345,25 +347,7 @@ impl Engine {
             cached_input: u64::from(usage.cached_input_tokens),
             cache_write: u64::from(usage.cache_write_tokens),
         };
-        let config = &self.inner.config;
-        let price = match config.models.get(&candidate.name) {
-            Some(_) => Some(candidate.price),
-            None => config.prices.price(&reply.model).or_else(|| config.prices.price(&candidate.upstream)),
-        };
-        match price {
-            Some(price) => price.cost_of(tokens),
-            None => {
-                let mut unpriced = self.inner.unpriced_models.lock().unwrap_or_else(PoisonError::into_inner);
-                if unpriced.insert(reply.model.clone()) {
-                    tracing::warn!(
-                        model = %reply.model,
-                        "no price for this model: its calls count as free; add [models.\"{}\"] to the config",
-                        reply.model
-                    );
-                }
-                0.0
-            }
-        }
+        candidate.price.cost_of(tokens)
     }
 }
 
@@ -376,6 +360,6 @@ fn declared_limits(declared: providers::DeclaredLimits) -> resilience::Declared 
 
 /// No span of its own: a check takes microseconds, and one that fails shows as the
 /// `contract.repair` that follows.
-fn validate(spec: &StepSpec, reply: &str) -> Result<Value, String> {
-    spec.contract.check(reply)
+fn validate(ask: &Ask<'_>, reply: &str) -> Result<Value, String> {
+    ask.spec.contract.check(reply, ask.call.input)
 }

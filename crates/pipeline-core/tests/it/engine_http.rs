@@ -237,3 +237,28 @@ async fn the_model_hint_reaches_the_upstream_and_splits_the_cache() {
     assert_eq!(h.upstream.received()[1]["model"], "gpt-4o");
     assert_eq!(h.upstream.received()[1]["max_completion_tokens"], 100);
 }
+
+#[tokio::test]
+async fn a_label_outside_the_given_ones_is_repaired_then_stood_in_for_and_never_cached() {
+    let h = Harness::start("").await;
+    // As a small model answers: a label of its own, or the list itself.
+    h.upstream.push(Reply::completion(r#"{"label": "ok", "confidence": 1.0}"#));
+    h.upstream.push(Reply::completion(r#"{"label": "Billing, bug, other", "confidence": 1.0}"#));
+    let result = h.classify("ws", "I was charged twice", CallOptions::default()).await.unwrap();
+    assert_eq!((result.source, result.degraded_by), (Source::FallbackRule, Some(ErrorClass::ContractViolation)));
+    assert_eq!(result.output["label"], "unclassified");
+    let sent = h.upstream.received();
+    assert_eq!(sent.len(), 2, "the answer and one repair");
+    // The provider was asked for the call's own labels, and the repair named them.
+    assert_eq!(
+        sent[0]["response_format"]["json_schema"]["schema"]["properties"]["label"]["enum"],
+        json!(["billing", "bug", "other"])
+    );
+    let repair = last_user_message(&sent[1]);
+    assert!(repair.contains("`ok` is not one of the given labels") && repair.contains("`other`"), "{repair}");
+    // Nothing was kept: the same call asks again, and a right answer (in another case) is the label given.
+    h.upstream.push(Reply::completion(r#"{"label": "BILLING", "confidence": 0.9}"#));
+    let again = h.classify("ws", "I was charged twice", CallOptions::default()).await.unwrap();
+    assert_eq!((again.source, again.output["label"].as_str()), (Source::Upstream, Some("billing")));
+    assert_eq!(h.upstream.requests(), 3);
+}

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod engine_http;
+mod index;
 mod resilience;
 mod routing;
 mod semantic;

@@ -293,6 +293,28 @@ async fn identical_calls_at_once_make_one_upstream_request() {
 }
 
 #[tokio::test]
+async fn a_follower_with_time_left_outlives_its_leaders_deadline() {
+    let h = Arc::new(Harness::start("").await);
+    h.upstream.respond_with(|_| Reply::slow(Duration::from_millis(400), Reply::completion(CLASSIFIED)));
+    let hasty = {
+        let h = h.clone();
+        tokio::spawn(async move { h.classify("ws-a", "same question", within(Duration::from_millis(150))).await })
+    };
+    while h.upstream.requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let patient = h.classify("ws-a", "same question", within(Duration::from_secs(5))).await.unwrap();
+    // The hasty call's deadline passed: its stand-in answered it, and only it.
+    let hasty = hasty.await.unwrap().unwrap();
+    assert_eq!((hasty.source, hasty.degraded_by), (Source::FallbackRule, Some(ErrorClass::DeadlineExceeded)));
+    assert!(
+        matches!(patient.source, Source::Upstream | Source::ExactCache),
+        "the patient call got {:?}, not an answer of its own",
+        patient.source
+    );
+}
+
+#[tokio::test]
 async fn rate_limits_hold_a_workspace_to_its_budget() {
     let h = Arc::new(Harness::start("[limits]\nworkspace_requests_per_minute = 60\nworkspace_request_burst = 3").await);
     h.upstream.respond_with(|_| Reply::completion(CLASSIFIED));
@@ -306,7 +328,7 @@ async fn rate_limits_hold_a_workspace_to_its_budget() {
     // Another workspace is not held back by this one.
     let other = h.engine.execute(
         pipeline_core::StepType::CLASSIFIER,
-        serde_json::json!({"text": "hello", "labels": ["a"]}),
+        serde_json::json!({"text": "hello", "labels": ["billing"]}),
         pipeline_core::CallContext::new("ws-b", "c"),
         CallOptions::default(),
     );

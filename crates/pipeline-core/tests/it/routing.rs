@@ -294,3 +294,58 @@ async fn a_fallback_target_over_budget_is_skipped() {
     let route = rows[1].route.as_ref().unwrap();
     assert!(route.excluded.contains(&("paid".to_owned(), RouteExclusion::Budget)), "{route:?}");
 }
+
+#[tokio::test]
+async fn a_call_over_the_window_only_with_its_default_output_budget_is_told_so() {
+    let routes =
+        [model("small-window", 0, 0.1, 0.4, 8_000, 1), "[steps.chat]\nmodel = 'small-window'\n".to_owned()].concat();
+    let fleet = Fleet::start(1, &[], &routes).await;
+    fleet.upstreams[0].respond_with(|_| Reply::completion("fine"));
+    let chat = |content: String, max_tokens: Option<u32>| {
+        let mut input = json!({"messages": [{"role": "user", "content": content}]});
+        if let Some(max_tokens) = max_tokens {
+            input["max_tokens"] = json!(max_tokens);
+        }
+        fleet.engine.execute(StepType::CHAT, input, CallContext::new("ws", "c"), CallOptions::default())
+    };
+    // About 5,000 prompt tokens: they fit 8,000, the chat step's default 4,096 output tokens beside them do not.
+    let err = chat("word ".repeat(4_000), None).await.unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("max_tokens of at most 3000"), "{message}");
+    assert!(!message.contains("shorten the input"), "{message}");
+    assert!(chat("word ".repeat(4_000), Some(1_000)).await.is_ok());
+    // A prompt over the window itself is the input's fault.
+    let err = chat("word ".repeat(8_000), Some(10)).await.unwrap_err();
+    assert!(err.to_string().contains("shorten the input"), "{err}");
+}
+
+#[tokio::test]
+async fn a_model_the_registry_does_not_list_is_refused_unless_star_prices_it() {
+    async fn chat(fleet: &Fleet, model: String) -> Result<pipeline_core::PipelineResult, PipelineError> {
+        let input = json!({"messages": [{"role": "user", "content": format!("hello from {model}")}]});
+        let options = CallOptions { model: Some(model), ..CallOptions::default() };
+        fleet.engine.execute(StepType::CHAT, input, CallContext::new("ws", "c"), options).await
+    }
+    let fleet = Fleet::start(1, &[], "").await;
+    fleet.upstreams[0].respond_with(|_| Reply::completion_with_usage("fine", 1_000, 1_000));
+    let err = chat(&fleet, "made-up-model".into()).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::InvalidRequest);
+    assert!(err.to_string().contains("[models.\"made-up-model\"]"), "{err}");
+    assert_eq!(fleet.requests(), vec![0], "a model with no price is never asked");
+    // A dated name of a listed model is that model, at its price.
+    let dated = chat(&fleet, "gpt-4o-mini-2024-07-18".into()).await.unwrap();
+    assert!((dated.cost_usd - (1_000.0 * 0.15 + 1_000.0 * 0.60) / 1e6).abs() < 1e-12, "{}", dated.cost_usd);
+    assert_eq!(fleet.upstreams[0].received()[0]["model"], "gpt-4o-mini-2024-07-18");
+
+    // With [models."*"], any name goes at its price; the guards know them all as one.
+    let star = "[models.\"*\"]\ninput_per_million_usd = 1.0\noutput_per_million_usd = 2.0\n";
+    let fleet = Fleet::start(1, &[], star).await;
+    fleet.upstreams[0].respond_with(|_| Reply::completion_with_usage("fine", 1_000, 1_000));
+    for n in 0..50 {
+        let result = chat(&fleet, format!("made-up-model-{n}")).await.unwrap();
+        assert!((result.cost_usd - 0.003).abs() < 1e-12, "{}", result.cost_usd);
+    }
+    let breakers: Vec<String> = fleet.engine.breakers().into_iter().map(|breaker| breaker.key).collect();
+    assert_eq!(breakers.len(), 1, "{breakers:?}");
+    assert!(Config::from_toml("[steps.chat.route]\ncandidates = ['*']\n[models.\"*\"]\ninput_per_million_usd = 1.0\noutput_per_million_usd = 1.0").is_err());
+}

@@ -103,7 +103,7 @@ async fn another_workspace_or_other_fields_never_share_an_entry() {
     h.ask("ws-a", "I was charged twice").await;
     assert_eq!(h.ask("ws-b", "I was charged two times").await.source, Source::Upstream);
     // Same text, different label set: the other fields must match exactly.
-    let other_labels = json!({"text": "I was charged two times", "labels": ["refund", "other"]});
+    let other_labels = json!({"text": "I was charged two times", "labels": ["billing", "refund", "other"]});
     let result = h
         .engine
         .execute(StepType::CLASSIFIER, other_labels, CallContext::new("ws-a", "c"), CallOptions::default())

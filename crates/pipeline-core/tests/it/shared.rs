@@ -62,3 +62,34 @@ async fn tokens_reserved_in_the_shared_limit_are_settled_with_the_real_usage() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_cancelled_mid_flight_leaves_no_stuck_degradation() {
+    let Some(redis) = RedisServer::start() else { return };
+    let retry = Duration::from_millis(400);
+    let config = shared(&redis, &format!("timeout_ms = 150\nretry_ms = {}", retry.as_millis()));
+    let h = Harness::start(&config).await;
+    h.upstream.respond_with(|_| Reply::completion(CLASSIFIED));
+    let up = |h: &Harness| h.engine.shared_state().iter().all(|part| part.up);
+    h.classify("ws", "first ticket", CallOptions::default()).await.unwrap();
+    assert!(up(&h));
+    // A server that hangs: the next call's lookup times out and marks Redis down.
+    redis.pause();
+    h.classify("ws", "second ticket", CallOptions::default()).await.unwrap();
+    assert!(!up(&h), "a lookup that timed out marks Redis down");
+    // When the probe is due, the call that makes it is cancelled while Redis still hangs.
+    tokio::time::sleep(retry + Duration::from_millis(50)).await;
+    let cancelled =
+        tokio::time::timeout(Duration::from_millis(50), h.classify("ws", "third ticket", CallOptions::default())).await;
+    assert!(cancelled.is_err(), "the probing call was meant to be cancelled mid-flight");
+    redis.resume();
+    // Redis is back: within the retry period a call probes it and the replica uses it again.
+    let back = Instant::now();
+    let mut n = 0;
+    while !up(&h) {
+        assert!(back.elapsed() < retry, "Redis is back but the replica still calls it down after {:?}", back.elapsed());
+        h.classify("ws", &format!("ticket {n} after the cancelled probe"), CallOptions::default()).await.unwrap();
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

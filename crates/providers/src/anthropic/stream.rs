@@ -103,10 +103,11 @@ where
     B: AsRef<[u8]> + Send + 'static,
     E: Into<ProviderError> + Send + 'static,
 {
-    crate::stream::event_data(bytes)
+    let events = crate::stream::event_data(bytes)
         .map(|data| data.and_then(|data| parse(&data)))
         .scan(Progress::default(), |progress, parsed| futures::future::ready(progress.next(parsed)))
-        .filter_map(futures::future::ready)
+        .filter_map(futures::future::ready);
+    crate::stream::until_last(events)
 }
 
 /// What the stream said so far that later events build on.

@@ -96,7 +96,7 @@ where
     B: AsRef<[u8]> + Send + 'static,
     E: Into<ProviderError> + Send + 'static,
 {
-    crate::stream::event_data(bytes)
+    let events = crate::stream::event_data(bytes)
         .scan(Progress::default(), |progress, data| {
             let events = match data {
                 _ if progress.done => None,
@@ -108,7 +108,8 @@ where
             };
             futures::future::ready(events)
         })
-        .flat_map(futures::stream::iter)
+        .flat_map(futures::stream::iter);
+    crate::stream::until_last(events)
 }
 
 /// What the stream said so far that later chunks build on.

@@ -86,8 +86,9 @@ impl Engine {
             .iter()
             .zip(failed)
             .map(|(candidate, failed)| {
-                let outlook = inner.guards.outlook(workspace, &self.guard_key(candidate), ask.estimated_tokens);
-                let (latency, in_flight) = inner.latencies.state(&candidate.name);
+                let key = self.guard_key(candidate);
+                let outlook = inner.guards.outlook(workspace, &key, ask.estimated_tokens);
+                let (latency, in_flight) = inner.latencies.state(&key);
                 CandidateState {
                     breaker_open: outlook.breaker_open,
                     throttled: outlook.wait > wait_bound,
@@ -146,11 +147,40 @@ impl Engine {
             .collect::<Vec<_>>()
             .join(", ");
         let hint = match decision.excluded.first().map(|(_, reason)| *reason) {
-            Some(RouteExclusion::ContextWindow) => "shorten the input or add a candidate with a larger context_window",
-            Some(RouteExclusion::Capability) => "add a candidate that answers in JSON (models.NAME.json = true)",
-            Some(RouteExclusion::Tier) => "lower the route's min_tier or add a candidate of that tier",
-            _ => "add a candidate to the step's route",
+            Some(RouteExclusion::ContextWindow) => window_hint(ask, route),
+            Some(RouteExclusion::Capability) => "add a candidate that answers in JSON (models.NAME.json = true)".into(),
+            Some(RouteExclusion::Tier) => "lower the route's min_tier or add a candidate of that tier".into(),
+            _ => "add a candidate to the step's route".into(),
         };
-        PipelineError::NoRoute { step: ask.spec.step.clone(), excluded, hint: hint.to_owned() }
+        PipelineError::NoRoute { step: ask.spec.step.clone(), excluded, hint }
+    }
+}
+
+/// What to change when no candidate's context window holds the call: the prompt, or the
+/// output budget that a window must hold beside it (a caller that sets no `max_tokens` gets
+/// the step's whole `max_output_tokens`).
+fn window_hint(ask: &Ask<'_>, route: &RouteSpec) -> String {
+    let largest = route
+        .candidates
+        .iter()
+        .filter_map(|candidate| candidate.context_window.map(|window| (candidate, u64::from(window))))
+        .max_by_key(|(_, window)| *window);
+    let prompt = ask.prompt_tokens;
+    let output = ask.sampling.max_output_tokens;
+    match largest {
+        Some((candidate, window)) if prompt < window => format!(
+            "the prompt (about {prompt} tokens) fits `{}`'s context window of {window} tokens, but not with an output \
+             budget of {output} tokens (the call's max_tokens, or steps.{}.max_output_tokens when it sets none): ask \
+             for max_tokens of at most {}",
+            candidate.name,
+            ask.spec.step,
+            window - prompt
+        ),
+        Some((candidate, window)) => format!(
+            "the prompt (about {prompt} tokens) is over the largest context window, `{}`'s {window} tokens: shorten \
+             the input or add a candidate with a larger context_window",
+            candidate.name
+        ),
+        None => "shorten the input or add a candidate with a larger context_window".into(),
     }
 }

@@ -14,6 +14,7 @@ fn model(name: &str, input: f64, output: f64, window: u32, tier: u8) -> Arc<Mode
         tier,
         json: true,
         tools: true,
+        guard_model: name.into(),
     })
 }
 
