@@ -209,13 +209,6 @@ pub fn bench_cache(json: bool, root: &std::path::Path) -> anyhow::Result<()> {
             .collect();
         let samples = stored.iter().map(lookup).collect();
         figures.push(Figure::lookups("index_search_hit", entries, samples));
-        // Paraphrases: search, the guards and the learned verifier (no embedding), each a
-        // different pair of real questions the data says are the same (dev pairs only).
-        let paraphrases = real_paraphrases(&embedder, &cache, now)?;
-        if !paraphrases.is_empty() {
-            let samples = paraphrases.iter().map(lookup).collect();
-            figures.push(Figure::lookups("paraphrase_lookup", entries, samples));
-        }
         let _ = &asked;
         let samples = (0..200)
             .map(|i| {
@@ -245,6 +238,15 @@ pub fn bench_cache(json: bool, root: &std::path::Path) -> anyhow::Result<()> {
             .collect::<Result<_, _>>()
             .map_err(|()| anyhow::anyhow!("unexpected semantic hit"))?;
         figures.push(Figure::latency("semantic_miss", entries, samples));
+        // Paraphrases: search, the guards and the learned verifier (no embedding), each a
+        // different pair of real questions the data says are the same (dev pairs only). Last:
+        // their first questions take the place of as many stored entries (at most half of
+        // them), which the figures above must still find.
+        let paraphrases = real_paraphrases(&embedder, &cache, entries / 2, now)?;
+        if !paraphrases.is_empty() {
+            let samples = paraphrases.iter().map(lookup).collect();
+            figures.push(Figure::lookups("paraphrase_lookup", entries, samples));
+        }
 
         if let Some(real) = &real {
             figures.extend(index_search_real(&embedder, &real[..entries.min(real.len())], now)?);
@@ -255,12 +257,13 @@ pub fn bench_cache(json: bool, root: &std::path::Path) -> anyhow::Result<()> {
     print_figures(&figures, json)
 }
 
-/// Up to 2,000 pairs of Quora dev questions labelled the same, the first of each stored in
+/// Up to 2,000 (and `at_most`) pairs of Quora dev questions labelled the same, the first of each stored in
 /// `cache`, the second returned to be asked: lookups that reach the verifier, each on its own
 /// pair. Empty, with a note, without the data folder.
 fn real_paraphrases(
     embedder: &Embedder,
     cache: &SemanticCache<serde_json::Value>,
+    at_most: usize,
     now: SystemTime,
 ) -> anyhow::Result<Vec<semantic_cache::Query>> {
     let Ok(data) = crate::data_folder() else {
@@ -268,7 +271,7 @@ fn real_paraphrases(
         return Ok(Vec::new());
     };
     let pairs = crate::eval::read_pairs(&data.join("pairs").join("qqp-dev.jsonl"), None)?;
-    let pairs: Vec<_> = pairs.iter().filter(|pair| pair.same).take(2_000).collect();
+    let pairs: Vec<_> = pairs.iter().filter(|pair| pair.same).take(at_most.min(2_000)).collect();
     let texts: Vec<&str> = pairs.iter().flat_map(|pair| [pair.a.as_str(), pair.b.as_str()]).collect();
     let vectors = crate::eval::embed_cached(embedder, &texts)?;
     let mut asked = Vec::with_capacity(pairs.len());
@@ -372,7 +375,7 @@ fn index_search_real(embedder: &Arc<Embedder>, sentences: &[Embedded], now: Syst
             .filter(|((text, vector), truth)| {
                 let query = cache.prepare_embedded(text, vector.clone());
                 match cache.lookup("bench", &query, Some(ServeBar { threshold: 2.0, min_confidence: 2.0 }), None, now) {
-                    Lookup::Miss { best: Some((similarity, _)) } => similarity >= **truth - 1e-5,
+                    Lookup::Miss { best: Some((similarity, _)), .. } => similarity >= **truth - 1e-5,
                     _ => false,
                 }
             })
