@@ -14,7 +14,9 @@ use pipeline_core::semantic_cache::Embedder;
 use pipeline_core::telemetry::{
     self, Health, PriceTable, Recorder, RecorderSettings, TelemetryStore, mean_recovery_secs, percentile,
 };
-use pipeline_core::{CallContext, CallOptions, Config, Engine, Source, StepKind, StepType, TokioSystemClock};
+use pipeline_core::{
+    AuditMode, CallContext, CallOptions, Config, Engine, Source, StepKind, StepType, TokioSystemClock,
+};
 use serde::Serialize;
 
 use aipipe::log::{BadLine, LoggedCall, read_log};
@@ -303,7 +305,10 @@ async fn replay(
         false => None,
     };
     let provider_names: Vec<String> = config.providers.keys().cloned().collect();
-    let mut builder = Engine::builder(config).recorder(recorder.clone());
+    // No paid audits: the log has one answer per call, none to ask again. The free ones (a
+    // miss's logged answer against its nearest candidate's) still move the cuts, as they would
+    // have in the engine.
+    let mut builder = Engine::builder(config).recorder(recorder.clone()).audits(AuditMode::Off);
     if let Some(embedder) = &embedder {
         builder = builder.embedder(embedder.clone());
     }

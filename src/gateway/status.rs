@@ -151,6 +151,27 @@ async fn render(gateway: &Gateway) -> anyhow::Result<String> {
             }
         })
         .collect();
+    let cuts: Vec<_> = engine
+        .semantic_cuts()
+        .into_iter()
+        .map(|scope| {
+            context! {
+                step => scope.step,
+                workspace => scope.workspace.unwrap_or_else(|| "(all)".to_owned()),
+                cut => cut_text(scope.cut),
+                prior => cut_text(scope.prior),
+                audits => format!("{:.0}", scope.audits),
+                disagreements => format!("{:.0}", scope.disagreements),
+                wrong_rate => format!(
+                    "{} (95%: {} to {})",
+                    percent(scope.wrong_rate.estimate),
+                    percent(scope.wrong_rate.lower),
+                    percent(scope.wrong_rate.upper)
+                ),
+                tightened => scope.tightened,
+            }
+        })
+        .collect();
     let mut environment = Environment::new();
     // Named `.html`, the template escapes every value it prints.
     environment.add_template("status.html", TEMPLATE)?;
@@ -174,6 +195,7 @@ async fn render(gateway: &Gateway) -> anyhow::Result<String> {
         headroom => headroom,
         shared => shared,
         alerts => alerts,
+        cuts => cuts,
         alerts_on => engine.config().alerts.is_some(),
     })?;
     Ok(page)
@@ -229,6 +251,13 @@ fn colour(source: Source) -> &'static str {
         Source::FallbackSimilar => "#d35400",
         Source::FallbackRule => "#c0392b",
         Source::None => "#7f8c8d",
+    }
+}
+
+fn cut_text(cut: pipeline_core::semantic_cache::audit::Cut) -> String {
+    match cut {
+        pipeline_core::semantic_cache::audit::Cut::At(cut) => format!("{cut:.3}"),
+        pipeline_core::semantic_cache::audit::Cut::Never => "serves nothing".to_owned(),
     }
 }
 

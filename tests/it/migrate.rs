@@ -107,6 +107,7 @@ fn call(ts_ms: i64, component: &str, cost_usd: f64) -> CallRecord {
         route: None,
         streamed: false,
         ttft_ms: None,
+        audit: None,
     }
 }
 

@@ -28,10 +28,13 @@ impl Replica {
     fn start(dir: &Path, upstream: &ScriptedUpstream, redis: &str, postgres: &str) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let per_minute = u64::from(LIMIT) * 60 / LIMIT_WINDOW.as_secs();
+        // Audits off: an audit of B's semantic hit would be an upstream request of its own,
+        // while this test counts the requests that sharing saves (the audits' tests are theirs).
         let config = format!(
             "[state]\nredis_url = \"{redis}\"\nreplicas = 2\nretry_ms = 300\n\
              [telemetry]\ndatabase_url = \"{postgres}\"\n\
              [limits]\nmax_wait_ms = 0\nworkspace_requests_per_minute = {per_minute}\nworkspace_request_burst = 3\n\
+             [semantic]\nmax_wrong_rate = 0\n\
              [steps.chat]\nsemantic_field = \"messages\"\n\
              [gateway]\ntrust_loopback = true\n[gateway.api_keys]\nteam-a = \"REPLICA_TEST_KEY\"\n"
         );

@@ -103,6 +103,25 @@ struct FileReport {
     /// The shipped decision with its bar moved: probability cuts for the learned verifier,
     /// cosine thresholds for the plain decision.
     shipped_sweep: Vec<SweepRow>,
+    /// The least cosine (0.01 grid) at which the pairs at or above it are same-meaning pairs
+    /// with at least [`ANSWER_PRECISION`] precision, cosine alone: the conservative cut an
+    /// audit compares free-text answers at (`semantic.answer_min_cosine` is the highest over
+    /// the dev files). `None`: no cut reaches it with [`MIN_SERVED`] pairs above it.
+    answer_min_cosine: Option<f32>,
+}
+
+/// How sure an audit must be that two free-text answers agree.
+const ANSWER_PRECISION: f64 = 0.95;
+/// Pairs a cut must keep for its precision to mean anything.
+const MIN_SERVED: usize = 30;
+
+/// See [`FileReport::answer_min_cosine`].
+fn answer_min_cosine(scored: &[Scored<'_>]) -> Option<f32> {
+    (80..100).map(|cut| cut as f32 / 100.0).find(|&cut| {
+        let above: Vec<bool> = scored.iter().filter(|s| s.cosine >= cut).map(|s| s.pair.same).collect();
+        above.len() >= MIN_SERVED
+            && above.iter().filter(|same| **same).count() as f64 / above.len() as f64 >= ANSWER_PRECISION
+    })
 }
 
 pub struct EvalOptions {
@@ -170,6 +189,7 @@ pub fn eval_cache(options: &EvalOptions) -> anyhow::Result<()> {
             per_lookup: per_lookup(&scored, embedder.clone(), bar)?,
             cosine_sweep,
             shipped_sweep,
+            answer_min_cosine: answer_min_cosine(&scored),
         };
         if options.json {
             println!("{}", serde_json::to_string(&report)?);
@@ -248,6 +268,18 @@ fn table(report: &FileReport, seconds: f64) -> String {
         s.recall,
         s.fpr
     );
+    match report.answer_min_cosine {
+        Some(cut) => {
+            let _ = writeln!(
+                out,
+                "  answers agree at cosine {cut:.2}: pairs at or above it are {:.0}% same-meaning (semantic.answer_min_cosine)",
+                ANSWER_PRECISION * 100.0
+            );
+        }
+        None => {
+            let _ = writeln!(out, "  no cosine cut reaches {:.0}% same-meaning pairs", ANSWER_PRECISION * 100.0);
+        }
+    }
     let l = &report.per_lookup;
     let _ = writeln!(
         out,

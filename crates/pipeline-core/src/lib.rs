@@ -22,12 +22,12 @@ mod step;
 
 pub use clock::{Clock, ManualClock, SystemClock, TokioSystemClock};
 pub use config::{
-    BudgetSettings, CacheSettings, Config, ConfigSource, EngineSettings, FallbackSettings, ModelRegistry, ModelSpec,
-    OnBudget, ProviderKind, ProviderSettings, ResilienceSettings, RouteSpec, RoutingSettings, SemanticSettings,
-    StateSettings, StepSpec, TelemetrySettings,
+    AnswerMatch, AuditConfig, BudgetSettings, CacheSettings, Config, ConfigSource, EngineSettings, FallbackSettings,
+    ModelRegistry, ModelSpec, OnBudget, ProviderKind, ProviderSettings, ResilienceSettings, RouteSpec, RoutingSettings,
+    SemanticSettings, StateSettings, StepSpec, TelemetrySettings,
 };
 pub use engine::route as routing;
-pub use engine::{Embeddings, Engine, EngineBuilder};
+pub use engine::{AuditMode, Embeddings, Engine, EngineBuilder};
 pub use error::{PipelineError, SetupError};
 pub use request::{CachePolicy, CallContext, CallOptions, RouteChoice, TraceId, TraceParent};
 pub use result::{PipelineResult, SimilarRequest, Source};

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::forest::Forest;
-use crate::verify::{Prepared, Rejection, entities_differ, numbers_differ, reordered, strict_guards, verify};
+use crate::verify::{Prepared, Rejection, entities_differ, guards, numbers_differ, reordered, strict_guards, verify};
 
 /// The measures of how two texts differ that the forest reads first, in order; after them come
 /// the two embeddings compared dimension by dimension (see [`feature_names`]).
@@ -300,6 +300,18 @@ pub fn settled_before_the_forest(
         return Some(Err(rejection));
     }
     (query.normalized == candidate.normalized).then_some(Ok(1.0))
+}
+
+/// A candidate's score whatever the bar: the learned verifier's confidence, or the cosine
+/// without one. `None` when a guard (or the verifier's floor) rules it out at any bar.
+pub fn score(verifier: Option<&Verifier>, query: Side<'_>, candidate: Side<'_>, cosine: f32) -> Option<f32> {
+    match verifier {
+        Some(verifier) => match settled_before_the_forest(query.prepared, candidate.prepared, cosine, verifier.floor) {
+            Some(settled) => settled.ok(),
+            None => Some(verifier.confidence(query, candidate, cosine)),
+        },
+        None => guards(query.prepared, candidate.prepared).ok().map(|()| cosine),
+    }
 }
 
 /// The served decision for one candidate, `Ok` with its confidence: the learned verifier's

@@ -8,6 +8,7 @@
 //! trained for, clears a cosine threshold). Neither cache knows what a step, a model or a
 //! workspace is: callers put those into keys and namespaces.
 
+pub mod audit;
 mod error;
 mod exact;
 mod forest;
@@ -27,4 +28,4 @@ pub use model::{
     DEFAULT_MODEL, Embedder, EmbeddingWork, ModelPaths, ONNXRUNTIME_LIBRARY, RECENT_EMBEDDINGS, normalise,
 };
 pub use normalize::{ConceptNormalizer, DEFAULT_EQUIVALENCES, tokens};
-pub use semantic::{IndexStats, Lookup, MIN_EF_SEARCH, Query, SemanticCache, SemanticHit, SemanticSettings};
+pub use semantic::{IndexStats, Lookup, MIN_EF_SEARCH, Query, ScoreKind, SemanticCache, SemanticHit, SemanticSettings};

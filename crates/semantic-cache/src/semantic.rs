@@ -11,7 +11,7 @@ use moka::policy::EvictionPolicy;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::learned::{ServeBar, Side, Verifier, decide};
+use crate::learned::{ServeBar, Side, Verifier, decide, score};
 use crate::verify::{Prepared, Rejection, guards};
 use crate::{CacheError, ConceptNormalizer, Embedder};
 
@@ -82,7 +82,40 @@ pub struct SemanticHit<V> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Lookup<V> {
     Hit(SemanticHit<V>),
-    Miss { best: Option<(f32, Rejection)> },
+    Miss {
+        best: Option<(f32, Rejection)>,
+        /// The most similar candidate that only the bar stopped (every guard passed), with its
+        /// score as the hit's confidence: had the bar been lower, it would have been served.
+        /// What the model answers instead says whether it should have been.
+        nearest: Option<SemanticHit<V>>,
+    },
+}
+
+/// What a lookup's score (a hit's confidence) measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoreKind {
+    /// The learned verifier's probability that the two requests mean the same.
+    Confidence,
+    /// The two requests' cosine (no verifier for the model).
+    Cosine,
+}
+
+impl ScoreKind {
+    /// The bar that serves scores at or above `cut`, the other field as `bar` has it.
+    pub fn bar_at(self, bar: ServeBar, cut: f32) -> ServeBar {
+        match self {
+            Self::Confidence => ServeBar { min_confidence: cut, ..bar },
+            Self::Cosine => ServeBar { threshold: cut, ..bar },
+        }
+    }
+
+    /// The cut `bar` sets on this kind of score.
+    pub fn cut_of(self, bar: ServeBar) -> f32 {
+        match self {
+            Self::Confidence => bar.min_confidence,
+            Self::Cosine => bar.threshold,
+        }
+    }
 }
 
 /// How big the index is, beyond its live entries: what memory it holds.
@@ -228,6 +261,12 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
         self.ef_search.store(ef_search.max(MIN_EF_SEARCH), Ordering::Relaxed);
     }
 
+    /// What a hit's confidence is in this cache: the learned verifier's probability, or the
+    /// cosine when no verifier applies to its model. A cut on it is a [`ServeBar`] field.
+    pub fn score_kind(&self) -> ScoreKind {
+        if self.verifier.is_some() { ScoreKind::Confidence } else { ScoreKind::Cosine }
+    }
+
     pub fn settings(&self) -> &SemanticSettings {
         &self.settings
     }
@@ -281,6 +320,7 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
         let bar = bar
             .unwrap_or(ServeBar { threshold: self.settings.threshold, min_confidence: self.settings.min_confidence });
         let mut best = None;
+        let mut nearest = None;
         let asked = Side { prepared: &query.prepared, vector: &query.vector };
         for (entry, similarity) in self.candidates(namespace, query, max_age, now) {
             let cached = Side { prepared: &entry.prepared, vector: &entry.vector };
@@ -290,10 +330,16 @@ impl<V: Clone + Send + Sync + 'static> SemanticCache<V> {
                     if best.is_none() {
                         best = Some((similarity, rejection));
                     }
+                    if nearest.is_none()
+                        && matches!(rejection, Rejection::LowConfidence | Rejection::BelowThreshold)
+                        && let Some(score) = score(self.verifier.as_ref(), asked, cached, similarity)
+                    {
+                        nearest = Some(hit(&entry, similarity, score));
+                    }
                 }
             }
         }
-        Lookup::Miss { best }
+        Lookup::Miss { best, nearest }
     }
 
     /// The most similar entry at or above `min_similarity` that passes the guards: a lower

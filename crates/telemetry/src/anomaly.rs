@@ -35,6 +35,11 @@ pub enum Watched {
     ErrorRate,
     /// Spend in US dollars.
     CostUsd,
+    /// The share of a step's semantic hits whose answer the model would not have given, as
+    /// its audits measure it: raised when they prove the step's cut wrong (not watched per
+    /// minute: `baseline` is the bound, `observed` the lower end of the measured rate's
+    /// interval).
+    SemanticWrongRate,
 }
 
 impl Watched {
@@ -45,6 +50,7 @@ impl Watched {
             Self::LatencyMs => "latency_ms",
             Self::ErrorRate => "error_rate",
             Self::CostUsd => "cost_usd",
+            Self::SemanticWrongRate => "semantic_wrong_rate",
         }
     }
 
@@ -54,6 +60,7 @@ impl Watched {
             Self::LatencyMs => 50.0,
             Self::ErrorRate => 0.05,
             Self::CostUsd => 0.01,
+            Self::SemanticWrongRate => 0.0,
         }
     }
 }
@@ -143,18 +150,28 @@ impl AnomalyDetector {
         watch.latency_ms += record.latency_ms;
         watch.cost_usd += record.cost_usd;
         for alert in &alerts {
-            detector.raise(alert);
-            if detector.recent.len() == RECENT_ALERTS {
-                detector.recent.pop_front();
-            }
-            detector.recent.push_back(alert.clone());
+            detector.raise(alert.clone());
         }
         alerts
+    }
+
+    /// Raises an alert that another part of the engine judged (the semantic cache's audits):
+    /// logged, counted, sent and listed as the detector's own are.
+    pub fn raise(&self, alert: Alert) {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner).raise(alert);
     }
 }
 
 impl Detector {
-    fn raise(&self, alert: &Alert) {
+    fn raise(&mut self, alert: Alert) {
+        self.send(&alert);
+        if self.recent.len() == RECENT_ALERTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(alert);
+    }
+
+    fn send(&self, alert: &Alert) {
         tracing::warn!(
             step = %alert.step,
             metric = alert.metric.label(),
@@ -197,6 +214,7 @@ impl StepWatch {
             Watched::LatencyMs => self.latency_ms / calls,
             Watched::ErrorRate => self.errors as f64 / calls,
             Watched::CostUsd => self.cost_usd,
+            Watched::SemanticWrongRate => 0.0,
         }
     }
 

@@ -20,8 +20,8 @@ pub use error::TelemetryError;
 pub use metrics::Metrics;
 pub use price::{ModelPrice, PriceTable, PricedTokens};
 pub use record::{
-    BreakerState, CallRecord, CallStatus, ErrorClass, Health, RouteExclusion, RouteRecord, RouteStrategy, Source,
-    mean_recovery_secs,
+    Audit, BreakerState, CallRecord, CallStatus, ErrorClass, Health, RouteExclusion, RouteRecord, RouteStrategy,
+    Source, mean_recovery_secs,
 };
 pub use recorder::{Recorder, RecorderSettings};
 pub use report::{Figures, Minute, Report, percentile};

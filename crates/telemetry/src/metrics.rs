@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use prometheus::{
-    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
@@ -42,6 +42,10 @@ struct Inner {
     unauthenticated: IntCounter,
     alerts: IntCounterVec,
     route_decisions: IntCounterVec,
+    audits: IntCounterVec,
+    audit_cost: CounterVec,
+    wrong_rate: GaugeVec,
+    semantic_cut: GaugeVec,
     models: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
@@ -77,6 +81,35 @@ impl Metrics {
             &["step", "model", "outcome"],
         )?;
         let alerts = counter("aipipe_alerts_total", "Anomaly alerts raised, by step and metric.", &["step", "metric"])?;
+        let audits = counter(
+            "aipipe_semantic_audits_total",
+            "Semantic hits (`paid`: asked of the model again) and near misses (`free`: the model answered them \
+             anyway) whose answer was compared with the model's, by step and result (agree, disagree).",
+            &["step", "result", "kind"],
+        )?;
+        let audit_cost = CounterVec::new(
+            Opts::new("aipipe_semantic_audit_cost_usd_total", "What the paid audits of semantic hits cost."),
+            &["step"],
+        )?;
+        registry.register(Box::new(audit_cost.clone()))?;
+        let wrong_rate = GaugeVec::new(
+            Opts::new(
+                "aipipe_semantic_wrong_rate",
+                "Share of a step's semantic hits, at its current cut, whose answer the model would not have given: \
+                 the audits' estimate and the upper end of its 95% interval.",
+            ),
+            &["step", "bound"],
+        )?;
+        registry.register(Box::new(wrong_rate.clone()))?;
+        let semantic_cut = GaugeVec::new(
+            Opts::new(
+                "aipipe_semantic_cut",
+                "The score (verifier confidence, or cosine) at or above which a step serves semantic hits, as its \
+                 audits set it; +Inf while it serves none.",
+            ),
+            &["step"],
+        )?;
+        registry.register(Box::new(semantic_cut.clone()))?;
         let cost =
             CounterVec::new(Opts::new("aipipe_cost_usd_total", "Estimated spend in US dollars."), &["step", "model"])?;
         registry.register(Box::new(cost.clone()))?;
@@ -170,6 +203,10 @@ impl Metrics {
                 unauthenticated,
                 alerts,
                 route_decisions,
+                audits,
+                audit_cost,
+                wrong_rate,
+                semantic_cut,
                 models: std::sync::Mutex::default(),
             }),
         })
@@ -201,7 +238,11 @@ impl Metrics {
         tokens("input", record.input_tokens);
         tokens("output", record.output_tokens);
         inner.cost.with_label_values(&[step, model]).inc_by(record.cost_usd.max(0.0));
-        if record.source.is_cache() {
+        if record.audit.is_some() {
+            // An audit is the engine's own call, not a caller's: no miss, and its cost is the
+            // price of knowing, counted apart.
+            inner.audit_cost.with_label_values(&[step]).inc_by(record.cost_usd.max(0.0));
+        } else if record.source.is_cache() {
             inner.cache_hits.with_label_values(&[step, source]).inc();
         } else {
             // A call refused as invalid never asked a cache: it is no miss.
@@ -259,6 +300,18 @@ impl Metrics {
 
     pub fn count_dropped(&self, rows: u64) {
         self.inner.dropped.inc_by(rows);
+    }
+
+    /// `result` is an [`crate::Audit`] label; `kind` is `paid` or `free`.
+    pub fn count_audit(&self, step: &str, result: crate::Audit, kind: &str) {
+        self.inner.audits.with_label_values(&[step, result.label(), kind]).inc();
+    }
+
+    /// A step's cut and the wrong rate its audits estimate there.
+    pub fn set_semantic_cut(&self, step: &str, cut: f64, wrong_rate: f64, upper: f64) {
+        self.inner.semantic_cut.with_label_values(&[step]).set(cut);
+        self.inner.wrong_rate.with_label_values(&[step, "estimate"]).set(wrong_rate);
+        self.inner.wrong_rate.with_label_values(&[step, "upper"]).set(upper);
     }
 
     pub fn count_alert(&self, step: &str, metric: &str) {

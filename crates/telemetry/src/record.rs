@@ -49,6 +49,17 @@ macro_rules! vocabulary {
 }
 
 vocabulary! {
+    /// An audit's verdict: whether the model's own answer was the one a semantic hit served;
+    /// `unjudged` when the audit got no answer of the route's model to compare (it failed, or
+    /// a fallback answered).
+    Audit {
+        Agree => "agree",
+        Disagree => "disagree",
+        Unjudged => "unjudged",
+    }
+}
+
+vocabulary! {
     CallStatus {
         Ok => "ok",
         Error => "error",
@@ -345,6 +356,10 @@ pub struct CallRecord {
     pub streamed: bool,
     /// For a streamed call: from the call's start to the first piece of the answer sent.
     pub ttft_ms: Option<f64>,
+    /// For an audit of a semantic hit (the model asked again after the caller had the cached
+    /// answer): whether the answers agreed. Its `confidence` and `similarity` are then the
+    /// audited hit's, and its cost is the audit's, never a saving.
+    pub audit: Option<Audit>,
 }
 
 #[cfg(test)]

@@ -111,6 +111,17 @@ impl Recorder {
         &self.store
     }
 
+    /// Raises an alert judged elsewhere (see [`AnomalyDetector::raise`]); only logged when
+    /// alerts are off.
+    pub fn raise_alert(&self, alert: crate::Alert) {
+        match &self.counters.anomalies {
+            Some(anomalies) => anomalies.raise(alert),
+            None => {
+                tracing::warn!(step = %alert.step, metric = alert.metric.label(), observed = alert.observed, "alert");
+            }
+        }
+    }
+
     /// The latest anomaly alerts, newest first (empty when alerts are off).
     pub fn recent_alerts(&self) -> Vec<crate::Alert> {
         self.counters.anomalies.as_ref().map(AnomalyDetector::recent).unwrap_or_default()
@@ -213,6 +224,7 @@ pub(crate) mod tests {
             route: None,
             streamed: false,
             ttft_ms: None,
+            audit: None,
             saved_tokens: 0,
             similarity: None,
         }

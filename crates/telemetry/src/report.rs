@@ -4,10 +4,10 @@ use serde::Serialize;
 use sqlx::Row as _;
 
 use crate::store::{optional_word, word};
-use crate::{CallStatus, ErrorClass, Health, Source, TelemetryError, TelemetryStore, mean_recovery_secs};
+use crate::{Audit, CallStatus, ErrorClass, Health, Source, TelemetryError, TelemetryStore, mean_recovery_secs};
 
 const REPORT_ROWS: &str = "SELECT ts_ms, component, latency_ms, status, source, error_class, attempts, cost_usd, \
-     saved_cost_usd, breaker_state FROM calls WHERE ts_ms >= $1 AND ts_ms < $2 ORDER BY ts_ms, id";
+     saved_cost_usd, breaker_state, audit FROM calls WHERE ts_ms >= $1 AND ts_ms < $2 ORDER BY ts_ms, id";
 
 /// The figures of a time window, overall and per component.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -40,9 +40,16 @@ pub struct Figures {
     /// answered, over the outages that ended in the window ([`mean_recovery_secs`]); `None` if
     /// none did.
     pub mttr_secs: Option<f64>,
+    /// The engine's own audits of semantic hits: not among `calls` (no caller made them), but
+    /// their requests and cost are in `upstream_requests` and `cost_usd`.
+    pub audits: u64,
+    /// Audits whose model answer was not the one the hit served.
+    pub audit_disagreements: u64,
+    pub audit_cost_usd: f64,
 }
 
 struct Call {
+    audit: Option<Audit>,
     ts_ms: i64,
     component: String,
     latency_ms: f64,
@@ -64,20 +71,20 @@ pub struct Minute {
 
 const MINUTE_MS: i64 = 60_000;
 
-/// Calls per minute and source, counted by the database: a handful of rows out, whatever the
-/// traffic. (`ts_ms` is never negative, so integer division floors.)
+/// Calls per minute and source (the engine's own audits aside), counted by the database: a
+/// handful of rows out, whatever the traffic. (`ts_ms` is never negative, so integer division floors.)
 const CALLS_PER_MINUTE: &str = "SELECT ts_ms / 60000 AS minute, source, COUNT(*) AS calls FROM calls \
-     WHERE ts_ms >= $1 AND ts_ms < $2 GROUP BY ts_ms / 60000, source";
+     WHERE ts_ms >= $1 AND ts_ms < $2 AND audit IS NULL GROUP BY ts_ms / 60000, source";
 
 /// The window's figures by source and status, summed by the database. PostgreSQL sums a
 /// BIGINT column as NUMERIC, which the Any driver cannot read: the casts keep it an integer.
-const OVERVIEW: &str = "SELECT source, status, COUNT(*) AS calls, CAST(SUM(attempts) AS BIGINT) AS attempts, \
+const OVERVIEW: &str = "SELECT source, status, audit, COUNT(*) AS calls, CAST(SUM(attempts) AS BIGINT) AS attempts, \
      SUM(cost_usd) AS cost_usd, SUM(saved_cost_usd) AS saved_cost_usd FROM calls \
-     WHERE ts_ms >= $1 AND ts_ms < $2 GROUP BY source, status";
+     WHERE ts_ms >= $1 AND ts_ms < $2 GROUP BY source, status, audit";
 
-/// The latency at one rank of the window, ordered by the database.
-const LATENCY_AT_RANK: &str =
-    "SELECT latency_ms FROM calls WHERE ts_ms >= $1 AND ts_ms < $2 ORDER BY latency_ms LIMIT 1 OFFSET $3";
+/// The latency at one rank of the window's calls (audits aside), ordered by the database.
+const LATENCY_AT_RANK: &str = "SELECT latency_ms FROM calls WHERE ts_ms >= $1 AND ts_ms < $2 AND audit IS NULL \
+     ORDER BY latency_ms LIMIT 1 OFFSET $3";
 
 impl TelemetryStore {
     /// Calls of each minute from `from_ms` to `to_ms` by source, every minute present (empty
@@ -117,9 +124,13 @@ impl TelemetryStore {
             cache_hit_rate: 0.0,
             fallback_rate: 0.0,
             mttr_secs: None,
+            audits: 0,
+            audit_disagreements: 0,
+            audit_cost_usd: 0.0,
         };
         let (mut errors, mut hits, mut fallbacks) = (0_u64, 0_u64, 0_u64);
         for row in self.rows_in_window(OVERVIEW, from_ms, to_ms).await? {
+            let audit = optional_word(&row, "audit", Audit::parse).map_err(TelemetryError::Query)?;
             let read = || -> Result<(Source, CallStatus, u64, i64, f64, f64), sqlx::Error> {
                 Ok((
                     word(&row, "source", Source::parse)?,
@@ -131,9 +142,17 @@ impl TelemetryStore {
                 ))
             };
             let (source, status, calls, attempts, cost_usd, saved_cost_usd) = read().map_err(TelemetryError::Query)?;
-            figures.calls += calls;
             figures.upstream_requests += attempts.max(0) as u64;
             figures.cost_usd += cost_usd;
+            if let Some(audit) = audit {
+                figures.audits += calls;
+                figures.audit_cost_usd += cost_usd;
+                if audit == Audit::Disagree {
+                    figures.audit_disagreements += calls;
+                }
+                continue;
+            }
+            figures.calls += calls;
             figures.saved_cost_usd += saved_cost_usd;
             if source.saved_a_request() {
                 figures.saved_calls += calls;
@@ -179,6 +198,7 @@ impl TelemetryStore {
                 let source = word(row, "source", Source::parse)?;
                 let error_class = optional_word(row, "error_class", ErrorClass::parse)?;
                 Ok(Call {
+                    audit: optional_word(row, "audit", Audit::parse)?,
                     ts_ms: row.try_get("ts_ms")?,
                     component: row.try_get("component")?,
                     latency_ms: row.try_get("latency_ms")?,
@@ -205,16 +225,17 @@ impl TelemetryStore {
     }
 }
 
-fn figures(rows: &[&Call]) -> Figures {
+fn figures(all: &[&Call]) -> Figures {
+    let (audits, rows): (Vec<&Call>, Vec<&Call>) = all.iter().partition(|row| row.audit.is_some());
     let calls = rows.len() as u64;
     let share = |count: usize| if calls == 0 { 0.0 } else { count as f64 / calls as f64 };
     let mut latencies: Vec<f64> = rows.iter().map(|row| row.latency_ms).collect();
     latencies.sort_by(f64::total_cmp);
     Figures {
         calls,
-        upstream_requests: rows.iter().map(|row| row.attempts.max(0) as u64).sum(),
+        upstream_requests: all.iter().map(|row| row.attempts.max(0) as u64).sum(),
         saved_calls: rows.iter().filter(|row| row.source.saved_a_request()).count() as u64,
-        cost_usd: rows.iter().map(|row| row.cost_usd).sum(),
+        cost_usd: all.iter().map(|row| row.cost_usd).sum(),
         saved_cost_usd: rows.iter().map(|row| row.saved_cost_usd).sum(),
         p50_latency_ms: percentile(&latencies, 0.50),
         p99_latency_ms: percentile(&latencies, 0.99),
@@ -222,6 +243,9 @@ fn figures(rows: &[&Call]) -> Figures {
         cache_hit_rate: share(rows.iter().filter(|row| row.source.is_cache()).count()),
         fallback_rate: share(rows.iter().filter(|row| row.source.is_fallback()).count()),
         mttr_secs: mean_recovery_secs(rows.iter().map(|row| (row.ts_ms, row.health))),
+        audits: audits.len() as u64,
+        audit_disagreements: audits.iter().filter(|row| row.audit == Some(Audit::Disagree)).count() as u64,
+        audit_cost_usd: audits.iter().map(|row| row.cost_usd).sum(),
     }
 }
 

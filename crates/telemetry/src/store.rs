@@ -4,18 +4,18 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow, install_default_drivers};
 use sqlx::{AnyPool, Row};
 
-use crate::{BreakerState, CallRecord, CallStatus, ErrorClass, Source, TelemetryError};
+use crate::{Audit, BreakerState, CallRecord, CallStatus, ErrorClass, Source, TelemetryError};
 
 const INSERT_CALL: &str = "INSERT INTO calls (ts_ms, step, component, workspace, trace_id, model, provider, \
      input_tokens, output_tokens, latency_ms, cost_usd, saved_cost_usd, source, cache_hit, confidence, status, \
      error_class, error_message, attempts, rate_limit_wait_ms, breaker_state, saved_tokens, similarity, route, \
-     streamed, ttft_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-     $19, $20, $21, $22, $23, $24, $25, $26)";
+     streamed, ttft_ms, audit) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+     $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)";
 
 const SELECT_CALLS: &str = "SELECT ts_ms, step, component, workspace, trace_id, model, provider, input_tokens, \
      output_tokens, latency_ms, cost_usd, saved_cost_usd, source, cache_hit, confidence, status, error_class, \
      error_message, attempts, rate_limit_wait_ms, breaker_state, saved_tokens, similarity, route, streamed, \
-     ttft_ms FROM calls ORDER BY id";
+     ttft_ms, audit FROM calls ORDER BY id";
 
 /// The telemetry database, through sqlx's `Any` driver so that one code path serves SQLite
 /// (the default, a local file) and PostgreSQL.
@@ -138,6 +138,7 @@ impl TelemetryStore {
                 Some(ttft_ms) => query.bind(ttft_ms),
                 None => query.bind(None::<f32>),
             };
+            let query = query.bind(record.audit.map(Audit::label));
             query.execute(&mut *tx).await.map_err(TelemetryError::Write)?;
         }
         tx.commit().await.map_err(TelemetryError::Write)
@@ -265,6 +266,7 @@ fn record_from_row(row: &AnyRow) -> Result<CallRecord, sqlx::Error> {
             .map_err(|err| sqlx::Error::Decode(format!("column `route`: {err}").into()))?,
         streamed: row.try_get::<i64, _>("streamed")? != 0,
         ttft_ms: row.try_get("ttft_ms")?,
+        audit: optional_word(row, "audit", Audit::parse)?,
     })
 }
 

@@ -51,6 +51,7 @@ fn row(
         // Streamed rows carry their time to first token; the others none.
         streamed: attempts > 1,
         ttft_ms: (attempts > 1).then_some(12.5),
+        audit: None,
     }
 }
 
@@ -66,6 +67,11 @@ fn known_rows() -> Vec<CallRecord> {
         row(5_000, "b", 5.0, Ok, Source::Coalesced, 0, 0.0, 0.020, None),
         row(9_000, "b", 200.0, Ok, Source::Upstream, 1, 0.020, 0.0, Some(Closed)),
         row(10_000, "a", 50.0, Ok, Source::Upstream, 2, 0.030, 0.0, Some(Closed)),
+        // The engine's own audit of a semantic hit: a request and a cost, but no caller's call.
+        CallRecord {
+            audit: Some(telemetry::Audit::Disagree),
+            ..row(11_000, "a", 40.0, Ok, Source::Upstream, 1, 0.005, 0.0, Some(Closed))
+        },
         // Outside the window.
         row(100_000, "a", 9_999.0, Error, Source::None, 1, 1.0, 0.0, Some(Open)),
     ]
@@ -83,8 +89,10 @@ async fn check(store: &TelemetryStore) {
     let report = store.report(0, 60_000).await.unwrap();
     // By hand, rows 1-8. Latencies sorted: 1 1 2 5 50 100 200 300; p50 = 4th, p99 = 8th.
     let all = &report.overall;
-    assert_eq!((all.calls, all.upstream_requests, all.saved_calls), (8, 7, 3));
-    close(all.cost_usd, 0.06);
+    assert_eq!((all.calls, all.upstream_requests, all.saved_calls), (8, 8, 3));
+    assert_eq!((all.audits, all.audit_disagreements), (1, 1));
+    close(all.audit_cost_usd, 0.005);
+    close(all.cost_usd, 0.065);
     close(all.saved_cost_usd, 0.04);
     close(all.p50_latency_ms, 5.0);
     close(all.p99_latency_ms, 300.0);
@@ -96,8 +104,8 @@ async fn check(store: &TelemetryStore) {
     close(all.mttr_secs.unwrap(), 2.0);
 
     let a = &report.components["a"];
-    assert_eq!((a.calls, a.upstream_requests, a.saved_calls), (4, 3, 2));
-    close(a.cost_usd, 0.04);
+    assert_eq!((a.calls, a.upstream_requests, a.saved_calls), (4, 4, 2));
+    close(a.cost_usd, 0.045);
     close(a.p50_latency_ms, 2.0);
     close(a.p99_latency_ms, 100.0);
     close(a.error_rate, 0.0);
@@ -113,8 +121,10 @@ async fn check(store: &TelemetryStore) {
 
     // The live page's figures come from the database's aggregates, and agree with the rows'.
     let overview = store.overview(0, 60_000).await.unwrap();
-    assert_eq!((overview.calls, overview.upstream_requests, overview.saved_calls), (8, 7, 3));
+    assert_eq!((overview.calls, overview.upstream_requests, overview.saved_calls), (8, 8, 3));
+    assert_eq!((overview.audits, overview.audit_disagreements), (1, 1));
     for (aggregated, from_rows) in [
+        (overview.audit_cost_usd, all.audit_cost_usd),
         (overview.cost_usd, all.cost_usd),
         (overview.saved_cost_usd, all.saved_cost_usd),
         (overview.p50_latency_ms, all.p50_latency_ms),
@@ -137,7 +147,7 @@ async fn check(store: &TelemetryStore) {
     // Retention: what is older than the cut goes, the rest stays.
     assert_eq!(store.delete_before(5_000).await.unwrap(), 5);
     let left: Vec<i64> = store.records().await.unwrap().iter().map(|row| row.ts_ms).collect();
-    assert_eq!(left, [5_000, 9_000, 10_000, 100_000]);
+    assert_eq!(left, [5_000, 9_000, 10_000, 11_000, 100_000]);
     assert_eq!(store.delete_before(0).await.unwrap(), 0);
 }
 

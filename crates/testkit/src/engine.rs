@@ -59,10 +59,11 @@ impl Harness {
         Self::builder(config).start().await
     }
 
-    /// With the semantic cache and the real local model (`aipipe setup` installs it).
-    /// `config` starts inside the `[semantic]` table.
+    /// With the semantic cache and the real local model (`aipipe setup` installs it), serving
+    /// at the configured bar without audits (which would add upstream calls after hits: the
+    /// audits' own tests turn them on). `config` starts inside the `[semantic]` table.
     pub async fn start_semantic(config: &str) -> Self {
-        Self::builder(&format!("[semantic]\nttl_secs = 600\n{config}")).semantic().start().await
+        Self::builder(&format!("[semantic]\nttl_secs = 600\nmax_wrong_rate = 0\n{config}")).semantic().start().await
     }
 
     pub async fn classify(

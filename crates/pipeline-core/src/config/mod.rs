@@ -23,10 +23,10 @@ pub use self::models::{BudgetSettings, ModelRegistry, ModelSpec, OnBudget, Route
 pub(crate) use self::raw::RawStep;
 use self::raw::{ENGINE_SECTIONS, RawConfig};
 pub use self::settings::{
-    CacheSettings, EngineSettings, FallbackSettings, ProviderKind, ProviderSettings, ResilienceSettings,
+    AuditConfig, CacheSettings, EngineSettings, FallbackSettings, ProviderKind, ProviderSettings, ResilienceSettings,
     SemanticSettings, StateSettings, TelemetrySettings,
 };
-pub use self::step::StepSpec;
+pub use self::step::{AnswerMatch, StepSpec};
 use crate::prompt::Prompts;
 use crate::{SetupError, StepType};
 

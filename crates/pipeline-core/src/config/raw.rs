@@ -271,6 +271,11 @@ pub(crate) struct RawSemantic {
     pub(crate) onnxruntime_path: String,
     pub(crate) threads: usize,
     pub(crate) snapshot_path: String,
+    pub(crate) max_wrong_rate: f64,
+    pub(crate) audit_rate: f64,
+    pub(crate) audit_floor: f32,
+    pub(crate) max_audits_in_flight: usize,
+    pub(crate) answer_min_cosine: f32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -316,6 +321,13 @@ pub(crate) struct RawStep {
     pub(crate) semantic_field: Option<String>,
     pub(crate) semantic_threshold: Option<f32>,
     pub(crate) semantic_min_confidence: Option<f32>,
+    pub(crate) semantic_max_wrong_rate: Option<f64>,
+    /// How an audit compares two answers: "fields" (the default of a structured step) or
+    /// "meaning" (a chat step's only way).
+    pub(crate) audit_by: Option<AuditBy>,
+    /// For `audit_by = "fields"`: the reply's properties that must be equal; empty: all.
+    #[serde(default)]
+    pub(crate) audit_fields: Vec<String>,
     #[serde(default)]
     pub(crate) fallbacks: Vec<RawRouteTarget>,
     pub(crate) route: Option<RawRoute>,
@@ -329,4 +341,11 @@ pub(crate) struct RawStep {
 
 fn default_max_output_tokens() -> u32 {
     512
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum AuditBy {
+    Fields,
+    Meaning,
 }

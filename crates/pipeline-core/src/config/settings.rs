@@ -14,7 +14,9 @@ use super::raw::{
     RawAlerts, RawBreaker, RawCache, RawEndpoint, RawEngine, RawFallback, RawLimits, RawProvider, RawRetry,
     RawSemantic, RawState, RawTelemetry,
 };
-use super::validate::{cosine, finite_positive, http_url, non_empty, positive, positive_millis, probability};
+use super::validate::{
+    cosine, finite_positive, http_url, non_empty, positive, positive_millis, probability, wrong_rate,
+};
 use crate::SetupError;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -243,6 +245,24 @@ pub struct SemanticSettings {
     pub threads: usize,
     /// Where the cache is saved on shutdown and loaded on start; `None`: it lives in memory only.
     pub snapshot: Option<PathBuf>,
+    /// How hits are audited against the model, and the bound their cuts keep.
+    pub audit: AuditConfig,
+}
+
+/// `semantic.max_wrong_rate` and the audits that keep it (`semantic_cache::audit`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditConfig {
+    /// The bound on the share of semantic hits whose answer the model would not have given;
+    /// a step may set its own. 0 turns audits off: the offline cut serves, unverified.
+    pub max_wrong_rate: f64,
+    /// The share of hits asked of the model again once a step has audits enough.
+    pub audit_rate: f64,
+    /// No cut goes below this score, and near misses below it are not labelled.
+    pub floor: f32,
+    /// Paid audits running at once; more are skipped (and counted).
+    pub max_in_flight: usize,
+    /// Two free-text answers agree when their embeddings' cosine is at least this.
+    pub answer_min_cosine: f32,
 }
 
 impl SemanticSettings {
@@ -270,6 +290,13 @@ impl SemanticSettings {
             max_text_chars: positive("semantic.max_text_chars", raw.max_text_chars)?,
             threads: raw.threads,
             snapshot: Some(raw.snapshot_path).filter(|path| !path.trim().is_empty()).map(PathBuf::from),
+            audit: AuditConfig {
+                max_wrong_rate: wrong_rate("semantic.max_wrong_rate", raw.max_wrong_rate)?,
+                audit_rate: probability("semantic.audit_rate", raw.audit_rate)?,
+                floor: probability("semantic.audit_floor", f64::from(raw.audit_floor))? as f32,
+                max_in_flight: raw.max_audits_in_flight,
+                answer_min_cosine: cosine("semantic.answer_min_cosine", raw.answer_min_cosine)?,
+            },
         })
     }
 }

@@ -7,9 +7,9 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::models::{ModelRegistry, RouteSpec, step_budget};
-use super::raw::RawStep;
+use super::raw::{AuditBy, RawStep};
 use super::settings::{EngineSettings, ProviderSettings, SemanticSettings};
-use super::validate::{cosine, non_empty, positive, probability};
+use super::validate::{cosine, non_empty, positive, probability, wrong_rate};
 use crate::contract::{OutputContract, ReplyContract};
 use crate::prompt::CHAT_SEMANTIC_FIELD;
 use crate::{SetupError, StepKind, StepType};
@@ -35,6 +35,11 @@ pub struct StepSpec {
     pub semantic_field: Option<String>,
     pub semantic_threshold: f32,
     pub semantic_min_confidence: f32,
+    /// The bound on the share of this step's semantic hits that serve an answer the model
+    /// would not have given (`semantic.max_wrong_rate` unless the step sets its own).
+    pub semantic_max_wrong_rate: f64,
+    /// How an audit compares the model's answer with the one a hit served.
+    pub answer_match: AnswerMatch,
     /// How the step picks its model: its `route`, else its model and then its fallbacks.
     pub route: RouteSpec,
     /// Spend per workspace per UTC day on this step, in US dollars.
@@ -52,6 +57,17 @@ pub struct StepSpec {
     /// Changes whenever anything that shapes the answer changes (templates, schema, sampling),
     /// so that editing a prompt retires its cached answers.
     pub(crate) fingerprint: String,
+}
+
+/// When two answers of a step are the same answer, for an audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnswerMatch {
+    /// These properties of the reply are equal (strings compared trimmed and case-blind, as
+    /// `output_choices` are); empty: every property.
+    Fields(Vec<String>),
+    /// The answers mean the same: their embeddings' cosine is at least
+    /// `semantic.answer_min_cosine` (for a structured reply, its text values joined).
+    Meaning,
 }
 
 impl StepSpec {
@@ -143,6 +159,11 @@ impl StepSpec {
             Some(min_confidence) => probability(&key("semantic_min_confidence"), f64::from(min_confidence))? as f32,
             None => semantic.min_confidence,
         };
+        let semantic_max_wrong_rate = match raw.semantic_max_wrong_rate {
+            Some(rate) => wrong_rate(&key("semantic_max_wrong_rate"), rate)?,
+            None => semantic.audit.max_wrong_rate,
+        };
+        let answer_match = answer_match(name, raw.kind, raw.audit_by, raw.audit_fields, &output_schema)?;
         for (index, target) in raw.fallbacks.iter().enumerate() {
             let key = format!("steps.{name}.fallbacks[{index}]");
             if let Some(provider) = &target.provider
@@ -217,6 +238,8 @@ impl StepSpec {
             semantic_field,
             semantic_threshold,
             semantic_min_confidence,
+            semantic_max_wrong_rate,
+            answer_match,
             route,
             daily_budget_usd,
             fallback_answer,
@@ -224,6 +247,48 @@ impl StepSpec {
             contract,
             fingerprint,
         })
+    }
+}
+
+/// `steps.NAME.audit_by` and `audit_fields`: a chat step's reply can only be compared by its
+/// meaning; a structured step's by its fields (the default) or its meaning, and the fields
+/// named must be properties of its reply.
+fn answer_match(
+    step: &str,
+    kind: StepKind,
+    by: Option<AuditBy>,
+    fields: Vec<String>,
+    schema: &Value,
+) -> Result<AnswerMatch, SetupError> {
+    let key = |field: &str| format!("steps.{step}.{field}");
+    let by = by.unwrap_or(match kind {
+        StepKind::Structured => AuditBy::Fields,
+        StepKind::Chat => AuditBy::Meaning,
+    });
+    match by {
+        AuditBy::Meaning if !fields.is_empty() => Err(SetupError::invalid(
+            key("audit_fields"),
+            "answers compared by meaning have no fields to compare: remove it, or set audit_by = \"fields\"",
+        )),
+        AuditBy::Meaning => Ok(AnswerMatch::Meaning),
+        AuditBy::Fields if kind == StepKind::Chat => Err(SetupError::invalid(
+            key("audit_by"),
+            "a chat step's reply is free text, with no fields: use \"meaning\"",
+        )),
+        AuditBy::Fields => {
+            let properties = schema.get("properties").and_then(Value::as_object);
+            for field in &fields {
+                if !properties.is_some_and(|properties| properties.contains_key(field)) {
+                    let known =
+                        properties.map(|p| p.keys().cloned().collect::<Vec<_>>().join(", ")).unwrap_or_default();
+                    return Err(SetupError::invalid(
+                        key("audit_fields"),
+                        format!("`{field}` is not a property of the step's output_schema (it has: {known})"),
+                    ));
+                }
+            }
+            Ok(AnswerMatch::Fields(fields))
+        }
     }
 }
 

@@ -242,3 +242,25 @@ fn shared_state_is_off_by_default_and_its_errors_name_the_key() {
     }
     assert!(Config::from_toml("[state]\nredis = \"x\"").is_err(), "unknown keys are refused");
 }
+
+#[test]
+fn audits_compare_what_each_step_names_and_bad_rules_name_their_key() {
+    let config = Config::defaults().unwrap();
+    let rule = |step: StepType| config.step(&step).unwrap().answer_match.clone();
+    assert_eq!(rule(StepType::CLASSIFIER), AnswerMatch::Fields(vec!["label".into()]));
+    assert_eq!(rule(StepType::new("summarizer").unwrap()), AnswerMatch::Meaning);
+    assert_eq!(rule(StepType::new("extractor").unwrap()), AnswerMatch::Fields(Vec::new()));
+    assert_eq!(rule(StepType::CHAT), AnswerMatch::Meaning);
+    assert_eq!(config.step(&StepType::CLASSIFIER).unwrap().semantic_max_wrong_rate, 0.02);
+
+    let error = error_of("[steps.classifier]\naudit_fields = [\"colour\"]");
+    assert!(error.contains("steps.classifier.audit_fields") && error.contains("confidence"), "{error}");
+    let error = error_of("[steps.chat]\naudit_by = \"fields\"");
+    assert!(error.contains("steps.chat.audit_by"), "{error}");
+    let error = error_of("[steps.summarizer]\naudit_fields = [\"summary\"]");
+    assert!(error.contains("steps.summarizer.audit_fields"), "{error}");
+    let error = error_of("[semantic]\nmax_wrong_rate = 0.7");
+    assert!(error.contains("semantic.max_wrong_rate") && error.contains("0.02"), "{error}");
+    let error = error_of("[steps.classifier]\nsemantic_max_wrong_rate = -0.1");
+    assert!(error.contains("steps.classifier.semantic_max_wrong_rate"), "{error}");
+}

@@ -58,3 +58,15 @@ pub(super) fn probability(key: &str, value: f64) -> Result<f64, SetupError> {
     }
     Ok(value)
 }
+
+/// A bound on a wrong-answer rate: below a half (a cache wrong half the time saves nothing
+/// worth having), 0 for no audits.
+pub(super) fn wrong_rate(key: &str, value: f64) -> Result<f64, SetupError> {
+    if !(0.0..0.5).contains(&value) {
+        return Err(SetupError::invalid(
+            key,
+            format!("{value} is outside 0.0..0.5 (0.02: at most 2% of semantic hits wrong; 0: no audits)"),
+        ));
+    }
+    Ok(value)
+}

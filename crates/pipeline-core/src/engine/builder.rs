@@ -14,6 +14,7 @@ use resilience::{GuardSettings, Guards, RetryPolicy, SharedGuards};
 use semantic_cache::{Embedder, ExactCache, SemanticCache};
 use telemetry::{Recorder, RecorderSettings, SpanSink, TelemetryStore};
 
+use super::audit::AuditMode;
 use super::budget::Budgets;
 use super::route::Latencies;
 use super::shared::Shared;
@@ -31,6 +32,7 @@ pub struct EngineBuilder {
     embedder: Option<Arc<Embedder>>,
     clock: Arc<dyn Clock>,
     spans: Option<Arc<dyn SpanSink>>,
+    audit_mode: AuditMode,
 }
 
 impl EngineBuilder {
@@ -42,6 +44,7 @@ impl EngineBuilder {
             embedder: None,
             clock: Arc::new(SystemClock),
             spans: None,
+            audit_mode: AuditMode::default(),
         }
     }
 
@@ -70,6 +73,12 @@ impl EngineBuilder {
 
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// How paid audits of semantic hits run (default: in the background).
+    pub fn audits(mut self, mode: AuditMode) -> Self {
+        self.audit_mode = mode;
         self
     }
 
@@ -129,6 +138,11 @@ impl EngineBuilder {
                 .map_or(0, |since| since.as_nanos() as u64)
         });
         let rng = Mutex::new(rand::rngs::StdRng::seed_from_u64(seed));
+        let cuts = semantic_cache::audit::Cuts::default();
+        if let (Some(path), Some(cache)) = (&config.semantic.snapshot, &semantic) {
+            restore_cuts(&config, cache.score_kind(), &cuts, &super::audit::cuts_path(path));
+        }
+        let audits_in_flight = config.semantic.audit.max_in_flight;
         Ok(Engine {
             inner: Arc::new(Inner {
                 config,
@@ -146,6 +160,9 @@ impl EngineBuilder {
                 budgets,
                 rng,
                 spans: self.spans,
+                cuts,
+                audits_in_flight: Arc::new(tokio::sync::Semaphore::new(audits_in_flight)),
+                audit_mode: self.audit_mode,
             }),
         })
     }
@@ -245,4 +262,36 @@ fn endpoint(settings: &ProviderSettings) -> Result<ProviderService, SetupError> 
             connect_timeout: settings.connect_timeout,
         })?),
     })
+}
+
+/// Takes back the cuts saved beside the semantic cache's snapshot, for the steps whose
+/// configured cut is still the one they were learned from. A missing file is a first start; a
+/// corrupt one, a warning and cuts learned again.
+fn restore_cuts(
+    config: &Config,
+    kind: semantic_cache::ScoreKind,
+    cuts: &semantic_cache::audit::Cuts,
+    path: &std::path::Path,
+) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return,
+        Err(err) => {
+            tracing::warn!(path = %path.display(), error = %err, "semantic cuts not read: learned again");
+            return;
+        }
+    };
+    match serde_json::from_str(&text) {
+        Ok(saved) => {
+            let prior = |step: &str| {
+                let spec = config.step(&crate::StepType::new(step).ok()?)?;
+                Some(semantic_cache::audit::Cut::At(kind.cut_of(spec.serve_bar())))
+            };
+            let restored = cuts.restore(saved, prior);
+            tracing::info!(scopes = restored, path = %path.display(), "semantic cuts loaded");
+        }
+        Err(err) => {
+            tracing::warn!(path = %path.display(), error = %err, "semantic cuts file unreadable: learned again");
+        }
+    }
 }

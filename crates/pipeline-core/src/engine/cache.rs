@@ -82,7 +82,7 @@ impl Engine {
             .json("other_fields", &rest)
             .build()
             .to_string();
-        let bar = spec.serve_bar();
+        let bar = self.serve_bar(spec, &call.context.workspace);
         if let Some(query) = cache.prepare_remembered(&text) {
             return Some(SemanticRequest { namespace, query, bar });
         }
@@ -101,32 +101,32 @@ impl Engine {
         }
     }
 
+    /// The served hit, or, on a miss, the nearest candidate that only the cut stopped (which
+    /// the model's answer will label).
     pub(super) fn semantic_lookup(
         &self,
         similar: &SemanticRequest,
         policy: CachePolicy,
         at: SystemTime,
-    ) -> Option<Served> {
-        let cache = self.inner.semantic.as_ref()?;
-        let max_age = policy.readable_age()?;
+    ) -> Lookup<CachedAnswer> {
+        let (Some(cache), Some(max_age)) = (self.inner.semantic.as_ref(), policy.readable_age()) else {
+            return Lookup::Miss { best: None, nearest: None };
+        };
         let _stage = Stage::open("cache.semantic");
-        match cache.lookup(&similar.namespace, &similar.query, Some(similar.bar), max_age, at) {
-            Lookup::Hit(hit) => {
-                tracing::debug!(
-                    similarity = hit.similarity,
-                    confidence = hit.confidence,
-                    matched = %hit.matched_text,
-                    "semantic hit"
-                );
-                Some(Served::semantic_hit(hit))
+        let found = cache.lookup(&similar.namespace, &similar.query, Some(similar.bar), max_age, at);
+        match &found {
+            Lookup::Hit(hit) => tracing::debug!(
+                similarity = hit.similarity,
+                confidence = hit.confidence,
+                matched = %hit.matched_text,
+                "semantic hit"
+            ),
+            Lookup::Miss { best: Some((similarity, rejection)), .. } => {
+                tracing::debug!(similarity, rejected_by = rejection.label(), "semantic miss");
             }
-            Lookup::Miss { best } => {
-                if let Some((similarity, rejection)) = best {
-                    tracing::debug!(similarity, rejected_by = rejection.label(), "semantic miss");
-                }
-                None
-            }
+            Lookup::Miss { best: None, .. } => {}
         }
+        found
     }
 
     /// Keeps a fresh upstream answer in both caches, as the call's policy allows, and shares

@@ -135,6 +135,7 @@ impl Engine {
             route: None,
             streamed: false,
             ttft_ms: None,
+            audit: None,
         });
     }
 }

@@ -3,6 +3,7 @@
 //! module:
 //!
 //! - `cache`: the exact and semantic caches, looked up before the upstream and filled after;
+//! - `audit`: semantic hits checked against the model, which sets each step's cut;
 //! - `coalesce`: identical calls in flight share one upstream request;
 //! - `plan`: the route a call takes, without the candidates that cannot honour it;
 //! - `route`: which candidate model a call goes to (one pure function) and each candidate's
@@ -19,6 +20,7 @@
 //!   shutdown;
 //! - `embed`: the semantic cache's embedding model, offered on its own.
 
+mod audit;
 mod budget;
 mod builder;
 mod cache;
@@ -38,16 +40,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+pub use audit::AuditMode;
 pub use builder::EngineBuilder;
 pub use embed::Embeddings;
 use providers::{ChatMessage, ProviderService};
 use resilience::{Deadline, Guards, RetryPolicy};
-use semantic_cache::{CacheKey, ExactCache, SemanticCache};
+use semantic_cache::{CacheKey, ExactCache, Lookup, SemanticCache};
 use serde_json::Value;
 use telemetry::{Recorder, SpanSink};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use self::audit::AuditOf;
 use self::budget::Budgets;
 use self::cache::{CachedAnswer, cache_key};
 use self::coalesce::{Flights, Followed, Turn, follow};
@@ -88,6 +92,11 @@ struct Inner {
     rng: Mutex<rand::rngs::StdRng>,
     /// Where calls' spans go, when traces are exported.
     spans: Option<Arc<dyn SpanSink>>,
+    /// Each step's semantic cut, as its audits set it.
+    cuts: semantic_cache::audit::Cuts,
+    /// Paid audits running now, at most `semantic.max_audits_in_flight`.
+    audits_in_flight: Arc<tokio::sync::Semaphore>,
+    audit_mode: AuditMode,
 }
 
 /// One call, as the stages see it.
@@ -97,6 +106,8 @@ struct Call<'a> {
     context: &'a CallContext,
     options: &'a CallOptions,
     trace_id: &'a TraceId,
+    /// For the engine's own audit of a semantic hit: the hit.
+    audit: Option<&'a AuditOf>,
 }
 
 /// A call's rendered prompt and its exact-cache key.
@@ -122,6 +133,18 @@ impl Engine {
         context: CallContext,
         options: CallOptions,
     ) -> Result<PipelineResult, PipelineError> {
+        self.execute_call(step, input, context, options, None).await
+    }
+
+    /// A caller's call, or the engine's own audit of a semantic hit.
+    async fn execute_call(
+        &self,
+        step: StepType,
+        input: Value,
+        context: CallContext,
+        options: CallOptions,
+        audit: Option<AuditOf>,
+    ) -> Result<PipelineResult, PipelineError> {
         let trace_id = context.trace_id.clone().unwrap_or_else(TraceId::random);
         // The log's context for whatever the call logs; the exported trace is `spans`'.
         let span = tracing::info_span!(
@@ -136,7 +159,14 @@ impl Engine {
             .spans
             .as_deref()
             .and_then(|sink| spans::Recording::start(sink, trace_id.as_str(), context.trace_parent));
-        let call = Call { step: &step, input: &input, context: &context, options: &options, trace_id: &trace_id };
+        let call = Call {
+            step: &step,
+            input: &input,
+            context: &context,
+            options: &options,
+            trace_id: &trace_id,
+            audit: audit.as_ref(),
+        };
         let running = async {
             let started = Instant::now();
             let at = self.inner.clock.now();
@@ -250,10 +280,18 @@ impl Engine {
         at: SystemTime,
         spent: &mut Spent,
     ) -> Result<Served, PipelineError> {
-        // 5. The semantic cache.
+        // 5. The semantic cache, at the cut the step's audits set; a hit may be audited
+        //    after the caller has it.
         let similar = self.semantic_request(spec, &route.label, call).await;
-        if let Some(hit) = similar.as_ref().and_then(|similar| self.semantic_lookup(similar, call.options.cache, at)) {
-            return Ok(hit);
+        let mut nearest = None;
+        if let Some(similar) = &similar {
+            match self.semantic_lookup(similar, call.options.cache, at) {
+                Lookup::Hit(hit) => {
+                    self.maybe_audit(spec, call, &hit);
+                    return Ok(Served::semantic_hit(hit));
+                }
+                Lookup::Miss { nearest: near, .. } => nearest = near,
+            }
         }
 
         // 6. The route: candidates left out by capability, context window, breaker, rate
@@ -287,9 +325,16 @@ impl Engine {
                 let model = spent.model.clone().unwrap_or_else(|| answered.candidate.upstream.clone());
                 let provider = spent.provider.clone().unwrap_or_else(|| answered.candidate.provider.clone());
                 let served = Served::upstream(answer, source, model, provider);
-                // 7. The answer kept in both caches. A fallback's answer is not what the route
-                //    prefers: not cached, so the next call asks again.
+                // 7. What the model answered judges a hit under audit, or labels the nearest
+                //    candidate of a miss. Then the answer is kept in both caches. A fallback's
+                //    answer is not what the route prefers: it judges nothing, and is not
+                //    cached, so the next call asks again.
                 if source == Source::Upstream {
+                    if let Some(audit) = call.audit {
+                        spent.audit = Some(self.judge_audit(spec, call, audit, &served.output).await);
+                    } else if let Some(nearest) = nearest {
+                        self.label_near_miss(spec, call.context, nearest, &served.output);
+                    }
                     self.store_answer(prompt.key, similar, call.options.cache, &served, spent.spend(), at).await;
                 }
                 Ok(served)

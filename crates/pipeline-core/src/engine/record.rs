@@ -44,6 +44,14 @@ impl Engine {
                 (CallStatus::Error, Some(err.class()), Some(error_text(err)))
             }
         };
+        // An audit's row says the audited hit's confidence and similarity beside its verdict.
+        let (confidence, similarity) = match call.audit {
+            Some(audit) => (f64::from(audit.score), Some(f64::from(audit.similarity))),
+            None => (
+                confidence,
+                served.and_then(|served| served.similar.as_ref()).map(|similar| f64::from(similar.similarity)),
+            ),
+        };
         let record = CallRecord {
             ts_ms: unix_ms(at),
             step: self.step_label(Some(call.step)),
@@ -61,7 +69,7 @@ impl Engine {
             source,
             cache_hit: source.is_cache(),
             confidence,
-            similarity: served.and_then(|served| served.similar.as_ref()).map(|similar| f64::from(similar.similarity)),
+            similarity,
             status,
             error_class,
             error_message,
@@ -71,6 +79,7 @@ impl Engine {
             route: spent.route.clone(),
             streamed: call.options.stream.is_some(),
             ttft_ms: time_to_first_token.map(|ttft| ttft.as_secs_f64() * 1000.0),
+            audit: call.audit.map(|_| spent.audit.map_or(telemetry::Audit::Unjudged, super::audit::audit_label)),
         };
         let finish_reason = served.map(|served| served.finish_reason.as_str());
         spans::end_call(self.inner.spans.as_deref(), &record, finish_reason);
@@ -112,6 +121,7 @@ impl Engine {
             route: None,
             streamed: false,
             ttft_ms: None,
+            audit: None,
         });
     }
 

@@ -50,6 +50,8 @@ pub(super) struct Spent {
     pub(super) breaker_state: Option<BreakerState>,
     /// How the route chose, once it was asked.
     pub(super) route: Option<telemetry::RouteRecord>,
+    /// For an audit of a semantic hit: its verdict, once the route's model answered.
+    pub(super) audit: Option<semantic_cache::audit::Verdict>,
 }
 
 impl Spent {

@@ -73,6 +73,10 @@ impl Engine {
     /// Before the process ends: writes the pending telemetry and saves the semantic cache to
     /// its snapshot, if one is configured.
     pub async fn shutdown(&self) -> Result<(), SetupError> {
+        // Audits still running leave their rows and verdicts first (each within its deadline).
+        if tokio::time::timeout(self.inner.config.engine.default_deadline, self.audits_settled()).await.is_err() {
+            tracing::warn!("audits still running at shutdown: their verdicts are lost");
+        }
         self.flush().await?;
         if let (Some(cache), Some(path)) = (&self.inner.semantic, &self.inner.config.semantic.snapshot) {
             let (cache, target) = (cache.clone(), path.clone());
@@ -80,6 +84,13 @@ impl Engine {
                 semantic_cache::CacheError::Snapshot { path: path.clone(), reason: err.to_string() }
             })??;
             tracing::info!(entries = saved, "semantic cache saved");
+            let cuts = super::audit::cuts_path(path);
+            let saved = serde_json::to_vec(&self.inner.cuts.snapshot())
+                .map_err(std::io::Error::other)
+                .and_then(|bytes| std::fs::write(&cuts, bytes));
+            if let Err(err) = saved {
+                tracing::warn!(path = %cuts.display(), error = %err, "semantic cuts not saved: they will be learned again");
+            }
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 //! PostgreSQL, the real embedding model.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod audit;
 mod engine_http;
 mod index;
 mod resilience;

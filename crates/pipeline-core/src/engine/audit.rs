@@ -1,0 +1,357 @@
+//! Verified serving: the semantic cache's hits checked against the model on the user's own
+//! traffic (docs/ARCHITECTURE.md, "Verified serving"). The cuts and their statistics are
+//! `semantic_cache::audit`'s; this stage decides what to audit, runs the audits, compares
+//! the answers by the step's rule and reports what the cuts did.
+//!
+//! - A **paid audit**: a share of hits is asked of the model again, on a task of its own
+//!   after the caller has the cached answer, as a call of its own (the same limits, budgets
+//!   and guards; one telemetry row with its verdict in `audit`; no cache read or written).
+//! - A **free audit**: a miss whose nearest candidate only the cut stopped was answered by
+//!   the model anyway; its answer, compared with the candidate's, labels that score for free.
+
+use std::sync::PoisonError;
+
+use rand::Rng;
+use semantic_cache::audit::{AuditSettings, Cut, Settled, Verdict};
+use semantic_cache::{ScoreKind, SemanticHit, ServeBar};
+use serde_json::Value;
+use telemetry::{Alert, Watched};
+
+use super::cache::CachedAnswer;
+use super::{Call, Engine};
+use crate::{AnswerMatch, CachePolicy, CallContext, CallOptions, StepSpec, StepType};
+
+/// A semantic hit under audit: what it served, and how it scored.
+#[derive(Debug, Clone)]
+pub(super) struct AuditOf {
+    pub(super) served: Value,
+    pub(super) score: f32,
+    pub(super) similarity: f32,
+}
+
+/// Whether a paid audit ran, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Paid,
+    Free,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Paid => "paid",
+            Self::Free => "free",
+        }
+    }
+}
+
+/// How an engine runs its paid audits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuditMode {
+    /// On a task of their own, after the caller has its answer.
+    #[default]
+    Background,
+    /// Never: the cuts learn from free audits only (a replay of a log, which has no model to
+    /// ask again).
+    Off,
+}
+
+impl Engine {
+    /// The step's audit rules; `None` when audits are off for it (a bound of 0).
+    fn audit_settings(&self, spec: &StepSpec) -> Option<AuditSettings> {
+        let config = &self.inner.config.semantic.audit;
+        (spec.semantic_max_wrong_rate > 0.0).then_some(AuditSettings {
+            max_wrong_rate: spec.semantic_max_wrong_rate,
+            audit_rate: config.audit_rate,
+            floor: config.floor,
+        })
+    }
+
+    fn score_kind(&self) -> ScoreKind {
+        self.inner.semantic.as_ref().map_or(ScoreKind::Cosine, |cache| cache.score_kind())
+    }
+
+    /// The offline cut: the step's configured bar, on the scale the cache scores.
+    fn prior(&self, spec: &StepSpec) -> Cut {
+        Cut::At(self.score_kind().cut_of(spec.serve_bar()))
+    }
+
+    /// The bar a lookup in `workspace`'s `spec` serves at: the cut its audits set, or the
+    /// configured one while audits are off.
+    pub(super) fn serve_bar(&self, spec: &StepSpec, workspace: &str) -> ServeBar {
+        let bar = spec.serve_bar();
+        let Some(settings) = self.audit_settings(spec) else { return bar };
+        let cut = self.inner.cuts.cut(spec.step.as_str(), workspace, self.prior(spec), &settings);
+        self.score_kind().bar_at(bar, cut.value())
+    }
+
+    /// After a hit served `call`: with the scope's audit probability, the same call is asked
+    /// of the model on a task of its own. Skipped (and logged) when the audits in flight are
+    /// at their bound.
+    pub(super) fn maybe_audit(&self, spec: &StepSpec, call: &Call<'_>, hit: &SemanticHit<CachedAnswer>) {
+        if call.audit.is_some() || self.inner.audit_mode == AuditMode::Off {
+            return;
+        }
+        let Some(settings) = self.audit_settings(spec) else { return };
+        let probability = self.inner.cuts.audit_probability(spec.step.as_str(), &call.context.workspace, &settings);
+        let drawn: f64 = self.inner.rng.lock().unwrap_or_else(PoisonError::into_inner).random();
+        if drawn >= probability {
+            return;
+        }
+        let Ok(permit) = self.inner.audits_in_flight.clone().try_acquire_owned() else {
+            tracing::debug!(step = %spec.step, "audit skipped: semantic.max_audits_in_flight are running");
+            return;
+        };
+        let audit = AuditOf { served: hit.value.output.clone(), score: hit.confidence, similarity: hit.similarity };
+        let engine = self.clone();
+        let step = call.step.clone();
+        let input = call.input.clone();
+        // Its own trace and row; the caller's component, so that its cost is theirs to see.
+        let context = CallContext { trace_id: None, trace_parent: None, ..call.context.clone() };
+        let options = CallOptions {
+            cache: CachePolicy::Skip,
+            deadline: call.options.deadline,
+            model: call.options.model.clone(),
+            route: call.options.route.clone(),
+            max_cost_usd: call.options.max_cost_usd,
+            // Only the model's own answer says whether the hit was right.
+            allow_stand_in: false,
+            stream: None,
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(error) = engine.execute_call(step, input, context, options, Some(audit)).await {
+                tracing::debug!(%error, "audit call failed: no verdict");
+            }
+        });
+    }
+
+    /// In an audit call, once the route's preferred model answered: the verdict on the hit.
+    pub(super) async fn judge_audit(
+        &self,
+        spec: &StepSpec,
+        call: &Call<'_>,
+        audit: &AuditOf,
+        answer: &Value,
+    ) -> Verdict {
+        let verdict = Verdict::of(self.same_answer(spec, answer, &audit.served).await);
+        self.observe(spec, &call.context.workspace, audit.score, verdict, Kind::Paid);
+        verdict
+    }
+
+    /// After the model answered a call that missed: its nearest candidate, stopped only by
+    /// the cut and at least at the floor, is labelled by comparing the two answers.
+    pub(super) fn label_near_miss(
+        &self,
+        spec: &StepSpec,
+        context: &CallContext,
+        nearest: SemanticHit<CachedAnswer>,
+        answer: &Value,
+    ) {
+        let Some(settings) = self.audit_settings(spec) else { return };
+        if nearest.confidence < settings.floor {
+            return;
+        }
+        match spec.answer_match {
+            // Cheap: decided here, before the call returns.
+            AnswerMatch::Fields(_) => {
+                let verdict = Verdict::of(same_fields(&spec.answer_match, answer, &nearest.value.output));
+                self.observe(spec, &context.workspace, nearest.confidence, verdict, Kind::Free);
+            }
+            // Two embeddings: off the caller's path.
+            AnswerMatch::Meaning => {
+                let (engine, step, workspace, answer) =
+                    (self.clone(), spec.step.clone(), context.workspace.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let Some(spec) = engine.inner.config.step(&step) else { return };
+                    let verdict = Verdict::of(engine.same_answer(spec, &answer, &nearest.value.output).await);
+                    engine.observe(spec, &workspace, nearest.confidence, verdict, Kind::Free);
+                });
+            }
+        }
+    }
+
+    async fn same_answer(&self, spec: &StepSpec, answer: &Value, served: &Value) -> bool {
+        match spec.answer_match {
+            AnswerMatch::Fields(_) => same_fields(&spec.answer_match, answer, served),
+            AnswerMatch::Meaning => self.same_meaning(answer, served).await,
+        }
+    }
+
+    /// The answers' text embedded on the cache's model, off the async workers. An answer that
+    /// cannot be embedded is no agreement: the audit errs toward a tighter cut.
+    async fn same_meaning(&self, answer: &Value, served: &Value) -> bool {
+        let (a, b) = (text_of(answer), text_of(served));
+        if a.trim() == b.trim() {
+            return true;
+        }
+        let Some(cache) = self.inner.semantic.clone() else { return false };
+        let min_cosine = self.inner.config.semantic.audit.answer_min_cosine;
+        let embedded = tokio::task::spawn_blocking(move || cache.embedder().embed(&[a.as_str(), b.as_str()])).await;
+        match embedded {
+            Ok(Ok(vectors)) if vectors.len() == 2 => {
+                let cosine: f32 = vectors[0].iter().zip(&vectors[1]).map(|(x, y)| x * y).sum();
+                cosine >= min_cosine
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "an audit could not embed the answers: counted as a disagreement");
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// One verdict into the step's and the workspace's cuts; what it moved is logged, shown in
+    /// the metrics, and a cut the audits proved wrong raises an alert.
+    fn observe(&self, spec: &StepSpec, workspace: &str, score: f32, verdict: Verdict, kind: Kind) {
+        let Some(settings) = self.audit_settings(spec) else { return };
+        let step = spec.step.as_str();
+        let metrics = self.inner.recorder.metrics();
+        metrics.count_audit(step, audit_label(verdict), kind.label());
+        let settled = self.inner.cuts.observe(step, workspace, self.prior(spec), score, verdict, &settings);
+        for (settled, scope) in settled.into_iter().zip([None, Some(workspace)]) {
+            match settled {
+                Settled::Unchanged => {}
+                Settled::Loosened { from, to } | Settled::Withdrawn { from, to } => {
+                    tracing::info!(step, workspace = scope, from = from.value(), to = to.value(), "semantic cut moved");
+                }
+                Settled::Tightened { from, to, wrong_rate } => {
+                    tracing::warn!(
+                        step,
+                        workspace = scope,
+                        from = from.value(),
+                        to = to.value(),
+                        wrong_rate = wrong_rate.estimate,
+                        "semantic hits wrong more often than semantic.max_wrong_rate: cut tightened"
+                    );
+                    self.inner.recorder.raise_alert(Alert {
+                        step: step.to_owned(),
+                        metric: Watched::SemanticWrongRate,
+                        baseline: settings.max_wrong_rate,
+                        observed: wrong_rate.lower,
+                        z_score: 0.0,
+                        minute_ts_ms: super::record::unix_ms(self.inner.clock.now()),
+                    });
+                }
+            }
+        }
+        if let Some(view) =
+            self.inner.cuts.views().into_iter().find(|view| view.step == step && view.workspace.is_none())
+        {
+            metrics.set_semantic_cut(
+                step,
+                f64::from(view.cut.value()),
+                view.wrong_rate.estimate,
+                view.wrong_rate.upper,
+            );
+        }
+    }
+
+    /// Waits until no paid audit is running (those started meanwhile included).
+    pub async fn audits_settled(&self) {
+        let all = u32::try_from(self.inner.config.semantic.audit.max_in_flight).unwrap_or(u32::MAX);
+        // Closed only if the engine is gone, when nothing runs either.
+        let _ = self.inner.audits_in_flight.acquire_many(all).await;
+    }
+
+    /// Every scope's cut and what its audits say, for `/status` and reports.
+    pub fn semantic_cuts(&self) -> Vec<semantic_cache::audit::ScopeView> {
+        self.inner.cuts.views()
+    }
+
+    /// The cut a lookup in `workspace`'s `step` serves at now, on the cache's score.
+    pub fn semantic_cut(&self, step: &StepType, workspace: &str) -> Option<Cut> {
+        let spec = self.inner.config.step(step)?;
+        let settings = self.audit_settings(spec)?;
+        Some(self.inner.cuts.cut(spec.step.as_str(), workspace, self.prior(spec), &settings))
+    }
+}
+
+/// Where the cuts are saved: beside the semantic cache's snapshot.
+pub(super) fn cuts_path(snapshot: &std::path::Path) -> std::path::PathBuf {
+    let mut name = snapshot.file_name().map(std::ffi::OsStr::to_os_string).unwrap_or_default();
+    name.push(".cuts.json");
+    snapshot.with_file_name(name)
+}
+
+pub(super) fn audit_label(verdict: Verdict) -> telemetry::Audit {
+    match verdict {
+        Verdict::Agree => telemetry::Audit::Agree,
+        Verdict::Disagree => telemetry::Audit::Disagree,
+    }
+}
+
+/// The named fields (every one when none are named) hold the same values: strings compared
+/// trimmed and case-blind (`Billing` is the label `billing`), anything else as JSON.
+fn same_fields(rule: &AnswerMatch, a: &Value, b: &Value) -> bool {
+    let names: Vec<&str> = match rule {
+        AnswerMatch::Fields(names) if !names.is_empty() => names.iter().map(String::as_str).collect(),
+        _ => {
+            let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else { return same_value(a, b) };
+            a.keys().chain(b.keys()).map(String::as_str).collect()
+        }
+    };
+    names.into_iter().all(|name| same_value(a.get(name).unwrap_or(&Value::Null), b.get(name).unwrap_or(&Value::Null)))
+}
+
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::String(a), Value::String(b)) => a.trim().to_lowercase() == b.trim().to_lowercase(),
+        (Value::Array(a), Value::Array(b)) => a.len() == b.len() && a.iter().zip(b).all(|(a, b)| same_value(a, b)),
+        (Value::Object(a), Value::Object(b)) => {
+            a.len() == b.len() && a.iter().all(|(key, value)| b.get(key).is_some_and(|other| same_value(value, other)))
+        }
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        _ => a == b,
+    }
+}
+
+/// An answer's text: a chat answer's string, or a structured reply's string values joined.
+fn text_of(answer: &Value) -> String {
+    fn collect(value: &Value, into: &mut Vec<String>) {
+        match value {
+            Value::String(text) => into.push(text.clone()),
+            Value::Array(items) => items.iter().for_each(|item| collect(item, into)),
+            Value::Object(fields) => fields.values().for_each(|field| collect(field, into)),
+            Value::Number(_) | Value::Bool(_) | Value::Null => into.push(value.to_string()),
+        }
+    }
+    let mut parts = Vec::new();
+    collect(answer, &mut parts);
+    parts.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn fields_compare_what_the_step_names_case_blind() {
+        let label = AnswerMatch::Fields(vec!["label".into()]);
+        let a = json!({"label": "Billing", "confidence": 0.9});
+        assert!(same_fields(&label, &a, &json!({"label": " billing", "confidence": 0.4})));
+        assert!(!same_fields(&label, &a, &json!({"label": "bug", "confidence": 0.9})));
+        let all = AnswerMatch::Fields(Vec::new());
+        assert!(!same_fields(&all, &a, &json!({"label": "billing", "confidence": 0.4})));
+        assert!(same_fields(&all, &a, &json!({"label": "billing", "confidence": 0.9})));
+        assert!(!same_fields(
+            &all,
+            &json!({"fields": {"city": "Oslo"}}),
+            &json!({"fields": {"city": "Oslo", "zip": 1}})
+        ));
+    }
+
+    #[test]
+    fn an_answers_text_is_its_strings_in_order() {
+        assert_eq!(text_of(&json!("plain")), "plain");
+        assert_eq!(text_of(&json!({"summary": "short", "changes": ["a", "b"]})), "a\nb\nshort");
+    }
+
+    #[test]
+    fn a_missing_field_is_not_a_match_for_a_present_one() {
+        let label = AnswerMatch::Fields(vec!["label".into()]);
+        assert!(!same_fields(&label, &json!({}), &json!({"label": "bug"})));
+    }
+}
