@@ -60,6 +60,11 @@ enum Command {
         /// by `provider.api_key_env`) instead of answering them from the log.
         #[arg(long)]
         base_url: Option<String>,
+        /// Audit semantic hits as the engine would (`semantic.max_wrong_rate`), each audit
+        /// answered with the call's own logged answer, and report the audits and the cuts
+        /// they set. Without it the cuts learn from near misses only.
+        #[arg(long)]
+        audits: bool,
     },
     /// An OpenAI-compatible HTTP gateway in front of the engine (POST /v1/chat/completions,
     /// GET /v1/models, /metrics, /healthz, /readyz). Stops on SIGINT/SIGTERM after draining.
@@ -142,12 +147,12 @@ fn run_command(
 ) -> anyhow::Result<()> {
     match command {
         Command::Setup => {}
-        Command::Replay { log, db, json, html, base_url } => {
+        Command::Replay { log, db, json, html, base_url, audits } => {
             let upstream = match base_url {
                 Some(base_url) => replay::Upstream::Live { base_url },
                 None => replay::Upstream::Recorded,
             };
-            let mut report = replay::run(&log, &db, config, upstream, runtime)?;
+            let mut report = replay::run(&log, &db, config, upstream, audits, runtime)?;
             let html = html.unwrap_or_else(|| db.with_extension("html"));
             std::fs::write(&html, html::render(&report)?)
                 .with_context(|| format!("cannot write the HTML report `{}`", html.display()))?;

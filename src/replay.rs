@@ -18,6 +18,7 @@ use pipeline_core::{
     AuditMode, CallContext, CallOptions, Config, Engine, Source, StepKind, StepType, TokioSystemClock,
 };
 use serde::Serialize;
+use serde_json::Value;
 
 use aipipe::log::{BadLine, LoggedCall, read_log};
 
@@ -123,8 +124,12 @@ pub struct ReplayReport {
     pub timeline: Vec<TimeBucket>,
     /// Where the HTML report went.
     pub html: Option<String>,
-    /// Rows this run added to the telemetry database (one per replayed call).
+    /// Rows this run added to the telemetry database (one per replayed call, and one per
+    /// audit with `--audits`).
     pub telemetry_rows: u64,
+    /// With `--audits`: what the audits of semantic hits found and cost, and the cuts they
+    /// left each step at.
+    pub audits: Option<AuditReport>,
     /// The engine's own computing per call on this machine (the wall time of each call, which
     /// the replay's clock does not count), p50 and p99 in milliseconds.
     pub engine_ms_p50: f64,
@@ -134,6 +139,16 @@ pub struct ReplayReport {
     pub embedding_ms_per_text: Option<f64>,
     pub seconds: f64,
     pub bad_lines: Vec<BadLine>,
+}
+
+/// The audits of a replay: semantic hits asked again, answered by the call's logged answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditReport {
+    pub audits: u64,
+    pub disagreements: u64,
+    pub cost_usd: f64,
+    /// Each step's (and workspace's) cut at the end, with what its audits say.
+    pub cuts: Vec<pipeline_core::semantic_cache::audit::ScopeView>,
 }
 
 /// What one call came to, on one side.
@@ -204,14 +219,34 @@ impl Meanings {
         Self(meanings)
     }
 
-    fn verdict(&self, config: &Config, call: &LoggedCall, matched: Option<&str>, confidence: f64) -> Verdict {
+    /// By the log's meanings where it has them; else, for a step whose answers compare by
+    /// their fields, by the call's own logged answer (what the model did answer it: the truth
+    /// an audit would have found); else unknown.
+    fn verdict(
+        &self,
+        config: &Config,
+        call: &LoggedCall,
+        matched: Option<&str>,
+        served: &Value,
+        confidence: f64,
+    ) -> Verdict {
         let known = |text: Option<String>| text.and_then(|text| self.0.get(&text));
         match (known(semantic_text(config, call)), known(matched.map(str::to_owned))) {
             (Some(asked), Some(served)) if asked == served => Verdict::Right,
             (Some(_), Some(_)) => Verdict::Wrong,
-            _ => Verdict::Unknown { confidence },
+            _ => logged_truth(config, call, served).unwrap_or(Verdict::Unknown { confidence }),
         }
     }
+}
+
+/// A structured step's semantic hit judged against the call's own logged answer, by the step's
+/// `audit_fields` (the rule an audit applies). `None` when the step compares by meaning or the
+/// log holds no answer in the step's shape.
+fn logged_truth(config: &Config, call: &LoggedCall, served: &Value) -> Option<Verdict> {
+    let spec = config.step(&call.step)?;
+    let logged: Value = serde_json::from_str(call.outcome.as_ref().ok()?).ok()?;
+    let agree = spec.answer_match.fields_agree(served, &logged)?;
+    Some(if agree { Verdict::Right } else { Verdict::Wrong })
 }
 
 /// What answers the replayed calls.
@@ -233,6 +268,7 @@ pub fn run(
     db_path: &Path,
     config: Config,
     upstream: Upstream,
+    audits: bool,
     runtime: &tokio::runtime::Runtime,
 ) -> anyhow::Result<ReplayReport> {
     let engine_runtime = tokio::runtime::Builder::new_current_thread()
@@ -240,7 +276,7 @@ pub fn run(
         .start_paused(matches!(upstream, Upstream::Recorded))
         .build()
         .context("cannot start the replay's runtime")?;
-    engine_runtime.block_on(replay(log_path, db_path, config, upstream, runtime.handle().clone()))
+    engine_runtime.block_on(replay(log_path, db_path, config, upstream, audits, runtime.handle().clone()))
 }
 
 async fn replay(
@@ -248,6 +284,7 @@ async fn replay(
     db_path: &Path,
     mut config: Config,
     upstream: Upstream,
+    audits: bool,
     telemetry: tokio::runtime::Handle,
 ) -> anyhow::Result<ReplayReport> {
     let started = Instant::now();
@@ -305,10 +342,12 @@ async fn replay(
         false => None,
     };
     let provider_names: Vec<String> = config.providers.keys().cloned().collect();
-    // No paid audits: the log has one answer per call, none to ask again. The free ones (a
-    // miss's logged answer against its nearest candidate's) still move the cuts, as they would
-    // have in the engine.
-    let mut builder = Engine::builder(config).recorder(recorder.clone()).audits(AuditMode::Off);
+    // Paid audits only when asked for, each in line (the replay's calls stay in the log's
+    // order) under the audited call's trace id, which the recorded provider answers with that
+    // call's logged answer: what the model said is the truth the hit is held to. The free
+    // ones (a miss's logged answer against its nearest candidate's) move the cuts either way.
+    let mode = if audits { AuditMode::Inline } else { AuditMode::Off };
+    let mut builder = Engine::builder(config).recorder(recorder.clone()).audits(mode);
     if let Some(embedder) = &embedder {
         builder = builder.embedder(embedder.clone());
     }
@@ -368,7 +407,7 @@ async fn replay(
                 let stand_in = matches!(result.source, Source::FallbackSimilar | Source::FallbackRule);
                 let semantic = (result.source == Source::SemanticCache).then(|| {
                     let matched = result.similar_to.as_ref().map(|matched| matched.text.as_str());
-                    meanings.verdict(engine.config(), call, matched, result.confidence)
+                    meanings.verdict(engine.config(), call, matched, &result.output, result.confidence)
                 });
                 Outcome {
                     at: call.at,
@@ -417,7 +456,24 @@ async fn replay(
         anyhow::bail!("{lost} telemetry records were lost writing to `{db}`; raise telemetry.queue_capacity");
     }
     let telemetry_rows = u64::try_from(count_rows(&telemetry, &store).await? - rows_before).unwrap_or(0);
-    if let Some((provider, _)) = &recorded {
+    let audit_report = match audits {
+        true => {
+            let window = (
+                calls.iter().map(|call| unix_ms(call.at)).min().unwrap_or(0),
+                calls.iter().map(|call| unix_ms(call.at)).max().unwrap_or(0) + 3_600_000,
+            );
+            let store = store.clone();
+            let figures = telemetry.spawn(async move { store.report(window.0, window.1).await }).await??.overall;
+            Some(AuditReport {
+                audits: figures.audits,
+                disagreements: figures.audit_disagreements,
+                cost_usd: figures.audit_cost_usd,
+                cuts: engine.semantic_cuts(),
+            })
+        }
+        false => None,
+    };
+    if let Some((provider, _)) = recorded.as_ref().filter(|_| !audits) {
         debug_assert_eq!(provider.requests_served(), after.iter().map(|o| o.upstream_requests).sum::<u64>());
     }
     telemetry.spawn(async move { store.close().await }).await?;
@@ -449,6 +505,7 @@ async fn replay(
         timeline: timeline(&before, &after),
         html: None,
         telemetry_rows,
+        audits: audit_report,
         engine_ms_p50: percentile(&engine_ms, 0.50),
         engine_ms_p99: percentile(&engine_ms, 0.99),
         embedding_ms_per_text: embedder

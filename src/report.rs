@@ -37,6 +37,28 @@ pub fn table(report: &ReplayReport) -> String {
     let _ = writeln!(out, "{:<18} {:>14} {:>14}", "wrong answers", wrong_answers(b), wrong_answers(a));
     let mttr = |figures: &Figures| figures.mttr_s.map_or("-".to_owned(), |seconds| format!("{seconds:.1} s"));
     let _ = writeln!(out, "{:<18} {:>14} {:>14}", "recovery (mean)", mttr(b), mttr(a));
+    if let Some(audits) = &report.audits {
+        let _ = writeln!(
+            out,
+            "{:<18} {:>14} {:>14}   {} disagreed, {:.6} USD (not in the cost above)",
+            "audits", "-", audits.audits, audits.disagreements, audits.cost_usd
+        );
+        for cut in audits.cuts.iter().filter(|cut| cut.workspace.is_none()) {
+            let at = match cut.cut {
+                pipeline_core::semantic_cache::audit::Cut::At(at) => format!("{at:.2}"),
+                pipeline_core::semantic_cache::audit::Cut::Never => "none served".to_owned(),
+            };
+            let _ = writeln!(
+                out,
+                "  cut of {:<11} {at:>14} (offline {:.2}; {:.0} verdicts, wrong at the cut {:.1}%, 95% up to {:.1}%)",
+                cut.step,
+                cut.prior.value(),
+                cut.audits,
+                cut.wrong_rate.estimate * 100.0,
+                cut.wrong_rate.upper * 100.0
+            );
+        }
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,

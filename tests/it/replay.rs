@@ -530,3 +530,33 @@ fn a_replay_under_another_routing_policy_reports_cost_per_model() {
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.contains("by model") && text.contains("gpt-4.1-nano"), "{text}");
 }
+
+/// A paraphrase whose logged answer is another label than the one its cached twin had: the
+/// replay knows the hit was wrong from the log itself, and with `--audits` the audit of that
+/// hit (answered with the call's logged answer) disagrees, and the cut says so.
+#[test]
+fn a_logged_answer_is_the_truth_a_semantic_hit_and_its_audit_are_held_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = [
+        line("t1", "2026-03-02T09:00:00Z", "ws", "I was charged twice", OK_SMALL, 400),
+        // The same request in other words, which the model labelled otherwise that day.
+        line("t2", "2026-03-02T09:05:00Z", "ws", "I was charged two times", OK_LARGE, 400),
+    ]
+    .join("\n");
+    let out = replay(log.as_bytes(), dir.path(), &["--json", "--audits"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let after = &report["after"];
+    assert_eq!(after["semantic_hits"], 1, "{after}");
+    assert_eq!(after["wrong_answers_served"], 1.0, "{after}");
+    assert_eq!(after["wrong_answers_estimated"], false, "{after}");
+    let audits = &report["audits"];
+    assert_eq!((audits["audits"].as_u64(), audits["disagreements"].as_u64()), (Some(1), Some(1)), "{audits}");
+    assert!(audits["cost_usd"].as_f64().unwrap() > 0.0, "{audits}");
+    let step =
+        audits["cuts"].as_array().unwrap().iter().find(|cut| cut["step"] == "classifier" && cut["workspace"].is_null());
+    let step = step.unwrap_or_else(|| panic!("no classifier cut: {audits}"));
+    // One disagreement in one audit proves the offline cut wrong for this traffic.
+    assert_eq!(step["cut"], "never", "{step}");
+    assert_eq!(report["telemetry_rows"], 3, "two calls and the audit");
+}

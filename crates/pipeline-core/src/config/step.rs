@@ -70,6 +70,36 @@ pub enum AnswerMatch {
     Meaning,
 }
 
+impl AnswerMatch {
+    /// Whether two replies of the step are the same answer by their fields: the named fields
+    /// (every one when none are named) hold the same values, strings compared trimmed and
+    /// case-blind (`Billing` is the label `billing`), anything else as JSON. `None` for a step
+    /// compared by meaning, which takes its embeddings.
+    pub fn fields_agree(&self, a: &Value, b: &Value) -> Option<bool> {
+        let Self::Fields(names) = self else { return None };
+        if names.is_empty() {
+            return Some(same_value(a, b));
+        }
+        Some(
+            names
+                .iter()
+                .all(|name| same_value(a.get(name).unwrap_or(&Value::Null), b.get(name).unwrap_or(&Value::Null))),
+        )
+    }
+}
+
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::String(a), Value::String(b)) => a.trim().to_lowercase() == b.trim().to_lowercase(),
+        (Value::Array(a), Value::Array(b)) => a.len() == b.len() && a.iter().zip(b).all(|(a, b)| same_value(a, b)),
+        (Value::Object(a), Value::Object(b)) => {
+            a.len() == b.len() && a.iter().all(|(key, value)| b.get(key).is_some_and(|other| same_value(value, other)))
+        }
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        _ => a == b,
+    }
+}
+
 impl StepSpec {
     /// A reply checked against the step's output contract: its output, or what is wrong with
     /// it in words a model can act on.

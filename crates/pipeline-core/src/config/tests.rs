@@ -264,3 +264,22 @@ fn audits_compare_what_each_step_names_and_bad_rules_name_their_key() {
     let error = error_of("[steps.classifier]\nsemantic_max_wrong_rate = -0.1");
     assert!(error.contains("steps.classifier.semantic_max_wrong_rate"), "{error}");
 }
+
+#[test]
+fn fields_agree_on_what_the_step_names_case_blind() {
+    use serde_json::json;
+    let label = AnswerMatch::Fields(vec!["label".into()]);
+    let a = json!({"label": "Billing", "confidence": 0.9});
+    assert_eq!(label.fields_agree(&a, &json!({"label": " billing", "confidence": 0.4})), Some(true));
+    assert_eq!(label.fields_agree(&a, &json!({"label": "bug", "confidence": 0.9})), Some(false));
+    assert_eq!(label.fields_agree(&json!({}), &json!({"label": "bug"})), Some(false));
+    let all = AnswerMatch::Fields(Vec::new());
+    assert_eq!(all.fields_agree(&a, &json!({"label": "billing", "confidence": 0.4})), Some(false));
+    assert_eq!(all.fields_agree(&a, &json!({"label": "billing", "confidence": 0.9})), Some(true));
+    let extracted = |fields| json!({"fields": fields});
+    assert_eq!(
+        all.fields_agree(&extracted(json!({"city": "Oslo"})), &extracted(json!({"city": "Oslo", "zip": 1}))),
+        Some(false)
+    );
+    assert_eq!(AnswerMatch::Meaning.fields_agree(&a, &a), None);
+}

@@ -287,7 +287,7 @@ impl Engine {
         if let Some(similar) = &similar {
             match self.semantic_lookup(similar, call.options.cache, at) {
                 Lookup::Hit(hit) => {
-                    self.maybe_audit(spec, call, &hit);
+                    self.audit_hit(spec, call, &hit).await;
                     return Ok(Served::semantic_hit(hit));
                 }
                 Lookup::Miss { nearest: near, .. } => nearest = near,
