@@ -69,6 +69,31 @@ pub fn render(report: &ReplayReport) -> anyhow::Result<String> {
         line_chart("Cost over time (USD)", &report.timeline, |b| (b.before_cost_usd, b.after_cost_usd), 6, "USD"),
     ];
     let bars = hit_rate_bars(report);
+    let audits = report.audits.as_ref().map(|audits| {
+        let cuts: Vec<_> = audits
+            .cuts
+            .iter()
+            .map(|cut| {
+                context! {
+                    step => &cut.step,
+                    workspace => cut.workspace.clone().unwrap_or_else(|| "(all)".to_owned()),
+                    cut => match cut.cut {
+                        pipeline_core::semantic_cache::audit::Cut::At(at) => format!("{at:.2}"),
+                        pipeline_core::semantic_cache::audit::Cut::Never => "serves nothing".to_owned(),
+                    },
+                    prior => format!("{:.2}", cut.prior.value()),
+                    verdicts => format!("{:.0}", cut.audits),
+                    wrong => format!("{} (95%: up to {})", percent(cut.wrong_rate.estimate), percent(cut.wrong_rate.upper)),
+                }
+            })
+            .collect();
+        context! {
+            audits => audits.audits,
+            disagreements => audits.disagreements,
+            cost => format!("{:.6}", audits.cost_usd),
+            cuts => cuts,
+        }
+    });
     let page = environment.get_template("report.html").and_then(|template| {
         template.render(context! {
             log => &report.log,
@@ -88,6 +113,7 @@ pub fn render(report: &ReplayReport) -> anyhow::Result<String> {
             components => Serde(components),
             pairs => pairs,
             pairs_total => report.semantic_pairs.len(),
+            audits => audits,
         })
     });
     page.context("the report could not be rendered")

@@ -559,4 +559,6 @@ fn a_logged_answer_is_the_truth_a_semantic_hit_and_its_audit_are_held_to() {
     // One disagreement in one audit proves the offline cut wrong for this traffic.
     assert_eq!(step["cut"], "never", "{step}");
     assert_eq!(report["telemetry_rows"], 3, "two calls and the audit");
+    let html = std::fs::read_to_string(dir.path().join("replay.html")).unwrap();
+    assert!(html.contains("Audits of semantic hits") && html.contains("serves nothing"), "{html}");
 }
