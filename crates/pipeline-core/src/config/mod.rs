@@ -28,7 +28,7 @@ pub use self::settings::{
 };
 pub use self::step::{AnswerMatch, StepSpec};
 use crate::prompt::Prompts;
-use crate::{SetupError, StepType};
+use crate::{SetupError, StepKind, StepType};
 
 const DEFAULTS: &str = include_str!("../../defaults.toml");
 
@@ -179,6 +179,9 @@ impl Config {
             let spec = StepSpec::validate(&name, step, &engine, &semantic, &provider.name, &providers, &models)?;
             steps.insert(spec.step.clone(), Arc::new(spec));
         }
+        if let Some(judge) = &semantic.audit.answer_judge {
+            judge_step(steps.get(judge).map(Arc::as_ref), judge)?;
+        }
         Ok(Self {
             fallback: FallbackSettings::validate(&raw.fallback)?,
             cache: CacheSettings::validate(&raw.cache)?,
@@ -198,6 +201,25 @@ impl Config {
             prompts,
         })
     }
+}
+
+/// `semantic.answer_judge_step` names a structured step whose reply has a boolean `same`.
+fn judge_step(spec: Option<&StepSpec>, name: &StepType) -> Result<(), SetupError> {
+    let key = "semantic.answer_judge_step";
+    let Some(spec) = spec else {
+        return Err(SetupError::invalid(
+            key,
+            format!("no step `{name}`: declare [steps.{name}] (docs: README, Verified savings)"),
+        ));
+    };
+    let same = &spec.output_schema["properties"]["same"];
+    if spec.kind != StepKind::Structured || same["type"] != "boolean" {
+        return Err(SetupError::invalid(
+            key,
+            format!("step `{name}` must be structured, its output_schema with a boolean property `same`"),
+        ));
+    }
+    Ok(())
 }
 
 /// figment's own message leads with its profile name (`default.cache.ttl`), which means

@@ -276,6 +276,7 @@ pub(crate) struct RawSemantic {
     pub(crate) audit_floor: f32,
     pub(crate) max_audits_in_flight: usize,
     pub(crate) answer_min_cosine: f32,
+    pub(crate) answer_judge_step: String,
 }
 
 #[derive(Debug, Deserialize)]

@@ -261,8 +261,12 @@ pub struct AuditConfig {
     pub floor: f32,
     /// Paid audits running at once; more are skipped (and counted).
     pub max_in_flight: usize,
-    /// Two free-text answers agree when their embeddings' cosine is at least this.
+    /// Two free-text answers agree when their embeddings' cosine is at least this, unless a
+    /// judge is named.
     pub answer_min_cosine: f32,
+    /// A structured step asked whether two answers agree (input `first`, `second`; reply
+    /// `same`, a boolean), with its own model and budget; `None`: the embeddings decide.
+    pub answer_judge: Option<crate::StepType>,
 }
 
 impl SemanticSettings {
@@ -296,6 +300,13 @@ impl SemanticSettings {
                 floor: probability("semantic.audit_floor", f64::from(raw.audit_floor))? as f32,
                 max_in_flight: raw.max_audits_in_flight,
                 answer_min_cosine: cosine("semantic.answer_min_cosine", raw.answer_min_cosine)?,
+                answer_judge: match raw.answer_judge_step.trim() {
+                    "" => None,
+                    step => Some(
+                        crate::StepType::new(step)
+                            .map_err(|err| SetupError::invalid("semantic.answer_judge_step", err.to_string()))?,
+                    ),
+                },
             },
         })
     }

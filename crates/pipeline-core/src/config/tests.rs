@@ -283,3 +283,11 @@ fn fields_agree_on_what_the_step_names_case_blind() {
     );
     assert_eq!(AnswerMatch::Meaning.fields_agree(&a, &a), None);
 }
+
+#[test]
+fn the_answer_judge_must_be_a_structured_step_that_says_same() {
+    let error = error_of("[semantic]\nanswer_judge_step = \"judge\"");
+    assert!(error.contains("semantic.answer_judge_step") && error.contains("[steps.judge]"), "{error}");
+    let error = error_of("[semantic]\nanswer_judge_step = \"classifier\"");
+    assert!(error.contains("semantic.answer_judge_step") && error.contains("`same`"), "{error}");
+}

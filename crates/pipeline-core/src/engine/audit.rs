@@ -138,17 +138,18 @@ impl Engine {
         }
     }
 
-    /// In an audit call, once the route's preferred model answered: the verdict on the hit.
+    /// In an audit call, once the route's preferred model answered: the verdict on the hit,
+    /// if the comparison could be made.
     pub(super) async fn judge_audit(
         &self,
         spec: &StepSpec,
         call: &Call<'_>,
         audit: &AuditOf,
         answer: &Value,
-    ) -> Verdict {
-        let verdict = Verdict::of(self.same_answer(spec, answer, &audit.served).await);
+    ) -> Option<Verdict> {
+        let verdict = Verdict::of(self.same_answer(spec, &call.context.workspace, answer, &audit.served).await?);
         self.observe(spec, &call.context.workspace, audit.score, verdict, Kind::Paid);
-        verdict
+        Some(verdict)
     }
 
     /// After the model answered a call that missed: its nearest candidate, stopped only by
@@ -170,46 +171,78 @@ impl Engine {
                 let verdict = Verdict::of(spec.answer_match.fields_agree(answer, &nearest.value.output) == Some(true));
                 self.observe(spec, &context.workspace, nearest.confidence, verdict, Kind::Free);
             }
-            // Two embeddings: off the caller's path.
+            // Two embeddings, or a judge's call: off the caller's path. A judge costs a call,
+            // so its near misses are sampled as hits are.
             AnswerMatch::Meaning => {
+                if self.inner.config.semantic.audit.answer_judge.is_some() {
+                    let probability =
+                        self.inner.cuts.audit_probability(spec.step.as_str(), &context.workspace, &settings);
+                    let drawn: f64 = self.inner.rng.lock().unwrap_or_else(PoisonError::into_inner).random();
+                    if drawn >= probability {
+                        return;
+                    }
+                }
                 let (engine, step, workspace, answer) =
                     (self.clone(), spec.step.clone(), context.workspace.clone(), answer.clone());
                 tokio::spawn(async move {
                     let Some(spec) = engine.inner.config.step(&step) else { return };
-                    let verdict = Verdict::of(engine.same_answer(spec, &answer, &nearest.value.output).await);
-                    engine.observe(spec, &workspace, nearest.confidence, verdict, Kind::Free);
+                    if let Some(same) = engine.same_answer(spec, &workspace, &answer, &nearest.value.output).await {
+                        engine.observe(spec, &workspace, nearest.confidence, Verdict::of(same), Kind::Free);
+                    }
                 });
             }
         }
     }
 
-    async fn same_answer(&self, spec: &StepSpec, answer: &Value, served: &Value) -> bool {
+    /// Whether the model's answer and the served one are the same answer, by the step's rule;
+    /// `None` when that cannot be told (a judge that did not answer, answers that could not be
+    /// embedded): no verdict rather than a wrong one.
+    async fn same_answer(&self, spec: &StepSpec, workspace: &str, answer: &Value, served: &Value) -> Option<bool> {
         match spec.answer_match {
-            AnswerMatch::Fields(_) => spec.answer_match.fields_agree(answer, served) == Some(true),
-            AnswerMatch::Meaning => self.same_meaning(answer, served).await,
+            AnswerMatch::Fields(_) => spec.answer_match.fields_agree(answer, served),
+            AnswerMatch::Meaning => {
+                let (a, b) = (text_of(answer), text_of(served));
+                if a.trim() == b.trim() {
+                    return Some(true);
+                }
+                match &self.inner.config.semantic.audit.answer_judge {
+                    Some(judge) => self.ask_judge(judge, workspace, a, b).await,
+                    None => self.same_meaning(a, b).await,
+                }
+            }
         }
     }
 
-    /// The answers' text embedded on the cache's model, off the async workers. An answer that
-    /// cannot be embedded is no agreement: the audit errs toward a tighter cut.
-    async fn same_meaning(&self, answer: &Value, served: &Value) -> bool {
-        let (a, b) = (text_of(answer), text_of(served));
-        if a.trim() == b.trim() {
-            return true;
+    /// The configured judge step, asked as a call of its own (its model, its budget, its row);
+    /// the same pair asked twice is an exact-cache hit.
+    async fn ask_judge(&self, judge: &StepType, workspace: &str, first: String, second: String) -> Option<bool> {
+        let context = CallContext::new(workspace, "aipipe-audit-judge");
+        let options = CallOptions { allow_stand_in: false, ..CallOptions::default() };
+        let input = serde_json::json!({"first": first, "second": second});
+        match judge_call(self.clone(), judge.clone(), input, context, options).await {
+            Ok(result) => result.output["same"].as_bool(),
+            Err(error) => {
+                tracing::warn!(%error, "the answer judge did not answer: no verdict");
+                None
+            }
         }
-        let Some(cache) = self.inner.semantic.clone() else { return false };
+    }
+
+    /// The answers' embeddings on the cache's model, off the async workers.
+    async fn same_meaning(&self, a: String, b: String) -> Option<bool> {
+        let cache = self.inner.semantic.clone()?;
         let min_cosine = self.inner.config.semantic.audit.answer_min_cosine;
         let embedded = tokio::task::spawn_blocking(move || cache.embedder().embed(&[a.as_str(), b.as_str()])).await;
         match embedded {
             Ok(Ok(vectors)) if vectors.len() == 2 => {
                 let cosine: f32 = vectors[0].iter().zip(&vectors[1]).map(|(x, y)| x * y).sum();
-                cosine >= min_cosine
+                Some(cosine >= min_cosine)
             }
             Ok(Err(error)) => {
-                tracing::warn!(%error, "an audit could not embed the answers: counted as a disagreement");
-                false
+                tracing::warn!(%error, "an audit could not embed the answers: no verdict");
+                None
             }
-            _ => false,
+            _ => None,
         }
     }
 
@@ -294,6 +327,11 @@ fn audit_call(
     audit: AuditOf,
 ) -> AuditCall {
     Box::pin(async move { engine.execute_call(step, input, context, options, Some(audit)).await })
+}
+
+/// A judge's call, boxed for the same reason as [`audit_call`].
+fn judge_call(engine: Engine, step: StepType, input: Value, context: CallContext, options: CallOptions) -> AuditCall {
+    Box::pin(async move { engine.execute_call(step, input, context, options, None).await })
 }
 
 /// Where the cuts are saved: beside the semantic cache's snapshot.

@@ -331,7 +331,7 @@ impl Engine {
                 //    cached, so the next call asks again.
                 if source == Source::Upstream {
                     if let Some(audit) = call.audit {
-                        spent.audit = Some(self.judge_audit(spec, call, audit, &served.output).await);
+                        spent.audit = self.judge_audit(spec, call, audit, &served.output).await;
                     } else if let Some(nearest) = nearest {
                         self.label_near_miss(spec, call.context, nearest, &served.output);
                     }

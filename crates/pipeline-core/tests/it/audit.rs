@@ -297,3 +297,60 @@ async fn a_cut_too_loose_for_the_traffic_is_tightened_under_the_bound_within_hal
         assert!(audited.disagreements > 0, "{start:?}: the audits saw nothing wrong");
     }
 }
+
+/// A step compared by meaning, with a judge step configured: the audit of a hit asks the judge
+/// (its own step, model and row) whether the model's new answer and the served one agree, and
+/// its "no" is the verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_judge_decides_whether_two_free_text_answers_agree() {
+    let config = r#"
+[semantic]
+answer_judge_step = "answer_judge"
+[routing]
+seed = 7
+[steps.answer_judge]
+system = "You compare two answers to one request."
+prompt = "First: {{ input.first }}\nSecond: {{ input.second }}"
+output_schema = '{"type": "object", "required": ["same"], "properties": {"same": {"type": "boolean"}}}'
+"#;
+    let h = Harness::builder(config).semantic().start().await;
+    h.upstream.respond_with(|request| {
+        let messages = request["messages"].as_array().cloned().unwrap_or_default();
+        let said = |role: &str| {
+            messages.iter().filter(|m| m["role"] == role).filter_map(|m| m["content"].as_str()).collect::<String>()
+        };
+        if said("system").contains("You compare two answers") {
+            return Reply::completion(r#"{"same": false}"#);
+        }
+        let text = said("user");
+        let text = text.split("Text:").nth(1).unwrap_or_default().trim().to_owned();
+        Reply::completion(json!({"summary": format!("The customer says: {text}")}).to_string())
+    });
+    let summarize = |text: &str| {
+        h.engine.execute(
+            StepType::new("summarizer").unwrap(),
+            json!({"text": text}),
+            CallContext::new("acme", "digest"),
+            CallOptions::default(),
+        )
+    };
+    assert_eq!(summarize("I was charged twice").await.unwrap().source, Source::Upstream);
+    let hit = summarize("I was charged two times").await.unwrap();
+    assert_eq!(hit.source, Source::SemanticCache);
+    h.engine.audits_settled().await;
+
+    let judged: Vec<Value> = h
+        .upstream
+        .received()
+        .into_iter()
+        .filter(|request| request["messages"][0]["content"].as_str().is_some_and(|s| s.contains("You compare")))
+        .collect();
+    assert_eq!(judged.len(), 1, "the judge was asked once");
+    let prompt = judged[0]["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap().to_owned();
+    assert!(prompt.contains("charged twice") && prompt.contains("charged two times"), "{prompt}");
+    let rows = h.rows().await;
+    let audit = rows.iter().find(|row| row.audit.is_some()).expect("an audit row");
+    assert_eq!(audit.audit, Some(Audit::Disagree));
+    assert!(rows.iter().any(|row| row.step == "answer_judge" && row.component == "aipipe-audit-judge"));
+    assert_eq!(h.engine.semantic_cut(&StepType::new("summarizer").unwrap(), "acme"), Some(Cut::Never));
+}
