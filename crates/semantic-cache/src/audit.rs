@@ -97,7 +97,8 @@ impl Default for Ledger {
     }
 }
 
-fn bin(score: f32) -> usize {
+/// The bin of the grid a score is counted in (0 to 100).
+pub fn bin(score: f32) -> usize {
     ((score.clamp(0.0, 1.0) * BINS as f32).floor() as usize).min(BINS)
 }
 
@@ -117,6 +118,22 @@ fn first_bin(cut: Cut) -> usize {
 }
 
 impl Ledger {
+    /// A ledger of counts kept elsewhere (the replicas' shared ones), bin by bin; bins past
+    /// the grid are ignored.
+    pub fn from_counts(counts: impl IntoIterator<Item = (usize, Verdict, f64)>) -> Self {
+        let mut ledger = Self::default();
+        for (bin, verdict, count) in counts {
+            let counts = match verdict {
+                Verdict::Agree => &mut ledger.agree,
+                Verdict::Disagree => &mut ledger.disagree,
+            };
+            if let Some(slot) = counts.get_mut(bin) {
+                *slot += count;
+            }
+        }
+        ledger
+    }
+
     pub fn record(&mut self, score: f32, verdict: Verdict) {
         let counts = match verdict {
             Verdict::Agree => &mut self.agree,
@@ -262,6 +279,18 @@ impl Scope {
     /// Records one verdict and moves the cut as the counts now say.
     pub fn observe(&mut self, score: f32, verdict: Verdict, settings: &AuditSettings) -> Settled {
         self.ledger.record(score, verdict);
+        self.settle(settings)
+    }
+
+    /// Takes counts kept elsewhere (the replicas' together) in place of its own, and moves the
+    /// cut as they say.
+    pub fn adopt(&mut self, ledger: Ledger, settings: &AuditSettings) -> Settled {
+        self.ledger = ledger;
+        self.settle(settings)
+    }
+
+    /// Moves the cut as the counts say: one move at most.
+    fn settle(&mut self, settings: &AuditSettings) -> Settled {
         let bound = settings.max_wrong_rate;
         let from = self.cut;
         let wrong_rate = self.ledger.wrong_rate(from);
@@ -376,6 +405,13 @@ impl Cuts {
             ScopeKey { step: step.to_owned(), workspace: Some(workspace.to_owned()) },
         ];
         keys.map(|key| scopes.entry(key).or_insert_with(|| Scope::new(prior)).observe(score, verdict, settings))
+    }
+
+    /// Replaces a scope's counts with the replicas' shared ones (making the scope if it is
+    /// new) and settles its cut.
+    pub fn adopt(&self, key: ScopeKey, ledger: Ledger, prior: Cut, settings: &AuditSettings) -> Settled {
+        let mut scopes = self.scopes.write().unwrap_or_else(PoisonError::into_inner);
+        scopes.entry(key).or_insert_with(|| Scope::new(prior)).adopt(ledger, settings)
     }
 
     /// Every scope, steps first.
@@ -530,6 +566,16 @@ mod tests {
         assert_eq!(cuts.cut("classifier", "acme", prior, &SETTINGS), Cut::At(0.9));
         assert_eq!(cuts.cut("classifier", "globex", prior, &SETTINGS), Cut::Never);
         assert_eq!(cuts.views().len(), 3);
+    }
+
+    #[test]
+    fn adopted_counts_move_a_cut_as_its_own_would() {
+        let cuts = Cuts::default();
+        let key = ScopeKey { step: "classifier".into(), workspace: None };
+        let shared = Ledger::from_counts([(95, Verdict::Agree, 300.0), (85, Verdict::Agree, 40.0)]);
+        let settled = cuts.adopt(key, shared, Cut::At(0.9), &SETTINGS);
+        assert_eq!(settled, Settled::Loosened { from: Cut::At(0.9), to: Cut::At(0.85) });
+        assert_eq!(cuts.cut("classifier", "acme", Cut::At(0.9), &SETTINGS), Cut::At(0.85));
     }
 
     #[test]

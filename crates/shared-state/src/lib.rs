@@ -15,6 +15,7 @@
 mod answers;
 mod breakers;
 mod buckets;
+mod counts;
 mod error;
 mod feed;
 mod store;
@@ -22,6 +23,7 @@ mod store;
 pub use answers::SharedAnswers;
 pub use breakers::SharedBreakers;
 pub use buckets::{BucketAsk, SharedBuckets, Take};
+pub use counts::SharedCounts;
 pub use error::SharedError;
 pub use feed::{FeedEntry, FeedPosition, SharedFeed};
 pub use store::{PartStatus, Store, StoreSettings};

@@ -12,7 +12,7 @@
 use std::sync::PoisonError;
 
 use rand::Rng;
-use semantic_cache::audit::{AuditSettings, Cut, Settled, Verdict};
+use semantic_cache::audit::{AuditSettings, Cut, Settled, Verdict, bin};
 use semantic_cache::{ScoreKind, SemanticHit, ServeBar};
 use serde_json::Value;
 use telemetry::{Alert, Watched};
@@ -254,6 +254,16 @@ impl Engine {
         let metrics = self.inner.recorder.metrics();
         metrics.count_audit(step, audit_label(verdict), kind.label());
         let settled = self.inner.cuts.observe(step, workspace, self.prior(spec), score, verdict, &settings);
+        if let Some(counts) = self.inner.shared.as_ref().and_then(|shared| shared.verdicts()).cloned() {
+            // The other replicas learn from it at their next read; a lost add loses one verdict.
+            let fields = [STEP_WIDE, workspace].map(|scope| count_field(verdict, bin(score), scope));
+            let step = step.to_owned();
+            tokio::spawn(async move {
+                if let Err(error) = counts.add(&step, &fields).await {
+                    tracing::debug!(%error, "verdict not shared");
+                }
+            });
+        }
         for (settled, scope) in settled.into_iter().zip([None, Some(workspace)]) {
             match settled {
                 Settled::Unchanged => {}
@@ -332,6 +342,50 @@ fn audit_call(
 /// A judge's call, boxed for the same reason as [`audit_call`].
 fn judge_call(engine: Engine, step: StepType, input: Value, context: CallContext, options: CallOptions) -> AuditCall {
     Box::pin(async move { engine.execute_call(step, input, context, options, None).await })
+}
+
+/// The scope of a step's own cut in the shared counts (a workspace's is its name).
+const STEP_WIDE: &str = "*";
+/// How often a replica reads the verdicts every replica counted.
+const READ_VERDICTS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A shared counter's name: verdict, bin, scope (last: a workspace's name may hold a colon).
+fn count_field(verdict: Verdict, bin: usize, scope: &str) -> String {
+    format!("{}:{bin}:{scope}", if verdict == Verdict::Agree { 'a' } else { 'd' })
+}
+
+/// Every replica's verdicts, read once a second into this replica's cuts, for as long as the
+/// engine lives: the replicas then hold the same counts and set the same cuts.
+pub(super) async fn follow_verdicts(engine: std::sync::Weak<super::Inner>) {
+    loop {
+        tokio::time::sleep(READ_VERDICTS_EVERY).await;
+        let Some(inner) = engine.upgrade() else { return };
+        let engine = Engine { inner };
+        let Some(counts) = engine.inner.shared.as_ref().and_then(|shared| shared.verdicts()).cloned() else { return };
+        for spec in engine.inner.config.steps().filter(|spec| spec.semantic_field.is_some()) {
+            let Some(settings) = engine.audit_settings(spec) else { continue };
+            // Redis away: this replica keeps its own counts until it is back.
+            let Ok(fields) = counts.all(spec.step.as_str()).await else { break };
+            let mut scopes: std::collections::HashMap<&str, Vec<(usize, Verdict, f64)>> = Default::default();
+            for (field, count) in &fields {
+                let mut parts = field.splitn(3, ':');
+                let (Some(verdict), Some(bin), Some(scope)) = (parts.next(), parts.next(), parts.next()) else {
+                    continue;
+                };
+                let verdict = if verdict == "a" { Verdict::Agree } else { Verdict::Disagree };
+                let Ok(bin) = bin.parse() else { continue };
+                scopes.entry(scope).or_default().push((bin, verdict, *count as f64));
+            }
+            for (scope, counts) in scopes {
+                let key = semantic_cache::audit::ScopeKey {
+                    step: spec.step.to_string(),
+                    workspace: (scope != STEP_WIDE).then(|| scope.to_owned()),
+                };
+                let ledger = semantic_cache::audit::Ledger::from_counts(counts);
+                engine.inner.cuts.adopt(key, ledger, engine.prior(spec), &settings);
+            }
+        }
+    }
 }
 
 /// Where the cuts are saved: beside the semantic cache's snapshot.

@@ -143,7 +143,7 @@ impl EngineBuilder {
             restore_cuts(&config, cache.score_kind(), &cuts, &super::audit::cuts_path(path));
         }
         let audits_in_flight = config.semantic.audit.max_in_flight;
-        Ok(Engine {
+        let engine = Engine {
             inner: Arc::new(Inner {
                 config,
                 providers,
@@ -164,7 +164,12 @@ impl EngineBuilder {
                 audits_in_flight: Arc::new(tokio::sync::Semaphore::new(audits_in_flight)),
                 audit_mode: self.audit_mode,
             }),
-        })
+        };
+        let shares_verdicts = engine.inner.shared.as_ref().is_some_and(|shared| shared.verdicts().is_some());
+        if shares_verdicts && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(super::audit::follow_verdicts(Arc::downgrade(&engine.inner)));
+        }
+        Ok(engine)
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use semantic_cache::{CacheKey, SemanticCache};
-use shared_state::{FeedEntry, FeedPosition, PartStatus, SharedAnswers, SharedFeed, Store};
+use shared_state::{FeedEntry, FeedPosition, PartStatus, SharedAnswers, SharedCounts, SharedFeed, Store};
 
 use super::cache::CachedAnswer;
 use crate::{SetupError, StateSettings};
@@ -20,6 +20,8 @@ const FEED_BATCH: usize = 1000;
 #[derive(Debug)]
 pub(super) struct Shared {
     answers: Option<SharedAnswers>,
+    /// The audits' verdicts, counted by every replica together.
+    verdicts: Option<SharedCounts>,
     feed: Option<SharedFeed>,
     stores: Vec<Store>,
     /// This replica, so that it skips its own entries in the feed.
@@ -54,6 +56,7 @@ impl Shared {
         }
         Ok(Some(Self {
             answers: redis.clone().map(SharedAnswers::new),
+            verdicts: redis.clone().map(SharedCounts::new),
             feed: semantic.map(|store| SharedFeed::new(store, semantic_max_entries)),
             stores,
             origin: rand::random(),
@@ -119,6 +122,11 @@ impl Shared {
             }
         };
         tokio::join!(exact, semantic);
+    }
+
+    /// The counts the audits' verdicts go to, when replicas share them.
+    pub(super) fn verdicts(&self) -> Option<&SharedCounts> {
+        self.verdicts.as_ref()
     }
 
     /// Follows the feed into `cache` from its start, for as long as the cache lives.

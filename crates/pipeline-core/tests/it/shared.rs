@@ -93,3 +93,34 @@ async fn a_probe_cancelled_mid_flight_leaves_no_stuck_degradation() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The audits' verdicts are counted by the replicas together: a verdict reached on A is in
+/// B's counts within a few of B's reads, so that both set their cuts from the same evidence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_verdict_on_one_replica_reaches_the_others_counts() {
+    let Some(redis) = RedisServer::start() else { return };
+    // Each replica with its own semantic index (the shared feed is not what is tested here).
+    let config = shared(&redis, "[semantic]\nttl_secs = 600\n");
+    let a = Harness::builder(&config).semantic().start().await;
+    let b = Harness::builder(&config).semantic().start().await;
+    a.upstream.respond_with(|_| Reply::completion(CLASSIFIED));
+    assert_eq!(a.classify("ws", "I was charged twice", CallOptions::default()).await.unwrap().source, Source::Upstream);
+    let hit = a.classify("ws", "I was charged two times", CallOptions::default()).await.unwrap();
+    assert_eq!(hit.source, Source::SemanticCache);
+    a.engine.audits_settled().await;
+    let verdicts = |h: &Harness| {
+        h.engine
+            .semantic_cuts()
+            .into_iter()
+            .find(|scope| scope.step == "classifier" && scope.workspace.is_none())
+            .map_or(0.0, |scope| scope.audits)
+    };
+    assert_eq!(verdicts(&a), 1.0, "A's own audit agreed");
+    let started = Instant::now();
+    while verdicts(&b) < 1.0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "B never read A's verdict");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(verdicts(&b), 1.0);
+    assert_eq!(b.upstream.requests(), 0, "B learned without a call of its own");
+}
