@@ -140,8 +140,8 @@ fn the_index_stays_within_max_entries_whatever_the_namespaces_and_evictions() {
 
 /// A namespace of 20k entries loses half of them: its graph is rebuilt from the 10k left
 /// while a reader keeps looking up in it. Every lookup during the rebuild is timed; p99 at
-/// most 5 ms (a rebuild under the graph's write lock, as it was, held them for its whole
-/// length, over a second).
+/// most 5 ms above the same lookups' p99 before the rebuild (a rebuild under the graph's write
+/// lock, as it was, held them for its whole length, over a second).
 #[test]
 fn lookups_in_a_namespace_wait_little_while_its_graph_is_rebuilt() {
     let cache = Arc::new(cache(20_000));
@@ -193,5 +193,13 @@ fn lookups_in_a_namespace_wait_little_while_its_graph_is_rebuilt() {
     assert!(waits.len() >= 20, "only {} lookups during the rebuild", waits.len());
     let p99 = percentile(&waits, 0.99);
     eprintln!("{} lookups during the rebuild: p50 {:.3} ms, p99 {p99:.3} ms", waits.len(), percentile(&waits, 0.5));
-    assert!(p99 <= 5.0, "p99 {p99:.3} ms over {} lookups", waits.len());
+    // What the rebuild adds, against the same lookups before it in the same run: on a machine
+    // busy with other work (a CI neighbour), even quiet lookups can reach a few ms at p99; a
+    // rebuild under the write lock, as it was, added its whole length (over a second).
+    let quiet_p99 = percentile(&quiet, 0.99);
+    assert!(
+        p99 - quiet_p99 <= 5.0,
+        "p99 {p99:.3} ms over {} lookups during the rebuild, {quiet_p99:.3} ms before it",
+        waits.len()
+    );
 }
