@@ -417,24 +417,16 @@ impl Cuts {
     /// Every scope, steps first.
     pub fn views(&self) -> Vec<ScopeView> {
         let scopes = self.scopes.read().unwrap_or_else(PoisonError::into_inner);
-        let mut views: Vec<ScopeView> = scopes
-            .iter()
-            .map(|(key, scope)| {
-                let (audits, disagreements) = scope.ledger.at_or_above(Cut::At(0.0));
-                ScopeView {
-                    step: key.step.clone(),
-                    workspace: key.workspace.clone(),
-                    cut: scope.cut,
-                    prior: scope.prior,
-                    audits,
-                    disagreements,
-                    wrong_rate: scope.ledger.wrong_rate(scope.cut),
-                    tightened: scope.tightened,
-                }
-            })
-            .collect();
+        let mut views: Vec<ScopeView> = scopes.iter().map(|(key, scope)| view(key, scope)).collect();
         views.sort_by(|a, b| (&a.step, &a.workspace).cmp(&(&b.step, &b.workspace)));
         views
+    }
+
+    /// A step's own scope (not a workspace's), if it has verdicts.
+    pub fn step_view(&self, step: &str) -> Option<ScopeView> {
+        let key = ScopeKey { step: step.to_owned(), workspace: None };
+        let scopes = self.scopes.read().unwrap_or_else(PoisonError::into_inner);
+        scopes.get(&key).map(|scope| view(&key, scope))
     }
 
     /// Every scope's state, to be saved and loaded again ([`Cuts::restore`]).
@@ -455,6 +447,20 @@ impl Cuts {
             }
         }
         restored
+    }
+}
+
+fn view(key: &ScopeKey, scope: &Scope) -> ScopeView {
+    let (audits, disagreements) = scope.ledger.at_or_above(Cut::At(0.0));
+    ScopeView {
+        step: key.step.clone(),
+        workspace: key.workspace.clone(),
+        cut: scope.cut,
+        prior: scope.prior,
+        audits,
+        disagreements,
+        wrong_rate: scope.ledger.wrong_rate(scope.cut),
+        tightened: scope.tightened,
     }
 }
 

@@ -290,9 +290,7 @@ impl Engine {
                 }
             }
         }
-        if let Some(view) =
-            self.inner.cuts.views().into_iter().find(|view| view.step == step && view.workspace.is_none())
-        {
+        if let Some(view) = self.inner.cuts.step_view(step) {
             metrics.set_semantic_cut(
                 step,
                 f64::from(view.cut.value()),
