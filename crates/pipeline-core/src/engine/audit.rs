@@ -87,6 +87,14 @@ impl Engine {
         self.score_kind().bar_at(bar, cut.value())
     }
 
+    /// Whether this one is audited, drawn (on the engine's seeded generator) with its scope's
+    /// audit probability.
+    fn drawn_for_audit(&self, spec: &StepSpec, workspace: &str, settings: &AuditSettings) -> bool {
+        let probability = self.inner.cuts.audit_probability(spec.step.as_str(), workspace, settings);
+        let drawn: f64 = self.inner.rng.lock().unwrap_or_else(PoisonError::into_inner).random();
+        drawn < probability
+    }
+
     /// After a hit served `call`: with the scope's audit probability, the same call is asked
     /// of the model, on a task of its own (or, `AuditMode::Inline`, before the hit returns).
     /// Skipped (and logged) when the audits in flight are at their bound.
@@ -96,9 +104,7 @@ impl Engine {
             return;
         }
         let Some(settings) = self.audit_settings(spec) else { return };
-        let probability = self.inner.cuts.audit_probability(spec.step.as_str(), &call.context.workspace, &settings);
-        let drawn: f64 = self.inner.rng.lock().unwrap_or_else(PoisonError::into_inner).random();
-        if drawn >= probability {
+        if !self.drawn_for_audit(spec, &call.context.workspace, &settings) {
             return;
         }
         let Ok(permit) = self.inner.audits_in_flight.clone().try_acquire_owned() else {
@@ -174,13 +180,10 @@ impl Engine {
             // Two embeddings, or a judge's call: off the caller's path. A judge costs a call,
             // so its near misses are sampled as hits are.
             AnswerMatch::Meaning => {
-                if self.inner.config.semantic.audit.answer_judge.is_some() {
-                    let probability =
-                        self.inner.cuts.audit_probability(spec.step.as_str(), &context.workspace, &settings);
-                    let drawn: f64 = self.inner.rng.lock().unwrap_or_else(PoisonError::into_inner).random();
-                    if drawn >= probability {
-                        return;
-                    }
+                if self.inner.config.semantic.audit.answer_judge.is_some()
+                    && !self.drawn_for_audit(spec, &context.workspace, &settings)
+                {
+                    return;
                 }
                 let (engine, step, workspace, answer) =
                     (self.clone(), spec.step.clone(), context.workspace.clone(), answer.clone());
