@@ -186,16 +186,24 @@ fn texts(data: &Path) -> anyhow::Result<Texts> {
     Ok(texts)
 }
 
-/// A step's input for a text, and a reply that satisfies the step's schema.
-fn call_for(step: &str, text: &str, rng_pick: usize) -> (Value, String) {
+/// A step's input for a text, and a reply that satisfies the step's schema. What an audit
+/// compares (the classifier's label, the validator's verdict, the prioritizer's priority)
+/// follows the text's meaning, as a model's answer would: calls that mean the same get the
+/// same one, and calls that mean other things mostly others, so that a replay can hold a hit
+/// to the call's own logged answer. The rest varies at random.
+fn call_for(step: &str, text: &str, meaning: &str, rng_pick: usize) -> (Value, String) {
     let words: Vec<&str> = text.split_whitespace().collect();
+    let by_meaning = meaning
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
+        as usize;
     match step {
         "classifier" => (
             json!({"text": text, "labels": LABELS}),
-            json!({"label": LABELS[rng_pick % LABELS.len()], "confidence": 0.8}).to_string(),
+            json!({"label": LABELS[by_meaning % LABELS.len()], "confidence": 0.8}).to_string(),
         ),
         "validator" => (json!({"text": text}), {
-            let issues: Vec<&str> = if rng_pick.is_multiple_of(4) { vec!["unclear request"] } else { Vec::new() };
+            let issues: Vec<&str> = if by_meaning.is_multiple_of(4) { vec!["unclear request"] } else { Vec::new() };
             json!({"valid": issues.is_empty(), "issues": issues}).to_string()
         }),
         "enhancer" => (
@@ -203,7 +211,7 @@ fn call_for(step: &str, text: &str, rng_pick: usize) -> (Value, String) {
             json!({"enhanced": format!("{text} (clarified)"), "changes": ["clarified"]}).to_string(),
         ),
         "prioritizer" => (json!({"task": text}), {
-            let priority = ["low", "medium", "high", "critical"][rng_pick % 4];
+            let priority = ["low", "medium", "high", "critical"][by_meaning % 4];
             json!({"priority": priority, "score": rng_pick % 100, "reason": "impact"}).to_string()
         }),
         "summarizer" => (
@@ -287,7 +295,7 @@ pub fn gen_log(args: &GenLogArgs, data: &Path) -> anyhow::Result<()> {
             (component, workspace, text, meaning)
         };
         let (name, step) = COMPONENTS[component];
-        let (input, reply) = call_for(step, &text, rng.below(1_000));
+        let (input, reply) = call_for(step, &text, &meaning, rng.below(1_000));
         let prompt_tokens = 60 + text.len() / 4;
         let mut line = json!({
             "ts": jiff::Timestamp::from_millisecond(ts)?.to_string(),
