@@ -8,9 +8,8 @@ use resilience::{Deadline, Outcome};
 use telemetry::{CallRecord, CallStatus, Source};
 use tokio::time::Instant;
 
-use super::record::unix_ms;
 use super::upstream::CHARS_PER_TOKEN;
-use crate::{CallContext, Engine, PipelineError, StepType, TraceId};
+use crate::{CallContext, Engine, PipelineError, StepType};
 
 /// The step word of an embeddings request's row and metrics: a fixed name, no caller's.
 pub const EMBEDDINGS_STEP: &str = "embeddings";
@@ -103,39 +102,22 @@ impl Engine {
         latency: Duration,
         outcome: &Result<Embeddings, PipelineError>,
     ) {
-        let trace_id = context.trace_id.clone().unwrap_or_else(TraceId::random);
         let (status, error_class, error_message) = match outcome {
             Ok(_) => (CallStatus::Ok, None, None),
             Err(err) => (CallStatus::Error, Some(err.class()), Some(super::record::error_text(err))),
         };
         self.inner.recorder.record(CallRecord {
-            ts_ms: unix_ms(at),
-            step: EMBEDDINGS_STEP.to_owned(),
-            component: super::record::component(context),
-            workspace: context.workspace.clone(),
-            trace_id: trace_id.to_string(),
             model: model.unwrap_or_default().to_owned(),
             provider: LOCAL_PROVIDER.to_owned(),
             input_tokens: outcome.as_ref().map_or(0, |embedded| embedded.input_tokens as i64),
-            output_tokens: 0,
             latency_ms: latency.as_secs_f64() * 1000.0,
-            cost_usd: 0.0,
-            saved_cost_usd: 0.0,
-            saved_tokens: 0,
             source: if outcome.is_ok() { Source::Upstream } else { Source::None },
-            cache_hit: false,
             confidence: if outcome.is_ok() { 1.0 } else { 0.0 },
-            similarity: None,
             status,
             error_class,
             error_message,
             attempts: i64::from(outcome.is_ok()),
-            rate_limit_wait_ms: 0.0,
-            breaker_state: None,
-            route: None,
-            streamed: false,
-            ttft_ms: None,
-            audit: None,
+            ..super::record::bare_record(EMBEDDINGS_STEP.to_owned(), context, at)
         });
     }
 }

@@ -92,36 +92,11 @@ impl Engine {
     /// it cannot read, a parameter it cannot honour), so that every request leaves a trace. No
     /// body is kept: only the class and the message, with secrets masked.
     pub fn record_refused(&self, step: Option<&StepType>, context: &CallContext, class: ErrorClass, message: &str) {
-        let trace_id = context.trace_id.clone().unwrap_or_else(TraceId::random);
         let message: String = providers::scrub(message, &[]).chars().take(MAX_ERROR_MESSAGE_CHARS).collect();
         self.inner.recorder.record(CallRecord {
-            ts_ms: unix_ms(self.now()),
-            step: self.step_label(step),
-            component: component(context),
-            workspace: context.workspace.clone(),
-            trace_id: trace_id.to_string(),
-            model: String::new(),
-            provider: String::new(),
-            input_tokens: 0,
-            output_tokens: 0,
-            latency_ms: 0.0,
-            cost_usd: 0.0,
-            saved_cost_usd: 0.0,
-            saved_tokens: 0,
-            source: Source::None,
-            cache_hit: false,
-            confidence: 0.0,
-            similarity: None,
-            status: CallStatus::Error,
             error_class: Some(class),
             error_message: Some(message),
-            attempts: 0,
-            rate_limit_wait_ms: 0.0,
-            breaker_state: None,
-            route: None,
-            streamed: false,
-            ttft_ms: None,
-            audit: None,
+            ..bare_record(self.step_label(step), context, self.now())
         });
     }
 
@@ -130,6 +105,41 @@ impl Engine {
             Some(step) => step.to_string(),
             None => UNKNOWN_STEP.to_owned(),
         }
+    }
+}
+
+/// The row of a request that reached no model: a failed one, nothing spent, at `at`; its
+/// writer sets what it knows beyond that.
+pub(super) fn bare_record(step: String, context: &CallContext, at: SystemTime) -> CallRecord {
+    let trace_id = context.trace_id.clone().unwrap_or_else(TraceId::random);
+    CallRecord {
+        ts_ms: unix_ms(at),
+        step,
+        component: component(context),
+        workspace: context.workspace.clone(),
+        trace_id: trace_id.to_string(),
+        model: String::new(),
+        provider: String::new(),
+        input_tokens: 0,
+        output_tokens: 0,
+        latency_ms: 0.0,
+        cost_usd: 0.0,
+        saved_cost_usd: 0.0,
+        saved_tokens: 0,
+        source: Source::None,
+        cache_hit: false,
+        confidence: 0.0,
+        similarity: None,
+        status: CallStatus::Error,
+        error_class: None,
+        error_message: None,
+        attempts: 0,
+        rate_limit_wait_ms: 0.0,
+        breaker_state: None,
+        route: None,
+        streamed: false,
+        ttft_ms: None,
+        audit: None,
     }
 }
 
